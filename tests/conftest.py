@@ -1,0 +1,167 @@
+"""Shared fixtures: a real PostgreSQL (one schema per test), relays running in-process.
+
+Which server: DATABASE_URL if set; else the local server at 127.0.0.1:5432 if it answers;
+else an embedded PostgreSQL started for the session (a fresh laptop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+from worker.db import create_pool
+from worker.intent import Intent
+from worker.migrate import migrate
+from worker.relay import Relay
+from worker.settings import Settings, default_channel
+from worker.sinks.base import Sink
+from worker.sinks.handlers import HandlerSink
+from worker.sqlfiles import Names, load_queries
+
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+async def _reachable(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+    elif asyncio.run(_reachable(LOCAL_DSN)):
+        yield LOCAL_DSN
+    else:
+        from worker.embedded import start_embedded
+
+        with start_embedded() as embedded:
+            yield embedded.dsn
+
+
+@pytest.fixture
+async def schema(pg_dsn: str) -> AsyncIterator[str]:
+    """A fresh, empty schema name for this test; dropped afterwards."""
+    name = f"t_{secrets.token_hex(5)}"
+    yield name
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def names(schema: str) -> Names:
+    return Names(schema, default_channel(schema))
+
+
+@pytest.fixture
+async def db(pg_dsn: str, names: Names) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database with the schema migrated."""
+    conn = await asyncpg.connect(pg_dsn)
+    await migrate(conn, names)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def settings(pg_dsn: str, names: Names) -> Settings:
+    """Fast settings for tests: short poll and backoff, so nothing waits for long."""
+    return Settings(
+        dsn=pg_dsn,
+        schema=names.schema,
+        channel=names.channel,
+        concurrency=4,
+        poll_interval=0.5,
+        lease=10.0,
+        grace=5.0,
+        backoff_base=0.05,
+        backoff_max=0.2,
+        ping_interval=1.0,
+        ping_timeout=2.0,
+    )
+
+
+class Recorder:
+    """A handler that records every delivery; optionally fails or blocks on demand."""
+
+    def __init__(self, behaviour: Callable[[Intent], Awaitable[None]] | None = None) -> None:
+        self.calls: Counter[int] = Counter()
+        self._behaviour = behaviour
+
+    async def __call__(self, intent: Intent) -> None:
+        self.calls[intent.id] += 1
+        if self._behaviour is not None:
+            await self._behaviour(intent)
+
+
+RelayFactory = Callable[..., contextlib.AbstractAsyncContextManager[Relay]]
+
+
+@pytest.fixture
+async def start_relay(
+    pg_dsn: str, db: asyncpg.Connection, settings: Settings, names: Names
+) -> AsyncIterator[RelayFactory]:
+    """Start relays in this test's event loop; each is stopped gracefully on exit."""
+
+    @contextlib.asynccontextmanager
+    async def start(
+        sinks: Mapping[str, Sink | Callable[[Intent], Awaitable[Any]]], **overrides: Any
+    ) -> AsyncIterator[Relay]:
+        relay_settings = replace(settings, **overrides)
+        pool = await create_pool(pg_dsn, max_size=5, application_name="outbox-worker test")
+        wrapped = {k: v if hasattr(v, "deliver") else HandlerSink(v) for k, v in sinks.items()}
+        relay = Relay(
+            pool=pool, dsn=pg_dsn, queries=load_queries(names), settings=relay_settings,
+            sinks=wrapped,  # type: ignore[arg-type]
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(relay.run)
+                try:
+                    yield relay
+                finally:
+                    relay.stop()
+        finally:
+            await pool.close()
+
+    yield start
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 20.0, interval: float = 0.02
+) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(interval)
+
+
+async def count_by_status(conn: asyncpg.Connection, names: Names) -> dict[str, int]:
+    rows = await conn.fetch(
+        f'SELECT status, count(*) AS n FROM "{names.schema}".intent GROUP BY status'
+    )
+    return {r["status"]: r["n"] for r in rows}

@@ -1,0 +1,77 @@
+"""Operator commands: status, retry-dead, enqueue."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from worker.producer import enqueue as producer_enqueue
+from worker.sqlfiles import Names, load_queries
+
+
+async def status(conn: asyncpg.Connection, names: Names) -> dict[str, Any]:
+    q = load_queries(names)
+    rows = await conn.fetch(q["status_counts"])
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts.setdefault(r["kind"], {})[r["status"]] = r["n"]
+    oldest = await conn.fetchval(q["status_oldest_pending"])
+    dead = sum(c.get("dead", 0) for c in counts.values())
+    return {
+        "schema": names.schema,
+        "by_kind": counts,
+        "oldest_pending_seconds": oldest,
+        "dead": dead,
+    }
+
+
+def print_status(report: dict[str, Any], console: Console) -> None:
+    statuses = ("pending", "processing", "sent", "dead")
+    table = Table(title=f"outbox {report['schema']}.intent")
+    table.add_column("kind")
+    for s in statuses:
+        table.add_column(s, justify="right")
+    for kind, counts in sorted(report["by_kind"].items()):
+        table.add_row(kind, *(str(counts.get(s, 0)) for s in statuses))
+    console.print(table)
+    oldest = report["oldest_pending_seconds"]
+    console.print(f"oldest due pending: {'none' if oldest is None else f'{oldest:.1f}s ago'}")
+    console.print(
+        f"dead: {report['dead']}" + ("  (see `outbox-worker retry-dead`)" if report["dead"] else "")
+    )
+
+
+async def retry_dead(
+    conn: asyncpg.Connection, names: Names, *, kind: str | None, intent_id: int | None
+) -> list[int]:
+    q = load_queries(names)
+    async with conn.transaction():
+        rows = await conn.fetch(q["retry_dead"], kind, intent_id)
+        if rows:  # an UPDATE fires no insert trigger: wake the workers ourselves
+            await conn.execute(q["notify"])
+    return [r["id"] for r in rows]
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    names: Names,
+    kind: str,
+    payload: Any,
+    *,
+    run_at: datetime | None,
+    dedupe_key: str | None,
+    max_attempts: int | None,
+) -> int:
+    return await producer_enqueue(
+        conn,
+        kind,
+        payload,
+        run_at=run_at,
+        dedupe_key=dedupe_key,
+        max_attempts=max_attempts,
+        schema=names.schema,
+    )

@@ -1,0 +1,102 @@
+"""Wires the parts together for `outbox-worker run`: pool, schema check, sinks, relay, signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Mapping
+
+import anyio
+
+from worker.db import connect, create_pool
+from worker.errors import ConfigError
+from worker.migrate import migrate, schema_exists
+from worker.relay import Relay
+from worker.settings import Settings
+from worker.sinks.base import Sink
+from worker.sinks.handlers import HandlerSink, load_handlers
+from worker.sqlfiles import Names, load_queries
+from worker.stats import Stats
+
+log = logging.getLogger("outbox")
+
+
+def build_sinks(settings: Settings) -> dict[str, Sink]:
+    from worker.sinks.email import EmailSink, parse_smtp_url
+
+    sinks: dict[str, Sink] = {
+        "email": EmailSink(
+            parse_smtp_url(settings.smtp_url), settings.mail_from, settings.concurrency
+        )
+    }
+    if settings.handlers:
+        for kind, fn in load_handlers(settings.handlers).items():
+            if kind in sinks:
+                log.info("kind %r: your handler replaces the built-in sink", kind)
+            sinks[kind] = HandlerSink(fn)
+    return sinks
+
+
+async def prepare_schema(dsn: str, settings: Settings, names: Names) -> None:
+    conn = await connect(dsn)
+    try:
+        if settings.migrate:
+            await migrate(conn, names)
+        elif not await schema_exists(conn, names):
+            raise ConfigError(
+                f"table {names.schema}.intent does not exist: run `outbox-worker migrate` "
+                "(or start with --migrate)"
+            )
+    finally:
+        await conn.close()
+
+
+async def run_worker(
+    settings: Settings,
+    dsn: str,
+    *,
+    stats: Stats | None = None,
+    relay_holder: list[Relay] | None = None,
+) -> None:
+    names = Names(settings.schema, settings.channel)
+    sinks = build_sinks(settings)
+    await prepare_schema(dsn, settings, names)
+    pool = await create_pool(dsn, max_size=5, application_name="outbox-worker")
+    try:
+        relay = Relay(
+            pool=pool,
+            dsn=dsn,
+            queries=load_queries(names),
+            settings=settings,
+            sinks=sinks,
+            stats=stats,
+        )
+        if relay_holder is not None:
+            relay_holder.append(relay)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signals, relay)
+            await relay.run()
+            tg.cancel_scope.cancel()
+    finally:
+        await _close_sinks(sinks)
+        await pool.close()
+
+
+async def _stop_on_signals(relay: Relay) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: cancel in-flight deliveries now."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if relay.stopping:
+                log.warning(
+                    "%s again: cancelling in-flight deliveries", signal.Signals(signum).name
+                )
+                relay.hard_stop()
+            else:
+                log.info("%s received", signal.Signals(signum).name)
+                relay.stop()
+
+
+async def _close_sinks(sinks: Mapping[str, Sink]) -> None:
+    for sink in set(sinks.values()):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await sink.aclose()

@@ -1,0 +1,394 @@
+"""`outbox-worker`: argument parsing -> Settings -> run / migrate / schema / status / ..."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+import anyio
+import orjson
+from rich.console import Console
+
+from worker import admin, logs
+from worker.db import connect
+from worker.errors import ConfigError
+from worker.migrate import migrate
+from worker.settings import Settings, default_channel
+from worker.sqlfiles import Names, migration_sql
+
+COMMANDS = ("run", "migrate", "schema", "status", "retry-dead", "enqueue")
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError
+
+
+_positive_int.__name__ = "positive integer"
+_positive_float.__name__ = "positive number"
+_flag.__name__ = "boolean (1/0, true/false)"
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    field: str
+    env: str
+    convert: Callable[[str], Any]
+    help: str
+    switch: bool = False  # a --flag with no value
+
+
+RUN_OPTIONS = [
+    Option(
+        "--concurrency",
+        "concurrency",
+        "OUTBOX_CONCURRENCY",
+        _positive_int,
+        "deliveries in flight at once in this process",
+    ),
+    Option(
+        "--batch-size",
+        "batch_size",
+        "OUTBOX_BATCH_SIZE",
+        _positive_int,
+        "most rows taken by one claim (never more than the idle slots)",
+    ),
+    Option(
+        "--poll-interval",
+        "poll_interval",
+        "OUTBOX_POLL_INTERVAL",
+        _positive_float,
+        "seconds between fallback polls (jittered +/-20%%)",
+    ),
+    Option(
+        "--lease",
+        "lease",
+        "OUTBOX_LEASE",
+        _positive_float,
+        "seconds a claimed row stays ours without a heartbeat; then any worker may retake it",
+    ),
+    Option(
+        "--grace",
+        "grace",
+        "OUTBOX_GRACE",
+        _positive_float,
+        "on SIGTERM/SIGINT, seconds in-flight deliveries get to finish before they are "
+        "cancelled and released",
+    ),
+    Option(
+        "--max-attempts",
+        "max_attempts",
+        "OUTBOX_MAX_ATTEMPTS",
+        _positive_int,
+        "attempts before an intent is dead (a row's own max_attempts wins)",
+    ),
+    Option(
+        "--delivery-timeout",
+        "delivery_timeout",
+        "OUTBOX_DELIVERY_TIMEOUT",
+        _positive_float,
+        "seconds one delivery may take; then it counts as a transient failure",
+    ),
+    Option(
+        "--backoff-base",
+        "backoff_base",
+        "OUTBOX_BACKOFF_BASE",
+        _positive_float,
+        "first retry delay in seconds; doubles each attempt, with jitter",
+    ),
+    Option(
+        "--backoff-max",
+        "backoff_max",
+        "OUTBOX_BACKOFF_MAX",
+        _positive_float,
+        "longest retry delay in seconds",
+    ),
+    Option(
+        "--no-listen",
+        "listen",
+        "OUTBOX_NO_LISTEN",
+        _flag,
+        "poll only, no LISTEN (for PgBouncer in transaction pooling mode)",
+        switch=True,
+    ),
+    Option(
+        "--ping-interval",
+        "ping_interval",
+        "OUTBOX_PING_INTERVAL",
+        _positive_float,
+        "seconds between health pings of the LISTEN connection",
+    ),
+    Option(
+        "--ping-timeout",
+        "ping_timeout",
+        "OUTBOX_PING_TIMEOUT",
+        _positive_float,
+        "seconds a ping may take before the LISTEN connection is declared dead",
+    ),
+    Option(
+        "--smtp-url",
+        "smtp_url",
+        "OUTBOX_SMTP_URL",
+        str,
+        "SMTP server for the email kind: smtp[s]://[user:pass@]host[:port][?tls=starttls|none"
+        "&cafile=PATH]",
+    ),
+    Option(
+        "--mail-from",
+        "mail_from",
+        "OUTBOX_MAIL_FROM",
+        str,
+        "sender address when a payload has no 'from'",
+    ),
+    Option(
+        "--handlers",
+        "handlers",
+        "OUTBOX_HANDLERS",
+        str,
+        "MODULE:ATTRIBUTE, a mapping of kind -> async handler(intent)",
+    ),
+    Option(
+        "--migrate",
+        "migrate",
+        "OUTBOX_MIGRATE",
+        _flag,
+        "apply the schema before starting (idempotent)",
+        switch=True,
+    ),
+]
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL URL [env: DATABASE_URL; default: an embedded "
+        "PostgreSQL in a per-user data directory]",
+    )
+    parser.add_argument(
+        "--schema", help="schema holding the intent table [env: OUTBOX_SCHEMA; default: outbox]"
+    )
+    parser.add_argument(
+        "--channel", help="NOTIFY channel [env: OUTBOX_CHANNEL; default: SCHEMA_intent]"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text or JSON [env: OUTBOX_LOG_FORMAT; default: text]",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbox-worker",
+        description="Transactional-outbox relay for PostgreSQL. With no command, runs the worker.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="deliver intents (the default command)")
+    _add_common(run)
+    for opt in RUN_OPTIONS:
+        env_help = (
+            f"[env: {opt.env}]"
+            if opt.switch
+            else f"[env: {opt.env}; default: {_DEFAULTS[opt.field]}]"
+        )
+        if opt.switch:
+            run.add_argument(
+                opt.flag,
+                dest=opt.field,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{opt.help} {env_help}",
+            )
+        else:
+            run.add_argument(
+                opt.flag,
+                dest=opt.field,
+                type=opt.convert,
+                default=None,
+                metavar=opt.field.upper(),
+                help=f"{opt.help} {env_help}",
+            )
+    _add_common(sub.add_parser("migrate", help="create or update the schema (idempotent)"))
+    schema = sub.add_parser("schema", help="print the schema SQL for your own migration tool")
+    schema.add_argument("--schema")
+    schema.add_argument("--channel")
+    status = sub.add_parser("status", help="counts by kind and status, oldest pending, dead")
+    _add_common(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    retry = sub.add_parser("retry-dead", help="send dead intents back to pending")
+    _add_common(retry)
+    retry.add_argument("--kind", help="only this kind")
+    retry.add_argument("--id", type=_positive_int, help="only this intent")
+    enq = sub.add_parser("enqueue", help="insert an intent (for trying things out)")
+    _add_common(enq)
+    enq.add_argument("kind")
+    enq.add_argument("payload", help="the payload as JSON")
+    enq.add_argument("--run-at", type=datetime.fromisoformat, help="ISO 8601 time, not before")
+    enq.add_argument("--dedupe-key")
+    enq.add_argument("--max-attempts", type=_positive_int)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if not any(a in ("-h", "--help") for a in argv[:1]) and first not in COMMANDS:
+        argv.insert(0, "run")  # `outbox-worker --concurrency 8` means `run`
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.parser = parser
+    return args
+
+
+def _from_env(parser: argparse.ArgumentParser, opt: Option) -> Any:
+    raw = os.environ.get(opt.env)
+    if raw is None:
+        return None
+    try:
+        value = opt.convert(raw)
+    except ValueError:
+        parser.error(f"{opt.env}={raw!r}: expected a {opt.convert.__name__}")
+    if opt.field == "listen":  # OUTBOX_NO_LISTEN=1 means listen=False
+        return not value
+    return value
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    values: dict[str, Any] = {}
+    for opt in RUN_OPTIONS if args.command == "run" else []:
+        value = getattr(args, opt.field)
+        if value is not None and opt.field == "listen":
+            value = False
+        if value is None:
+            value = _from_env(args.parser, opt)
+        if value is not None:
+            values[opt.field] = value
+    schema = args.schema or os.environ.get("OUTBOX_SCHEMA") or "outbox"
+    channel = args.channel or os.environ.get("OUTBOX_CHANNEL") or default_channel(schema)
+    dsn = getattr(args, "dsn", None) or os.environ.get("DATABASE_URL") or None
+    return Settings(dsn=dsn, schema=schema, channel=channel, **values)
+
+
+@contextlib.contextmanager
+def database(dsn: str | None) -> Iterator[str]:
+    """The configured database, or an embedded one on a machine that has none."""
+    if dsn:
+        yield dsn
+        return
+    from worker.embedded import start_embedded
+
+    logging.getLogger("outbox").info("no --dsn or DATABASE_URL: starting an embedded PostgreSQL")
+    with start_embedded() as embedded:
+        logging.getLogger("outbox").info("embedded PostgreSQL ready: %s", embedded.dsn)
+        yield embedded.dsn
+
+
+async def _with_conn(dsn: str, action: Callable[[Any], Any]) -> Any:
+    conn = await connect(dsn)
+    try:
+        return await action(conn)
+    finally:
+        await conn.close()
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    names = Names(settings.schema, settings.channel)
+    console = Console()
+    if args.command == "schema":
+        print(migration_sql(names))
+        return 0
+    logs.register_secret_url(settings.dsn)
+    logs.register_secret_url(settings.smtp_url)
+    with database(settings.dsn) as dsn:
+        if args.command == "run":
+            from dataclasses import replace
+
+            from worker.app import run_worker
+
+            # An embedded database is ours: always bring its schema up to date.
+            run_settings = settings if settings.dsn else replace(settings, migrate=True)
+            anyio.run(run_worker, run_settings, dsn)
+        elif args.command == "migrate":
+            anyio.run(_with_conn, dsn, lambda conn: migrate(conn, names))
+        elif args.command == "status":
+            report = anyio.run(_with_conn, dsn, lambda conn: admin.status(conn, names))
+            if args.json:
+                print(orjson.dumps(report).decode())
+            else:
+                admin.print_status(report, console)
+        elif args.command == "retry-dead":
+            ids = anyio.run(
+                _with_conn,
+                dsn,
+                lambda conn: admin.retry_dead(conn, names, kind=args.kind, intent_id=args.id),
+            )
+            console.print(f"{len(ids)} dead intents back to pending")
+        elif args.command == "enqueue":
+            try:
+                payload = orjson.loads(args.payload)
+            except orjson.JSONDecodeError as exc:
+                raise ConfigError(f"payload is not valid JSON: {exc}") from None
+            new_id = anyio.run(
+                _with_conn,
+                dsn,
+                lambda conn: admin.enqueue(
+                    conn,
+                    names,
+                    args.kind,
+                    payload,
+                    run_at=args.run_at,
+                    dedupe_key=args.dedupe_key,
+                    max_attempts=args.max_attempts,
+                ),
+            )
+            print(new_id)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        args.parser.print_help()
+        return 2
+    log_format = getattr(args, "log_format", None) or os.environ.get("OUTBOX_LOG_FORMAT", "text")
+    logs.setup(log_format, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    try:
+        settings = settings_from(args)
+        return dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"outbox-worker: error: {logs.scrub(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

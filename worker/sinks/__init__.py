@@ -1,0 +1,1 @@
+"""Delivery sinks: one per intent kind."""

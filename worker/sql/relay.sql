@@ -1,0 +1,77 @@
+-- Runtime queries of the relay. Each block is one named statement; {{schema}} and
+-- {{channel}} are filled in at start-up, values are always bind parameters.
+
+-- name: claim
+-- Take up to $3 due rows nobody else holds, lease them to worker $1 for $2 seconds and count
+-- the attempt, all in one autocommitted statement: no row lock or transaction outlives it.
+-- `id = ANY(ARRAY(...))` keeps the plan an index scan on large limits, where the usual
+-- CTE + UPDATE ... FROM join was seen to turn into a hash join over the whole table.
+UPDATE {{schema}}.intent
+SET status = 'processing',
+    attempts = attempts + 1,
+    locked_by = $1,
+    locked_until = now() + make_interval(secs => $2)
+WHERE id = ANY(ARRAY(
+    SELECT id FROM {{schema}}.intent
+    WHERE status = 'pending' AND run_at <= now()
+    ORDER BY run_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED))
+RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at
+
+-- name: next_due
+-- Seconds until the next pending intent falls due, by the database's clock (a probe of
+-- the pending index); NULL when nothing is pending.
+SELECT extract(epoch FROM min(run_at) - now())::float8
+FROM {{schema}}.intent WHERE status = 'pending'
+
+-- name: record_outcomes
+-- One fenced write for a batch of outcomes. A row whose lease this worker lost (expired and
+-- rescued, or taken by another worker) is left alone and missing from the result.
+-- status: 'sent' | 'pending' (retry after delay seconds) | 'dead'; refund: 1 gives back the
+-- attempt (released at shutdown, not the intent's fault).
+UPDATE {{schema}}.intent AS i
+SET status = o.status,
+    sent_at = CASE WHEN o.status = 'sent' THEN now() END,
+    run_at = CASE WHEN o.status = 'pending' THEN now() + make_interval(secs => o.delay)
+                  ELSE i.run_at END,
+    attempts = i.attempts - o.refund,
+    last_error = COALESCE(o.error, i.last_error),
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::text[], $6::int[])
+     AS o(id, status, delay, error, refund)
+WHERE i.id = o.id AND i.locked_by = $1 AND i.status = 'processing'
+RETURNING i.id
+
+-- name: heartbeat
+-- Extend the leases of the rows this worker is delivering; ids missing from the result
+-- were lost.
+UPDATE {{schema}}.intent
+SET locked_until = now() + make_interval(secs => $3)
+WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND status = 'processing'
+RETURNING id
+
+-- name: rescue_expired
+-- Rows whose lease ran out: their worker crashed, hung or lost the database. The claim
+-- already counted the attempt, so a message that kills every worker ends dead instead of
+-- looping; $1 is the worker's default max_attempts.
+UPDATE {{schema}}.intent
+SET status = CASE WHEN attempts >= COALESCE(max_attempts, $1) THEN 'dead' ELSE 'pending' END,
+    last_error = CASE WHEN attempts >= COALESCE(max_attempts, $1)
+                      THEN 'attempts exhausted; last one: ' ELSE '' END
+                 || 'lease expired while held by ' || locked_by
+                 || ' (worker crashed, hung or lost its database connection)',
+    run_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+WHERE id = ANY(ARRAY(
+    SELECT id FROM {{schema}}.intent
+    WHERE status = 'processing' AND locked_until < now()
+    ORDER BY locked_until
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED))
+RETURNING id, status
+
+-- name: notify
+SELECT pg_notify({{channel}}, '')
