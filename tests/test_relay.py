@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import orjson
 
@@ -59,7 +60,7 @@ async def test_ten_thousand_row_insert_wakes_the_pool_once(db, names: Names, sta
 
 
 async def test_two_relays_never_deliver_the_same_intent(db, names: Names, start_relay):
-    rec = Recorder(lambda _intent: anyio.sleep(0))
+    rec = Recorder(lambda _intent: anyio.lowlevel.checkpoint())
     async with start_relay({"noop": rec}, concurrency=8), start_relay({"noop": rec}, concurrency=8):
         for _ in range(10):
             async with db.transaction():
@@ -164,11 +165,13 @@ async def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(
         await anyio.sleep(2.5)
 
     rec = Recorder(slow)
-    async with start_relay({"slow": rec}, lease=1.5, ping_interval=0.5) as a:
-        async with start_relay({"slow": rec}, lease=1.5, ping_interval=0.5):
-            async with db.transaction():
-                intent_id = await enqueue(db, "slow", {}, schema=names.schema)
-            await wait_until(lambda: _status(db, names, intent_id, "sent"))
+    async with (
+        start_relay({"slow": rec}, lease=1.5, ping_interval=0.5) as a,
+        start_relay({"slow": rec}, lease=1.5, ping_interval=0.5),
+    ):
+        async with db.transaction():
+            intent_id = await enqueue(db, "slow", {}, schema=names.schema)
+        await wait_until(lambda: _status(db, names, intent_id, "sent"))
     assert rec.calls[intent_id] == 1 and a.stats.lease_lost == 0
 
 

@@ -1,0 +1,181 @@
+"""The `outbox-worker` command, run as a real subprocess against the real database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from tests.conftest import count_by_status, wait_until
+from worker.producer import enqueue
+from worker.sqlfiles import Names
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(env),
+        cwd=REPO,
+    )
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env.pop("DATABASE_URL", None)
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra or {})
+    return env
+
+
+def test_bad_flag_is_one_clear_error():
+    result = cli("--concurrency", "0", "--dsn", "postgresql://x@127.0.0.1:1/x")
+    assert result.returncode == 2
+    assert "--concurrency: invalid positive integer value: '0'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_environment_value_is_one_clear_error():
+    result = cli("--dsn", "postgresql://x@127.0.0.1:1/x", env={"OUTBOX_POLL_INTERVAL": "soon"})
+    assert result.returncode == 2
+    assert "OUTBOX_POLL_INTERVAL='soon': expected a positive number" in result.stderr
+
+
+@pytest.mark.parametrize("schema", ['out"box', "a;drop table x", "9lives", "x" * 64])
+def test_hostile_schema_name_is_refused(schema: str):
+    result = cli("status", "--dsn", "postgresql://x@127.0.0.1:1/x", "--schema", schema)
+    assert result.returncode == 2
+    assert "invalid schema name" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_database_is_one_line_without_password():
+    dsn = "postgresql://app:s3cr3t-pw@127.0.0.1:1/app"
+    result = cli("status", "--dsn", dsn)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("outbox-worker: error: cannot connect to PostgreSQL at ")
+    assert "postgresql://app:***@127.0.0.1:1/app" in lines[0]
+    assert "s3cr3t-pw" not in result.stderr + result.stdout
+
+
+def test_schema_prints_sql_for_the_configured_names():
+    result = cli("schema", "--schema", "Billing")
+    assert result.returncode == 0
+    assert 'CREATE TABLE IF NOT EXISTS "Billing".intent' in result.stdout
+    assert "pg_notify('Billing_intent'" in result.stdout
+    assert "{{" not in result.stdout
+
+
+def test_run_refuses_a_database_without_the_schema(pg_dsn: str, schema: str):
+    result = cli("--dsn", pg_dsn, "--schema", schema)
+    assert result.returncode == 2
+    assert f"table {schema}.intent does not exist: run `outbox-worker migrate`" in result.stderr
+
+
+async def test_migrate_enqueue_status_retry_dead(pg_dsn: str, schema: str, db, names: Names):
+    common = ("--dsn", pg_dsn, "--schema", schema)
+    assert cli("migrate", *common).returncode == 0  # again, on a migrated schema
+    bad = cli("enqueue", *common, "email", "{not json")
+    assert bad.returncode == 2 and "payload is not valid JSON" in bad.stderr
+    made = cli("enqueue", *common, "email", '{"to": "a@example.com"}', "--dedupe-key", "k1")
+    assert made.returncode == 0
+    again = cli("enqueue", *common, "email", '{"to": "b@example.com"}', "--dedupe-key", "k1")
+    assert made.stdout.strip() == again.stdout.strip()
+    await db.execute(
+        f"UPDATE \"{schema}\".intent SET status = 'dead', last_error = 'boom' WHERE id = $1",
+        int(made.stdout),
+    )
+    report = orjson.loads(cli("status", *common, "--json").stdout)
+    assert report["by_kind"] == {"email": {"dead": 1}} and report["dead"] == 1
+    human = cli("status", *common)
+    assert "email" in human.stdout and "retry-dead" in human.stdout
+    retried = cli("retry-dead", *common, "--kind", "email")
+    assert "1 dead intents back to pending" in retried.stdout
+    assert await count_by_status(db, names) == {"pending": 1}
+
+
+def _start_worker(pg_dsn: str, schema: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "--dsn",
+            pg_dsn,
+            "--schema",
+            schema,
+            "--handlers",
+            "tests.sample_handlers:handlers",
+            "--poll-interval",
+            "0.5",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
+
+
+async def test_sigterm_finishes_in_flight_work_and_exits_zero(pg_dsn: str, schema: str, db, names):
+    async with db.transaction():
+        for _ in range(12):
+            await enqueue(db, "slow", {"seconds": 0.5}, schema=schema)
+    proc = _start_worker(pg_dsn, schema, "--concurrency", "4", "--grace", "20")
+    try:
+        await wait_until(lambda: _any(db, schema, "processing"), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            while proc.poll() is None:
+                await anyio.sleep(0.05)
+    finally:
+        proc.kill()
+    output = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, output
+    counts = await count_by_status(db, names)
+    assert "processing" not in counts
+    assert counts.get("sent", 0) >= 4  # the in-flight ones finished within the grace period
+    assert counts.get("sent", 0) + counts.get("pending", 0) == 12
+
+
+async def test_grace_period_over_releases_rows_back_to_pending(pg_dsn: str, schema: str, db, names):
+    async with db.transaction():
+        ids = [await enqueue(db, "slow", {"seconds": 600}, schema=schema) for _ in range(3)]
+    proc = _start_worker(pg_dsn, schema, "--concurrency", "4", "--grace", "0.5")
+    try:
+        await wait_until(lambda: _count(db, schema, "processing", 3), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            while proc.poll() is None:
+                await anyio.sleep(0.05)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    rows = await db.fetch(f'SELECT * FROM "{schema}".intent WHERE id = ANY($1)', ids)
+    # Released, not failed: back to pending with the attempt given back.
+    assert {(r["status"], r["attempts"], r["locked_by"]) for r in rows} == {("pending", 0, None)}
+
+
+async def _any(db, schema: str, status: str) -> bool:
+    return bool(
+        await db.fetchval(f'SELECT count(*) FROM "{schema}".intent WHERE status = $1', status)
+    )
+
+
+async def _count(db, schema: str, status: str, n: int) -> bool:
+    got = await db.fetchval(f'SELECT count(*) FROM "{schema}".intent WHERE status = $1', status)
+    return bool(got == n)
