@@ -6,7 +6,7 @@ runs the server as that user. We use only its building blocks (init, start, post
 do the sharing and stopping ourselves, because its own bookkeeping:
 
 * records holders as pids in ``PGDATA/.handle_pids.json`` and never forgets a holder that died
-  by SIGKILL, so the server is then never stopped: we drop dead, zombie and reused pids first;
+  by SIGKILL, so the server is then never stopped: we drop dead and zombie pids first;
 * keys holders by pid, so two handles in one process look like one: we count them per process;
 * trusts any live process whose pid is in ``postmaster.pid`` (a zombie, or a reused pid after a
   crash or a container restart), and PostgreSQL itself refuses to start over such a file: we
@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import threading
 import time
 import warnings
@@ -49,9 +50,6 @@ _PIDS_FILE = ".handle_pids.json"  # pgserver's holder list; same name and format
 _LOCK_TIMEOUT = 60.0  # a start by another process takes seconds; 60 s means it is stuck
 _ORPHAN_TIMEOUT = 5.0  # backends of a killed postmaster exit on their own within ms
 _STOP_TIMEOUT = 30  # pg_ctl -t: a fast shutdown disconnects clients, it does not wait
-# a pid listed as a holder but created after the list was last written is a reused pid;
-# the slack covers create-time rounding (psutil derives it from boot time + clock ticks)
-_PID_REUSE_SLACK = 2.0
 
 _mutex = threading.Lock()  # guards _refs and the start/stop sequences within this process
 _refs: dict[Path, int] = {}  # data dir -> live EmbeddedPostgres handles in this process
@@ -90,8 +88,10 @@ class EmbeddedPostgres:
             if self._stopped:
                 return
             self._stopped = True
-            _refs[self.data_dir] -= 1
-            if _refs[self.data_dir] == 0:
+            left = _refs.get(self.data_dir, 0) - 1  # absent: already released at exit
+            if left > 0:
+                _refs[self.data_dir] = left
+            elif left == 0:
                 del _refs[self.data_dir]
                 _release(self.data_dir)
 
@@ -143,6 +143,11 @@ def _prepare_dir(data_dir: Path) -> Path:
                 f"embedded PostgreSQL: refusing data directory {pgdata} under {root_home} as "
                 f"root (pgserver would make {root_home} readable by all); choose another path"
             )
+    if any(c.isspace() for c in str(pgdata)):
+        # pgserver passes the socket directory to pg_ctl -o unquoted
+        raise ConfigError(
+            f"embedded PostgreSQL: the data directory path must not contain spaces: {pgdata!s}"
+        )
     try:
         # 0o700 for a per-user tree; as root pgserver opens the path up for its server user
         pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -231,7 +236,6 @@ def _live_holders(pgdata: Path) -> list[int]:
     path = pgdata / _PIDS_FILE
     try:
         text = path.read_text()
-        listed_at = path.stat().st_mtime
     except FileNotFoundError:
         return []
     try:
@@ -241,21 +245,21 @@ def _live_holders(pgdata: Path) -> list[int]:
         # them beats refusing to start forever
         _log.warning("embedded PostgreSQL: unreadable %s, resetting it", path)
         return []
-    return [pid for pid in dict.fromkeys(pids) if _holder_alive(pid, listed_at)]
+    return [pid for pid in dict.fromkeys(pids) if _holder_alive(pid)]
 
 
-def _holder_alive(pid: int, listed_at: float) -> bool:
+def _holder_alive(pid: int) -> bool:
+    # A pid reused by an unrelated process counts as alive: the server then outlives its
+    # holders until the next start/stop of ours, which is harmless. Telling reuse apart by
+    # process age would rely on file mtimes, and a wall-clock step would then prune a live
+    # holder and stop the server under it.
     if pid == os.getpid():
         return True
     try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # a holder exists before it is listed, so a younger process only reuses the pid
-        return bool(proc.create_time() <= listed_at + _PID_REUSE_SLACK)
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
-    except psutil.Error:  # AccessDenied: cannot tell, keep it (at worst the server keeps running)
+    except psutil.Error:  # AccessDenied: cannot tell, keep it
         return True
 
 
@@ -425,30 +429,34 @@ _REASON = re.compile(r"(?:FATAL|PANIC|ERROR):\s.*|\S+: error: .*")
 
 def _failure(what: str, pgdata: Path, exc: BaseException, pglog: _PgserverLog) -> ConfigError:
     """One line: what failed, where, the most telling line of the logs, and where they are."""
-    details = pglog.text()
-    server_log = pgdata / "log"
-    try:
-        tail = server_log.read_text(errors="replace")[-4000:]
-    except OSError:
-        tail = ""
-    reason = ""
+    # pgserver logs the failed command's stderr and, if the server failed, the server log
     failures = "\n".join(r.getMessage() for r in pglog.records if r.levelno >= logging.ERROR)
-    for text in (failures, tail):
-        found = _REASON.findall(text)
-        if found:
-            reason = found[-1]
-            break
-    if not reason:
-        stderr = getattr(exc, "stderr", None)
+    found = _REASON.findall(failures)
+    if found:
+        reason = found[-1]
+    elif isinstance(exc, subprocess.CalledProcessError):
+        stderr = exc.stderr  # set when run with capture_output (useradd); pgexec's go to the log
         if isinstance(stderr, bytes):
             stderr = stderr.decode(errors="replace")
-        reason = (stderr or "").strip() or f"{type(exc).__name__}: {exc}"
+        reason = f"{_program(exc.cmd)} exited with status {exc.returncode}"
+        if stderr and stderr.strip():
+            reason += ": " + stderr.strip().splitlines()[-1]
+    elif isinstance(exc, subprocess.TimeoutExpired):
+        reason = f"{_program(exc.cmd)} timed out after {exc.timeout:g} s"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
     reason = " ".join(reason.split())
 
     log_path = pgdata.parent / f"{pgdata.name}.embedded.log"
     try:
         with log_path.open("a") as f:
-            f.write(f"--- {what} embedded PostgreSQL in {pgdata}: {exc!r}\n{details}")
+            f.write(f"--- {what} embedded PostgreSQL in {pgdata}: {exc!r}\n{pglog.text()}")
     except OSError:
-        log_path = server_log
+        log_path = pgdata / "log"
     return ConfigError(f"embedded PostgreSQL {what} in {pgdata}: {reason} (log: {log_path})")
+
+
+def _program(cmd: object) -> str:
+    if isinstance(cmd, (list, tuple)) and cmd:
+        return Path(str(cmd[0])).name
+    return str(cmd)
