@@ -66,3 +66,14 @@ BEGIN
     RETURN new_id;
 END;
 $$;
+
+-- Workers that are idle and waiting for a notification, keyed by the backend pid of their
+-- LISTEN connection. The insert trigger notifies only when this table is not empty: under
+-- load every worker is busy and will claim again anyway, so producers' commits skip
+-- NOTIFY and the server-wide lock it takes at commit. UNLOGGED: nothing here needs to
+-- survive a crash (rows of vanished backends are swept by the workers).
+CREATE UNLOGGED TABLE IF NOT EXISTS {{schema}}.idle_worker (
+    backend_pid integer PRIMARY KEY,
+    worker_id   text        NOT NULL,
+    since       timestamptz NOT NULL DEFAULT now()
+);

@@ -48,7 +48,7 @@ async def test_rolled_back_intent_is_never_delivered(db, names: Names, start_rel
 async def test_ten_thousand_row_insert_wakes_the_pool_once(db, names: Names, start_relay):
     rec = Recorder()
     async with start_relay({"noop": rec}, concurrency=16, poll_interval=30.0) as relay:
-        await wait_until(lambda: relay.stats.listener_connected)
+        await wait_until(lambda: relay.idle_declared)
         await db.execute(
             f'INSERT INTO "{names.schema}".intent (kind, payload) '
             "SELECT 'noop', jsonb_build_object('n', g) FROM generate_series(1, 10000) g"
@@ -158,9 +158,7 @@ async def test_expired_lease_is_reclaimed_and_the_stale_ack_is_fenced(
     assert "lease expired" in row["last_error"]  # the rescue said why it happened
 
 
-async def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(
-    db, names: Names, start_relay
-):
+async def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(db, names: Names, start_relay):
     async def slow(_intent: Intent) -> None:
         await anyio.sleep(2.5)
 
@@ -180,8 +178,9 @@ async def test_scheduled_intent_waits_for_run_at(db, names: Names, start_relay):
     async with start_relay({"noop": rec}, poll_interval=30.0):
         async with db.transaction():
             later = await db.fetchval(
-                f'SELECT "{names.schema}".enqueue($1, $2::jsonb, now() + interval \'1 second\')',
-                "noop", "{}",
+                f"SELECT \"{names.schema}\".enqueue($1, $2::jsonb, now() + interval '1 second')",
+                "noop",
+                "{}",
             )
         await anyio.sleep(0.3)
         assert rec.calls[later] == 0
@@ -216,9 +215,7 @@ async def test_check_constraints_reject_inconsistent_states(db, names: Names):
 
 
 async def _status(db: asyncpg.Connection, names: Names, intent_id: int, status: str) -> bool:
-    got = await db.fetchval(
-        f'SELECT status FROM "{names.schema}".intent WHERE id = $1', intent_id
-    )
+    got = await db.fetchval(f'SELECT status FROM "{names.schema}".intent WHERE id = $1', intent_id)
     return bool(got == status)
 
 

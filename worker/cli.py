@@ -87,6 +87,14 @@ RUN_OPTIONS = [
         "seconds between fallback polls (jittered +/-20%%)",
     ),
     Option(
+        "--linger",
+        "linger",
+        "OUTBOX_LINGER",
+        float,
+        "seconds a worker that has just drained the queue keeps claiming before it asks "
+        "producers to notify it (0: never linger)",
+    ),
+    Option(
         "--lease",
         "lease",
         "OUTBOX_LEASE",

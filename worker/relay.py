@@ -67,6 +67,7 @@ class Relay:
         self._idle_slots = 0
         self._slot_freed = Wakeup()
         self._stopping = False
+        self._idle_flag_pid: int | None = None
         self._delivery_scope: anyio.CancelScope | None = None
         self._writer = OutcomeWriter(
             pool, queries["record_outcomes"], self.worker_id, self._on_written
@@ -156,20 +157,40 @@ class Relay:
     # --- claiming --------------------------------------------------------------------------
 
     async def _claim_loop(self, send: MemoryObjectSendStream[Intent]) -> None:
+        """Claim while there is work; when drained, linger, then declare idle and sleep.
+
+        Lingering (claiming again after ``linger`` seconds) keeps a worker fed by a steady
+        stream busy without a notification per intent; only when a linger finds nothing
+        does it ask producers to notify it (see triggers/010_notify_on_commit.sql).
+        """
         failures = 0
-        next_rescue = 0.0
+        next_sweep = 0.0
         while not self._stopping:
             if self._idle_slots == 0:
                 await self._slot_freed.wait(float("inf"))
                 continue
-            want = min(self._idle_slots, self.settings.batch_size)
             try:
-                if anyio.current_time() >= next_rescue:
-                    await self._rescue_expired()
-                    next_rescue = anyio.current_time() + max(
+                if anyio.current_time() >= next_sweep:
+                    await self._sweep()
+                    next_sweep = anyio.current_time() + max(
                         self.settings.poll_interval, self.settings.lease / 4
                     )
-                intents = await self._claim(want)
+                if await self._claim_and_dispatch(send):
+                    continue
+                if self.settings.linger > 0:
+                    await self.wakeup.wait(self.settings.linger)
+                    if await self._claim_and_dispatch(send) or self._stopping:
+                        await self._declare_busy()
+                        continue
+                # Once idle is declared, producers that decided not to notify have committed:
+                # look once more, or their intents would wait for the poll.
+                if (
+                    not self.idle_declared
+                    and await self._declare_idle()
+                    and await self._claim_and_dispatch(send)
+                ):
+                    continue
+                await self._wait_for_work()
                 failures = 0
             except DB_UNAVAILABLE as exc:
                 failures += 1
@@ -180,11 +201,46 @@ class Relay:
                     delay,
                 )
                 await self.wakeup.wait(delay)
-                continue
-            for intent in intents:
-                await send.send(intent)
-            if len(intents) < want:  # drained for now: sleep until there is news
-                await self._wait_for_work()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await self._declare_busy()
+
+    async def _claim_and_dispatch(self, send: MemoryObjectSendStream[Intent]) -> bool:
+        """Claim for the idle slots and hand the rows over; True if the claim came back full
+        (more may be waiting: claim again at once)."""
+        want = min(self._idle_slots, self.settings.batch_size)
+        if want == 0:
+            return True
+        intents = await self._claim(want)
+        for intent in intents:
+            await send.send(intent)
+        return len(intents) == want
+
+    @property
+    def idle_declared(self) -> bool:
+        """Producers notify on our account (our flag row matches the live LISTEN backend)."""
+        pid = self.listener.backend_pid if self.listener else None
+        return pid is not None and self._idle_flag_pid == pid
+
+    async def _declare_idle(self) -> bool:
+        pid = self.listener.backend_pid if self.listener else None
+        if pid is None:  # nobody would hear a notification: rely on the poll
+            return False
+        await self._pool.execute(self._q["declare_idle"], pid, self.worker_id)
+        self._idle_flag_pid = pid
+        self.stats.on_idle(True)
+        return True
+
+    async def _declare_busy(self) -> None:
+        if self._idle_flag_pid is None:
+            return
+        await self._pool.execute(self._q["declare_busy"], self._idle_flag_pid)
+        self._idle_flag_pid = None
+        self.stats.on_idle(False)
+
+    async def _sweep(self) -> None:
+        """Periodic housekeeping: expired leases back to pending, stale idle flags away."""
+        await self._rescue_expired()
+        await self._pool.execute(self._q["sweep_idle_workers"])
 
     async def _claim(self, limit: int) -> list[Intent]:
         # Shielded: a claim cancelled after the server committed it would strand its rows

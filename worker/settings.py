@@ -39,6 +39,7 @@ class Settings:
     concurrency: int = 8
     batch_size: int = 100
     poll_interval: float = 2.0
+    linger: float = 0.002
     lease: float = 30.0
     grace: float = 15.0
     max_attempts: int = 10
@@ -59,5 +60,7 @@ class Settings:
         validate_name("channel name", self.channel)
         if self.lease <= self.ping_interval:
             raise ConfigError(f"--lease ({self.lease}s) must be longer than --ping-interval")
+        if self.linger < 0 or self.linger >= self.poll_interval:
+            raise ConfigError("--linger must be at least 0 and shorter than --poll-interval")
         if self.delivery_timeout <= 0 or self.poll_interval <= 0:
             raise ConfigError("--delivery-timeout and --poll-interval must be positive")

@@ -42,6 +42,7 @@ class Stats:
     listener_reconnects: int = 0
     _listener_ever_connected: bool = False
     last_poll: float | None = None
+    idle_declared: bool = False  # producers are asked to notify us
     slots: list[SlotState | None] = field(default_factory=list)
     errors: deque[ErrorEntry] = field(default_factory=lambda: deque(maxlen=20))
 
@@ -82,6 +83,9 @@ class Stats:
             self.listener_reconnects += 1
         self._listener_ever_connected |= connected
         self.listener_connected = connected
+
+    def on_idle(self, declared: bool) -> None:
+        self.idle_declared = declared
 
     def on_poll(self) -> None:
         self.last_poll = time.monotonic()

@@ -75,3 +75,23 @@ RETURNING id, status
 
 -- name: notify
 SELECT pg_notify({{channel}}, '')
+
+-- name: declare_idle
+-- This worker (its LISTEN backend $1) is about to sleep: ask producers to notify. Taking the
+-- lock EXCLUSIVE waits for producers that checked the flag before this row existed; the
+-- claim that follows sees their rows. See triggers/010_notify_on_commit.sql.
+WITH flag AS (
+    INSERT INTO {{schema}}.idle_worker (backend_pid, worker_id) VALUES ($1, $2)
+    ON CONFLICT (backend_pid) DO NOTHING
+)
+SELECT pg_advisory_xact_lock(5236, hashtext({{channel}}))
+
+-- name: declare_busy
+-- Work is streaming in: producers need not notify on our account.
+DELETE FROM {{schema}}.idle_worker WHERE backend_pid = $1
+
+-- name: sweep_idle_workers
+-- Flags left by workers whose LISTEN connection is gone (crash, network): without this,
+-- producers would keep paying for notifications nobody waits for.
+DELETE FROM {{schema}}.idle_worker AS w
+WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = w.backend_pid)
