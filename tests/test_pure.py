@@ -1,0 +1,73 @@
+"""Pure functions: backoff, outcome classification, URL redaction, name validation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from worker.backoff import jittered, retry_delay
+from worker.delivery import RetryPolicy, classify
+from worker.errors import ConfigError, PermanentError, TransientError
+from worker.intent import Intent
+from worker.logs import redact_url
+from worker.outcomes import Dead, Retry, Sent
+from worker.settings import Settings, validate_name
+
+POLICY = RetryPolicy(max_attempts=5, backoff_base=2.0, backoff_max=60.0)
+
+
+def _intent(attempts: int, max_attempts: int = 5) -> Intent:
+    now = datetime.now(UTC)
+    return Intent(1, "k", {}, attempts, max_attempts, now, now)
+
+
+def test_retry_delay_doubles_with_equal_jitter_and_is_capped():
+    assert [retry_delay(n, base=2, cap=60, rand=lambda: 0.0) for n in (1, 2, 3)] == [1, 2, 4]
+    assert [retry_delay(n, base=2, cap=60, rand=lambda: 1.0) for n in (1, 2, 3)] == [2, 4, 8]
+    assert retry_delay(50, base=2, cap=60, rand=lambda: 1.0) == 60
+    assert retry_delay(10_000, base=2, cap=60, rand=lambda: 0.5) == 45  # no overflow
+
+
+def test_jittered_stays_within_spread():
+    assert jittered(2.0, rand=lambda: 0.0) == pytest.approx(1.6)
+    assert jittered(2.0, rand=lambda: 1.0) == pytest.approx(2.4)
+
+
+def test_classify():
+    assert classify(_intent(1), None, POLICY) == Sent()
+    assert classify(_intent(1), PermanentError("550 no such user"), POLICY) == Dead(
+        "550 no such user"
+    )
+    retry = classify(_intent(2), TransientError("451 try later"), POLICY)
+    assert isinstance(retry, Retry) and 2 <= retry.delay <= 4 and retry.error == "451 try later"
+    assert classify(_intent(1), TransientError("slow down", retry_after=30), POLICY) == Retry(
+        30, "slow down"
+    )
+    exhausted = classify(_intent(5), ValueError("boom"), POLICY)
+    assert exhausted == Dead("attempts exhausted (5/5); last: ValueError: boom")
+
+
+def test_redact_url_hides_only_the_password():
+    assert redact_url("postgresql://app:pw@db:5433/x?sslmode=require") == (
+        "postgresql://app:***@db:5433/x?sslmode=require"
+    )
+    assert redact_url("postgresql://app@db/x") == "postgresql://app@db/x"
+
+
+@pytest.mark.parametrize("name", ["outbox", "Billing", "_x9", "a" * 63])
+def test_valid_names_are_kept_exactly(name: str):
+    assert validate_name("schema name", name) == name
+
+
+@pytest.mark.parametrize("name", ['a"b', "a;b", "a b", "", "9a", "ä" * 32, "a" * 64])
+def test_invalid_names_are_refused(name: str):
+    with pytest.raises(ConfigError):
+        validate_name("schema name", name)
+
+
+def test_settings_validate_their_relations():
+    with pytest.raises(ConfigError, match="--lease"):
+        Settings(lease=1.0, ping_interval=5.0)
+    with pytest.raises(ConfigError, match="--linger"):
+        Settings(linger=5.0, poll_interval=2.0)
