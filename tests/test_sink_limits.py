@@ -1,0 +1,177 @@
+"""Per-kind limits: concurrency cap, rate limit, per-delivery timeout; parsing of --limits."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import anyio
+import pytest
+
+from tests.conftest import count_by_status, wait_until
+from worker.errors import ConfigError, TransientError
+from worker.intent import Intent
+from worker.producer import enqueue
+from worker.sinks.handlers import HandlerSink
+from worker.sinks.limits import KindLimits, LimitedSink, apply_limits, parse_limits
+from worker.sqlfiles import Names
+
+
+def _intent(n: int, kind: str = "k") -> Intent:
+    now = datetime.now(UTC)
+    return Intent(
+        id=n, kind=kind, payload={}, attempts=1, max_attempts=5, created_at=now, run_at=now
+    )
+
+
+class Gauge:
+    """A handler that records how many deliveries run at once."""
+
+    def __init__(self, hold: float = 0.0) -> None:
+        self.now = 0
+        self.peak = 0
+        self.done = 0
+        self.hold = hold
+
+    async def __call__(self, intent: Intent) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await anyio.sleep(self.hold)  # simulated work, not synchronisation
+        finally:
+            self.now -= 1
+        self.done += 1
+
+
+def test_parse_limits() -> None:
+    limits = parse_limits(" email:rate=10/s ; webhook:concurrency=4,rate=30/min,timeout=2.5s")
+    assert limits == {
+        "email": KindLimits(rate=10.0, per=1.0),
+        "webhook": KindLimits(concurrency=4, rate=30.0, per=60.0, timeout=2.5),
+    }
+    assert parse_limits(None) == {} and parse_limits("") == {}
+    assert parse_limits("nats:rate=2").get("nats") == KindLimits(rate=2.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("email", "expected KIND:key=value"),
+        ("email:rate", "expected key=value"),
+        ("email:rate=fast", "expected N, N/s"),
+        ("email:rate=5/day", "expected N, N/s"),
+        ("email:rate=0", "must be a positive number"),
+        ("email:concurrency=0", "positive integer"),
+        ("email:concurrency=1.5", "positive integer"),
+        ("email:timeout=-1", "positive number"),
+        ("email:timeout=inf", "positive number"),
+        ("email:burst=3", "unknown key 'burst'"),
+        ("email:rate=1,rate=2", "rate given twice"),
+        ("email:rate=1;email:rate=2", "kind 'email' given twice"),
+    ],
+)
+def test_parse_limits_rejects_bad_input(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_limits(text)
+
+
+def test_limits_for_an_unknown_kind_are_refused() -> None:
+    sinks = {"email": HandlerSink(Gauge())}
+    with pytest.raises(ConfigError, match="no sink or handler: sms"):
+        apply_limits(sinks, parse_limits("sms:rate=1"))  # type: ignore[arg-type]
+    wrapped = apply_limits(sinks, parse_limits("email:rate=1"))  # type: ignore[arg-type]
+    assert isinstance(wrapped["email"], LimitedSink)
+
+
+async def test_concurrency_cap_holds_under_load() -> None:
+    gauge = Gauge(hold=0.01)
+    sink = LimitedSink("k", HandlerSink(gauge), KindLimits(concurrency=3))
+    async with anyio.create_task_group() as tg:
+        for n in range(30):
+            tg.start_soon(sink.deliver, _intent(n))
+    assert gauge.done == 30
+    assert gauge.peak == 3
+
+
+async def test_rate_limit_spaces_deliveries() -> None:
+    gauge = Gauge()
+    sink = LimitedSink("k", HandlerSink(gauge), KindLimits(rate=20.0))
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for n in range(30):
+            tg.start_soon(sink.deliver, _intent(n))
+    elapsed = anyio.current_time() - started
+    # A full bucket lets 20 through at once; the other 10 drip at 20/s. Only the lower bound
+    # is asserted: a loaded machine can only make it slower.
+    assert gauge.done == 30
+    assert elapsed >= 0.45
+
+
+async def test_fractional_rate() -> None:
+    gauge = Gauge()
+    sink = LimitedSink("k", HandlerSink(gauge), KindLimits(rate=0.5, per=0.1))  # 1 per 0.2 s
+    started = anyio.current_time()
+    for n in range(3):
+        await sink.deliver(_intent(n))
+    assert gauge.done == 3
+    assert anyio.current_time() - started >= 0.35
+
+
+async def test_timeout_is_transient_and_excludes_the_wait() -> None:
+    stuck = anyio.Event()
+
+    async def hang(intent: Intent) -> None:
+        if intent.id == 1:
+            await stuck.wait()
+
+    sink = LimitedSink("k", HandlerSink(hang), KindLimits(concurrency=1, timeout=0.2))
+    with pytest.raises(TransientError, match=r"k delivery timed out after 0.2s"):
+        await sink.deliver(_intent(1))
+    # A delivery that queued behind a slow one still gets its whole timeout.
+    await sink.deliver(_intent(2))
+
+
+async def test_relay_respects_a_kind_limit_and_leaves_other_kinds_alone(
+    db, names: Names, start_relay
+) -> None:
+    limited, free = Gauge(hold=0.02), Gauge()
+    sinks = apply_limits(
+        {"limited": HandlerSink(limited), "free": HandlerSink(free)},  # type: ignore[dict-item]
+        parse_limits("limited:concurrency=2"),
+    )
+    async with start_relay(sinks, concurrency=8):
+        async with db.transaction():
+            for n in range(40):
+                await enqueue(db, "limited", {"n": n}, schema=names.schema)
+                await enqueue(db, "free", {"n": n}, schema=names.schema)
+        await wait_until(lambda: _all_sent(db, names, 80), timeout=60)
+    assert limited.peak == 2 and limited.done == 40 and free.done == 40
+
+
+async def test_relay_retries_a_delivery_that_hit_the_kind_timeout(
+    db, names: Names, start_relay
+) -> None:
+    calls = 0
+
+    async def slow_once(intent: Intent) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await anyio.sleep_forever()
+
+    sinks = apply_limits(
+        {"slow": HandlerSink(slow_once)},  # type: ignore[dict-item]
+        parse_limits("slow:timeout=0.2"),
+    )
+    async with start_relay(sinks):
+        async with db.transaction():
+            intent_id = await enqueue(db, "slow", {}, schema=names.schema)
+        await wait_until(lambda: _all_sent(db, names, 1))
+    row = await db.fetchrow(
+        f'SELECT attempts, last_error FROM "{names.schema}".intent WHERE id = $1', intent_id
+    )
+    assert row["attempts"] == 2
+    assert row["last_error"] == "slow delivery timed out after 0.2s (--limits)"
+
+
+async def _all_sent(db, names: Names, n: int) -> bool:
+    return await count_by_status(db, names) == {"sent": n}

@@ -1,0 +1,166 @@
+"""Per-kind limits around any Sink: at most N deliveries at once, at most R per period, and
+a per-delivery timeout.
+
+Configured as one string, ``KIND:key=value,...`` entries separated by ``;``::
+
+    email:rate=10/s;webhook:concurrency=4,rate=50/min,timeout=10
+
+Limits are per worker process: with three processes, ``rate=10/s`` allows 30/s in total.
+A delivery waiting for its turn holds its relay slot (and keeps its lease alive through the
+heartbeat), so a slow limit on a busy kind also slows the other kinds: give such a kind its
+own worker process, or keep ``--concurrency`` well above the kind's limit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import anyio
+from aiolimiter import AsyncLimiter
+
+from worker.errors import ConfigError, TransientError
+from worker.intent import Intent
+from worker.sinks.base import Sink
+
+__all__ = ["KindLimits", "LimitedSink", "apply_limits", "parse_limits"]
+
+_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_KIND_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_RATE_RE = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)(?:/(?P<unit>[a-z]+))?")
+
+
+@dataclass(frozen=True, slots=True)
+class KindLimits:
+    concurrency: int | None = None  # deliveries of this kind in flight at once
+    rate: float | None = None  # deliveries started per `per` seconds
+    per: float = 1.0
+    timeout: float | None = None  # seconds one delivery may take, once it has its turn
+
+    def describe(self) -> str:
+        parts = []
+        if self.concurrency is not None:
+            parts.append(f"concurrency={self.concurrency}")
+        if self.rate is not None:
+            parts.append(f"rate={self.rate:g}/{self.per:g}s")
+        if self.timeout is not None:
+            parts.append(f"timeout={self.timeout:g}s")
+        return ",".join(parts) or "unlimited"
+
+
+def _positive(kind: str, key: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"--limits {kind}: {key}={text!r} must be a positive number")
+    return value
+
+
+def _parse_entry(kind: str, body: str) -> KindLimits:
+    concurrency: int | None = None
+    rate: float | None = None
+    per = 1.0
+    timeout: float | None = None
+    seen: set[str] = set()
+    for item in body.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not value:
+            raise ConfigError(f"--limits {kind}: expected key=value, got {item.strip()!r}")
+        if key in seen:
+            raise ConfigError(f"--limits {kind}: {key} given twice")
+        seen.add(key)
+        if key == "concurrency":
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--limits {kind}: concurrency must be a positive integer")
+            concurrency = int(value)
+        elif key == "rate":
+            match = _RATE_RE.fullmatch(value)
+            unit = (match and match["unit"]) or "s"
+            if not match or unit not in _UNITS:
+                raise ConfigError(f"--limits {kind}: rate={value!r}: expected N, N/s, N/min or N/h")
+            rate = _positive(kind, "rate", match["count"])
+            per = _UNITS[unit]
+        elif key == "timeout":
+            timeout = _positive(kind, "timeout", value.removesuffix("s"))
+        else:
+            raise ConfigError(
+                f"--limits {kind}: unknown key {key!r} (use concurrency, rate, timeout)"
+            )
+    return KindLimits(concurrency=concurrency, rate=rate, per=per, timeout=timeout)
+
+
+def parse_limits(text: str | None) -> dict[str, KindLimits]:
+    """``"email:rate=10/s;webhook:concurrency=4,timeout=10"`` -> limits by kind."""
+    limits: dict[str, KindLimits] = {}
+    for entry in (text or "").split(";"):
+        if not entry.strip():
+            continue
+        kind, colon, body = (part.strip() for part in entry.partition(":"))
+        if not colon or not _KIND_RE.fullmatch(kind) or not body:
+            raise ConfigError(
+                f"--limits: expected KIND:key=value[,key=value], got {entry.strip()!r}"
+            )
+        if kind in limits:
+            raise ConfigError(f"--limits: kind {kind!r} given twice")
+        limits[kind] = _parse_entry(kind, body)
+    return limits
+
+
+class LimitedSink:
+    """Wraps one kind's sink: waits for a concurrency slot, then for the rate limiter, then
+    runs the delivery under the timeout (the wait does not count against it)."""
+
+    def __init__(self, kind: str, sink: Sink, limits: KindLimits) -> None:
+        self.kind = kind
+        self.sink = sink
+        self.limits = limits
+        self._slots = anyio.Semaphore(limits.concurrency) if limits.concurrency else None
+        self._limiter: AsyncLimiter | None = None
+        if limits.rate is not None:
+            # aiolimiter cannot hand out a whole token from a bucket smaller than one:
+            # express 0.5/s as 1 per 2 s.
+            count = max(limits.rate, 1.0)
+            self._limiter = AsyncLimiter(count, limits.per * count / limits.rate)
+
+    def __repr__(self) -> str:
+        return f"LimitedSink({self.kind!r}, {self.sink!r}, {self.limits.describe()})"
+
+    async def deliver(self, intent: Intent) -> None:
+        if self._slots is None:
+            await self._deliver(intent)
+        else:
+            async with self._slots:
+                await self._deliver(intent)
+
+    async def _deliver(self, intent: Intent) -> None:
+        if self._limiter is not None:
+            await self._limiter.acquire()
+        if self.limits.timeout is None:
+            await self.sink.deliver(intent)
+            return
+        with anyio.move_on_after(self.limits.timeout) as scope:
+            await self.sink.deliver(intent)
+        if scope.cancelled_caught:
+            raise TransientError(
+                f"{self.kind} delivery timed out after {self.limits.timeout:g}s (--limits)"
+            )
+
+    async def aclose(self) -> None:
+        await self.sink.aclose()
+
+
+def apply_limits(sinks: dict[str, Sink], limits: dict[str, KindLimits]) -> dict[str, Sink]:
+    """Wrap the sinks that have limits; a limit for a kind with no sink is a mistake."""
+    unknown = sorted(set(limits) - set(sinks))
+    if unknown:
+        raise ConfigError(
+            f"--limits names kinds with no sink or handler: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(sinks))})"
+        )
+    return {
+        kind: LimitedSink(kind, sink, limits[kind]) if kind in limits else sink
+        for kind, sink in sinks.items()
+    }
