@@ -224,3 +224,15 @@ async def _count(db: asyncpg.Connection, names: Names, status: str, n: int) -> b
         f'SELECT count(*) FROM "{names.schema}".intent WHERE status = $1', status
     )
     return bool(got == n)
+
+
+async def test_poll_only_mode_delivers_without_listen(db, names: Names, start_relay):
+    rec = Recorder()
+    async with start_relay({"noop": rec}, listen=False, poll_interval=0.3) as relay:
+        assert relay.listener is None
+        async with db.transaction():
+            intent_id = await enqueue(db, "noop", {}, schema=names.schema)
+        await wait_until(lambda: rec.calls[intent_id] == 1)
+        assert relay.stats.notifications == 0 and not relay.idle_declared
+    # Nobody asked producers to notify: a poll-only worker never sets the idle flag.
+    assert await db.fetchval(f'SELECT count(*) FROM "{names.schema}".idle_worker') == 0

@@ -18,14 +18,18 @@ log = logging.getLogger("outbox.outcomes")
 _MAX_ERROR_CHARS = 2000
 _MAX_BATCH = 1000
 
-# Errors that mean "the database is not reachable right now": retry, don't crash.
+# Errors that mean "the database can't serve us right now" (down, restarting, failing
+# over to a replica that is still read-only, out of connections, cancelled by an
+# operator): retry with backoff, never crash the worker.
 DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
 
 
