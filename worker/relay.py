@@ -175,21 +175,23 @@ class Relay:
                     next_sweep = anyio.current_time() + max(
                         self.settings.poll_interval, self.settings.lease / 4
                     )
-                if await self._claim_and_dispatch(send):
+                got, full = await self._claim_and_dispatch(send)
+                if full:
                     continue
-                if self.settings.linger > 0:
+                # Linger only after activity: a poll that found nothing goes back to sleep
+                # (one claim per poll interval when idle).
+                if self.settings.linger > 0 and (got or not self.idle_declared):
                     await self.wakeup.wait(self.settings.linger)
-                    if await self._claim_and_dispatch(send) or self._stopping:
+                    got, _ = await self._claim_and_dispatch(send)
+                    if got or self._stopping:
                         await self._declare_busy()
                         continue
                 # Once idle is declared, producers that decided not to notify have committed:
                 # look once more, or their intents would wait for the poll.
-                if (
-                    not self.idle_declared
-                    and await self._declare_idle()
-                    and await self._claim_and_dispatch(send)
-                ):
-                    continue
+                if not self.idle_declared and await self._declare_idle():
+                    got, _ = await self._claim_and_dispatch(send)
+                    if got:
+                        continue
                 await self._wait_for_work()
                 failures = 0
             except DB_UNAVAILABLE as exc:
@@ -204,16 +206,16 @@ class Relay:
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await self._declare_busy()
 
-    async def _claim_and_dispatch(self, send: MemoryObjectSendStream[Intent]) -> bool:
-        """Claim for the idle slots and hand the rows over; True if the claim came back full
-        (more may be waiting: claim again at once)."""
+    async def _claim_and_dispatch(self, send: MemoryObjectSendStream[Intent]) -> tuple[int, bool]:
+        """Claim for the idle slots and hand the rows over. Returns how many were claimed
+        and whether the claim came back full (more may be waiting: claim again at once)."""
         want = min(self._idle_slots, self.settings.batch_size)
         if want == 0:
-            return True
+            return 0, True
         intents = await self._claim(want)
         for intent in intents:
             await send.send(intent)
-        return len(intents) == want
+        return len(intents), len(intents) == want
 
     @property
     def idle_declared(self) -> bool:
