@@ -58,6 +58,9 @@ class Relay:
         self.wakeup = Wakeup()
         # Rows this worker holds a lease on, from claim until their outcome is recorded.
         self.in_flight: dict[int, Intent] = {}
+        # The subset whose outcome is handed to the writer but not yet recorded: the
+        # heartbeat leaves them alone (their write may land before its UPDATE).
+        self._submitted: set[int] = set()
         self._pool = pool
         self._q = queries
         self._sinks = sinks
@@ -311,12 +314,14 @@ class Relay:
                     )
                 finally:
                     self.stats.on_delivery_end(index)
+                self._submitted.add(intent.id)
                 self._writer.submit(intent, outcome)
 
     def _on_written(self, batch: Sequence[tuple[Intent, Outcome]], written: set[int]) -> None:
         wake = False
         for intent, outcome in batch:
             self.in_flight.pop(intent.id, None)
+            self._submitted.discard(intent.id)
             if intent.id in written:
                 self.stats.on_recorded(intent, outcome)
                 if isinstance(outcome, Retry):
@@ -341,7 +346,7 @@ class Relay:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.lease / 3)
-            ids = list(self.in_flight)
+            ids = [i for i in self.in_flight if i not in self._submitted]
             if not ids:
                 continue
             try:
@@ -356,8 +361,12 @@ class Relay:
                 )
                 continue
             renewed = {r["id"] for r in rows}
-            # Rows recorded while the heartbeat ran are gone from in_flight: not lost.
-            lost = [i for i in ids if i not in renewed and i in self.in_flight]
+            # Still delivering and not renewed: another worker has taken the row over.
+            lost = [
+                i
+                for i in ids
+                if i not in renewed and i in self.in_flight and i not in self._submitted
+            ]
             if lost:
                 self.stats.on_lease_lost(len(lost))
                 log.warning(
