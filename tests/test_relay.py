@@ -90,7 +90,9 @@ async def test_transient_failures_are_retried_then_sent(db, names: Names, start_
             raise TransientError(f"try {intent.attempts} failed")
 
     rec = Recorder(flaky)
-    async with start_relay({"flaky": rec}):
+    # A 30 s poll: the retries (50-200 ms backoff) can only be this quick if the relay
+    # wakes by itself when the next one falls due.
+    async with start_relay({"flaky": rec}, poll_interval=30.0):
         async with db.transaction():
             intent_id = await enqueue(db, "flaky", {}, schema=names.schema)
         await wait_until(lambda: _status(db, names, intent_id, "sent"))
