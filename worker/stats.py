@@ -1,14 +1,48 @@
 """In-process counters of what the relay is doing. No I/O: the relay calls the ``on_*``
-hooks, logs and the dashboard read them."""
+hooks; logs and the dashboard read an immutable ``Snapshot``.
+
+Rates and latencies live in per-second buckets over the last minute, so the hooks stay
+O(1) at any throughput and a snapshot costs the same at 10 intents/s or 10,000.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from worker.intent import Intent
+from worker.logs import scrub
 from worker.outcomes import Dead, Outcome, Released, Retry, Sent
+
+WINDOW = 60  # seconds covered by the sparkline, the per-minute rates and the percentiles
+RATE_NOW_SPAN = 5  # "now" is the average of the last complete seconds, so it does not jump
+
+# Latency histogram: bin edges at 1 ms * 2**(k/16), i.e. each bin 4.4% wide. Reported
+# percentiles are bin upper edges (capped at the largest sample), so at most 4.4% high.
+_BIN_FLOOR = 0.001
+_BINS_PER_DOUBLING = 16
+
+# user:password@ inside any URL an error message may quote (a broker URL in an exception).
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@")
+
+
+def redact(text: str) -> str:
+    """Passwords out of error text: registered secrets and credentials in any URL."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", scrub(text))
+
+
+def latency_bin(seconds: float) -> int:
+    if seconds <= _BIN_FLOOR:
+        return 0
+    return math.ceil(math.log2(seconds / _BIN_FLOOR) * _BINS_PER_DOUBLING)
+
+
+def bin_upper_edge(index: int) -> float:
+    return float(_BIN_FLOOR * 2 ** (index / _BINS_PER_DOUBLING))
 
 
 @dataclass(slots=True)
@@ -23,13 +57,161 @@ class ErrorEntry:
     at: float  # wall clock
     kind: str
     intent_id: int
-    reason: str
+    reason: str  # already redacted
+    outcome: str = "retry"  # "retry" | "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class DbHealth:
+    """The database side, from the one cheap health query (see worker/sql/health.sql)."""
+
+    pending_due: int
+    pending_later: int
+    processing: int
+    dead: int
+    count_cap: int  # counts stop here: a count equal to it means "at least"
+    oldest_due_seconds: float | None  # how long the longest-waiting due intent has waited
+    notify_queue_usage: float  # pg_notification_queue_usage(), 0..1
+    idle_workers: int  # workers waiting for a notification (idle_worker rows)
+    live_tuples: int | None
+    dead_tuples: int | None
+    last_autovacuum_seconds: float | None  # age of the last (auto)vacuum of the intent table
+    table_bytes: int | None
+    oldest_xact_seconds: float | None  # oldest open transaction holding back the xmin horizon
+    oldest_xact_pid: int | None
+    oldest_xact_application: str | None
+
+
+@dataclass(slots=True)
+class _Second:
+    """What happened during one second of the monotonic clock."""
+
+    second: int
+    sent: int = 0
+    retried: int = 0
+    dead: int = 0
+    latency: Counter[int] = field(default_factory=Counter)
+    latency_max: float = 0.0
+
+    def reset(self, second: int) -> None:
+        self.second = second
+        self.sent = self.retried = self.dead = 0
+        self.latency.clear()
+        self.latency_max = 0.0
+
+
+class SecondBuckets:
+    """A ring of per-second buckets covering the last ``span`` seconds."""
+
+    def __init__(self, span: int = WINDOW) -> None:
+        self._ring = [_Second(-1) for _ in range(span + 1)]
+
+    def at(self, now: float) -> _Second:
+        second = math.floor(now)
+        bucket = self._ring[second % len(self._ring)]
+        if bucket.second != second:
+            bucket.reset(second)
+        return bucket
+
+    def between(self, first: int, last: int) -> Iterator[_Second | None]:
+        """Seconds ``first``..``last`` inclusive, oldest first; None for a second with nothing."""
+        for second in range(first, last + 1):
+            bucket = self._ring[second % len(self._ring)]
+            yield bucket if bucket.second == second else None
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Commit (created_at) to recorded as sent, over the last ``WINDOW`` seconds."""
+
+    count: int
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+def percentiles(histogram: Counter[int], largest: float, qs: tuple[float, ...]) -> list[float]:
+    """Nearest-rank percentiles of a latency histogram (bin upper edges, capped at ``largest``)."""
+    total = sum(histogram.values())
+    if total == 0:
+        return []
+    result: list[float] = []
+    ranks = [max(1, math.ceil(q * total)) for q in qs]
+    seen = 0
+    pending = iter(ranks)
+    rank = next(pending)
+    for index in sorted(histogram):
+        seen += histogram[index]
+        while seen >= rank:
+            result.append(min(bin_upper_edge(index), largest))
+            try:
+                rank = next(pending)
+            except StopIteration:
+                return result
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class KindCounts:
+    kind: str
+    sent: int
+    retried: int
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    index: int
+    intent_id: int
+    kind: str
+    seconds: float  # how long it has been on this intent
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the dashboard and the summary log line show, frozen at one instant."""
+
+    taken_at: float  # wall clock
+    uptime: float
+    concurrency: int
+    listen: bool  # LISTEN enabled at all (False: --no-listen, polling only)
+    stopping: bool
+    sent: int
+    retried: int
+    dead: int
+    claimed: int
+    released: int
+    lease_lost: int
+    rate_now: float  # sent/s over the last RATE_NOW_SPAN complete seconds
+    rate_minute: float  # sent/s over the last minute (or since start)
+    per_second: tuple[int, ...]  # sent in each of the last WINDOW complete seconds, oldest first
+    retried_minute: int
+    dead_minute: int
+    latency: Latency
+    slots: tuple[SlotView | None, ...]
+    kinds: tuple[KindCounts, ...]
+    errors: tuple[ErrorEntry, ...]  # newest first
+    listener_connected: bool
+    listener_reconnects: int
+    notifications: int
+    since_notification: float | None
+    since_poll: float | None
+    idle_declared: bool
+    db: DbHealth | None
+    db_age: float | None  # seconds since ``db`` was read
+    db_error: str | None  # why the last read failed, if it did
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s is not None)
 
 
 @dataclass(slots=True)
 class Stats:
     concurrency: int
-    started_at: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    wall: Callable[[], float] = field(default=time.time, repr=False)
+    started_at: float = field(init=False)
     claimed: int = 0
     sent: Counter[str] = field(default_factory=Counter)
     retried: Counter[str] = field(default_factory=Counter)
@@ -45,15 +227,22 @@ class Stats:
     idle_declared: bool = False  # producers are asked to notify us
     slots: list[SlotState | None] = field(default_factory=list)
     errors: deque[ErrorEntry] = field(default_factory=lambda: deque(maxlen=20))
+    db: DbHealth | None = None
+    db_read_at: float | None = None  # monotonic
+    db_error: str | None = None
+    seconds: SecondBuckets = field(default_factory=SecondBuckets, repr=False)
 
     def __post_init__(self) -> None:
+        self.started_at = self.clock()
         self.slots = [None] * self.concurrency
+
+    # --- hooks (called by the relay, the listener and the health reader) -------------------
 
     def on_claim(self, n: int) -> None:
         self.claimed += n
 
     def on_delivery_start(self, slot: int, intent: Intent) -> None:
-        self.slots[slot] = SlotState(intent.id, intent.kind, time.monotonic())
+        self.slots[slot] = SlotState(intent.id, intent.kind, self.clock())
 
     def on_delivery_end(self, slot: int) -> None:
         self.slots[slot] = None
@@ -62,12 +251,21 @@ class Stats:
         match outcome:
             case Sent():
                 self.sent[intent.kind] += 1
+                bucket = self.seconds.at(self.clock())
+                bucket.sent += 1
+                # created_at is the database's clock; a skewed worker clock must not
+                # produce negative latencies.
+                latency = max(0.0, self.wall() - intent.created_at.timestamp())
+                bucket.latency[latency_bin(latency)] += 1
+                bucket.latency_max = max(bucket.latency_max, latency)
             case Retry(_, error):
                 self.retried[intent.kind] += 1
-                self._error(intent, error)
+                self.seconds.at(self.clock()).retried += 1
+                self._error(intent, error, "retry")
             case Dead(error):
                 self.dead[intent.kind] += 1
-                self._error(intent, error)
+                self.seconds.at(self.clock()).dead += 1
+                self._error(intent, error, "dead")
             case Released():
                 self.released += 1
 
@@ -76,7 +274,7 @@ class Stats:
 
     def on_notification(self) -> None:
         self.notifications += 1
-        self.last_notification = time.monotonic()
+        self.last_notification = self.clock()
 
     def on_listener(self, connected: bool) -> None:
         if connected and self._listener_ever_connected:
@@ -88,7 +286,82 @@ class Stats:
         self.idle_declared = declared
 
     def on_poll(self) -> None:
-        self.last_poll = time.monotonic()
+        self.last_poll = self.clock()
 
-    def _error(self, intent: Intent, reason: str) -> None:
-        self.errors.append(ErrorEntry(time.time(), intent.kind, intent.id, reason))
+    def on_db_health(self, health: DbHealth) -> None:
+        self.db = health
+        self.db_read_at = self.clock()
+        self.db_error = None
+
+    def on_db_health_failed(self, reason: str) -> None:
+        self.db_error = redact(reason)
+
+    def _error(self, intent: Intent, reason: str, outcome: str) -> None:
+        self.errors.append(ErrorEntry(self.wall(), intent.kind, intent.id, redact(reason), outcome))
+
+    # --- reading -------------------------------------------------------------------------
+
+    def snapshot(self, *, listen: bool = True, stopping: bool = False) -> Snapshot:
+        now = self.clock()
+        current = math.floor(now)
+        # Complete seconds since start: the current one is still filling up.
+        complete = max(0, current - math.ceil(self.started_at))
+        last_minute = list(self.seconds.between(current - WINDOW, current - 1))
+        per_second = tuple(b.sent if b else 0 for b in last_minute)
+        recent = per_second[-RATE_NOW_SPAN:]
+        now_span = min(RATE_NOW_SPAN, complete)
+        minute_span = min(WINDOW, complete)
+
+        histogram: Counter[int] = Counter()
+        largest = 0.0
+        retried_minute = dead_minute = 0
+        for bucket in self.seconds.between(current - WINDOW + 1, current):
+            if bucket is None:
+                continue
+            histogram.update(bucket.latency)
+            largest = max(largest, bucket.latency_max)
+            retried_minute += bucket.retried
+            dead_minute += bucket.dead
+        p50, p95, p99 = percentiles(histogram, largest, (0.50, 0.95, 0.99)) or (None,) * 3
+
+        kinds = sorted(set(self.sent) | set(self.retried) | set(self.dead))
+        return Snapshot(
+            taken_at=self.wall(),
+            uptime=now - self.started_at,
+            concurrency=self.concurrency,
+            listen=listen,
+            stopping=stopping,
+            sent=sum(self.sent.values()),
+            retried=sum(self.retried.values()),
+            dead=sum(self.dead.values()),
+            claimed=self.claimed,
+            released=self.released,
+            lease_lost=self.lease_lost,
+            rate_now=sum(recent[len(recent) - now_span :]) / now_span if now_span else 0.0,
+            rate_minute=sum(per_second[WINDOW - minute_span :]) / minute_span
+            if minute_span
+            else 0.0,
+            per_second=per_second,
+            retried_minute=retried_minute,
+            dead_minute=dead_minute,
+            latency=Latency(sum(histogram.values()), p50, p95, p99),
+            slots=tuple(
+                SlotView(i, s.intent_id, s.kind, now - s.since) if s else None
+                for i, s in enumerate(self.slots)
+            ),
+            kinds=tuple(KindCounts(k, self.sent[k], self.retried[k], self.dead[k]) for k in kinds),
+            errors=tuple(reversed(self.errors)),
+            listener_connected=self.listener_connected,
+            listener_reconnects=self.listener_reconnects,
+            notifications=self.notifications,
+            since_notification=_since(now, self.last_notification),
+            since_poll=_since(now, self.last_poll),
+            idle_declared=self.idle_declared,
+            db=self.db,
+            db_age=_since(now, self.db_read_at),
+            db_error=self.db_error,
+        )
+
+
+def _since(now: float, then: float | None) -> float | None:
+    return None if then is None else max(0.0, now - then)
