@@ -1,0 +1,264 @@
+"""The nats sink against the real NATS JetStream at 127.0.0.1:4222 (or OUTBOX_TEST_NATS_URL).
+
+A server that cannot be reached fails these tests with a message saying how to start it;
+"server down" is simulated with a TCP proxy so the machine's NATS stays up.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats
+import orjson
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from tests.conftest import count_by_status, wait_until
+from tests.tcp_proxy import free_port, tcp_proxy
+from worker.errors import ConfigError, PermanentError, TransientError
+from worker.intent import Intent
+from worker.producer import enqueue
+from worker.sinks.nats import NatsSink, build_publish, parse_nats_url
+from worker.sqlfiles import Names
+
+NATS_URL = os.environ.get("OUTBOX_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    parts = urlsplit(NATS_URL)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 4222), timeout=5).close()
+    except OSError as exc:
+        pytest.fail(
+            f"NATS is not reachable at {parts.hostname}:{parts.port or 4222} ({exc}); start "
+            "it with JetStream: 'nats-server -a 127.0.0.1 -p 4222 -js' (.ci/run does) or set "
+            "OUTBOX_TEST_NATS_URL",
+            pytrace=False,
+        )
+    return NATS_URL
+
+
+@dataclass
+class Stream:
+    """This test's own JetStream stream, capturing ``<prefix>.>``."""
+
+    client: Client
+    js: JetStreamContext
+    name: str
+    prefix: str
+
+    async def count(self) -> int:
+        return int((await self.js.stream_info(self.name)).state.messages)
+
+    async def messages(self) -> list[Any]:
+        return [await self.js.get_msg(self.name, seq) for seq in range(1, await self.count() + 1)]
+
+
+@pytest.fixture
+async def stream(nats_url: str) -> AsyncIterator[Stream]:
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    name = f"OUTBOX_TEST_{secrets.token_hex(4)}"
+    try:
+        await js.add_stream(name=name, subjects=[f"{name.lower()}.>"], duplicate_window=120)
+    except Exception as exc:
+        await client.close()
+        pytest.fail(f"cannot create a JetStream stream (is JetStream enabled, -js?): {exc}")
+    try:
+        yield Stream(client, js, name, name.lower())
+    finally:
+        await js.delete_stream(name)
+        await client.close()
+
+
+@pytest.fixture
+async def sink(nats_url: str) -> AsyncIterator[NatsSink]:
+    nats_sink = NatsSink(nats_url, timeout=5)
+    try:
+        yield nats_sink
+    finally:
+        await nats_sink.aclose()
+
+
+def _intent(payload: Any, n: int = 7) -> Intent:
+    now = datetime.now(UTC)
+    return Intent(
+        id=n, kind="nats", payload=payload, attempts=1, max_attempts=5, created_at=now,
+        run_at=now,
+    )  # fmt: skip
+
+
+def _event(target: Stream, n: int, **extra: Any) -> dict[str, Any]:
+    return {"subject": f"{target.prefix}.orders.created", "body": {"n": n}, **extra}
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (None, "must be a JSON object"),
+        ({"body": 1}, "needs 'subject'"),
+        ({"subject": "orders.*"}, "not valid for publishing"),
+        ({"subject": "orders..x"}, "not valid for publishing"),
+        ({"subject": "orders x"}, "not valid for publishing"),
+        ({"subject": "a", "reply": "b"}, "unknown field"),
+        ({"subject": "a", "headers": {"Nats-Msg-Id": "mine"}}, "set by the worker"),
+        ({"subject": "a", "headers": {"X": "a\r\nb"}}, "without line breaks"),
+        ({"subject": "a", "headers": {"X:Y": "1"}}, "not valid"),
+        ({"subject": "a", "stream": "a.b"}, "stream name"),
+    ],
+)
+def test_bad_payloads_are_permanent(payload: Any, message: str) -> None:
+    with pytest.raises(PermanentError, match=message):
+        build_publish(_intent(payload))
+
+
+def test_publish_carries_the_intent_id() -> None:
+    subject, data, headers, stream = build_publish(
+        _intent({"subject": "orders.created", "body": [1], "headers": {"Tenant": "acme"}}), "eu-"
+    )
+    assert (subject, data, stream) == ("orders.created", b"[1]", None)
+    assert headers == {"Tenant": "acme", "Nats-Msg-Id": "eu-7"}
+
+
+def test_url_checks() -> None:
+    assert parse_nats_url("nats://a:1, tls://b")[1] == "a:1,b:4222"
+    with pytest.raises(ConfigError, match="must start with nats://"):
+        parse_nats_url("http://x")
+    with pytest.raises(ConfigError, match="no host"):
+        parse_nats_url("nats://")
+
+
+# --- against the server ----------------------------------------------------------------------
+
+
+async def test_a_duplicate_publish_is_dropped_by_jetstream(sink: NatsSink, stream: Stream) -> None:
+    intent = _intent(_event(stream, 1), n=41)
+    await sink.deliver(intent)
+    await sink.deliver(intent)  # a retry after a lost PubAck looks exactly like this
+    [message] = await stream.messages()
+    assert message.headers["Nats-Msg-Id"] == "41"
+    await sink.deliver(_intent(_event(stream, 2), n=42))
+    assert await stream.count() == 2
+
+
+async def test_no_stream_for_the_subject_is_transient(sink: NatsSink) -> None:
+    with pytest.raises(TransientError, match="no JetStream stream answered for subject"):
+        await sink.deliver(_intent({"subject": f"nostream_{secrets.token_hex(4)}.x"}))
+
+
+async def test_wrong_expected_stream_and_oversized_messages_are_permanent(
+    sink: NatsSink, stream: Stream
+) -> None:
+    with pytest.raises(PermanentError, match="not in the expected stream"):
+        await sink.deliver(_intent(_event(stream, 1, stream="SOME_OTHER_STREAM")))
+    with pytest.raises(PermanentError, match="larger than the server's max_payload"):
+        await sink.deliver(_intent(_event(stream, 1) | {"body": "x" * 2_000_000}))
+    await sink.deliver(_intent(_event(stream, 1, stream=stream.name)))
+    assert await stream.count() == 1
+
+
+async def test_unreachable_server_is_transient_and_the_token_is_never_shown() -> None:
+    nats_sink = NatsSink(f"nats://sekrit-token@127.0.0.1:{free_port()}", timeout=1)
+    try:
+        with pytest.raises(TransientError, match="cannot connect") as e:
+            await nats_sink.deliver(_intent({"subject": "a.b"}))
+    finally:
+        await nats_sink.aclose()
+    assert "sekrit-token" not in str(e.value)
+
+
+async def test_relay_publishes_and_waits_for_the_puback(
+    db, names: Names, start_relay, sink: NatsSink, stream: Stream
+) -> None:
+    async with start_relay({"nats": sink}):
+        async with db.transaction():
+            ids = [
+                await enqueue(
+                    db, "nats", _event(stream, n, headers={"Tenant": "acme"}), schema=names.schema
+                )
+                for n in range(10)
+            ]
+        await wait_until(lambda: _statuses(db, names, {"sent": 10}))
+    messages = await stream.messages()  # sent means stored: all there already
+    assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(str(i) for i in ids)
+    assert sorted(orjson.loads(m.data)["n"] for m in messages) == list(range(10))
+    assert {m.headers["Tenant"] for m in messages} == {"acme"}
+
+
+async def test_retry_after_a_lost_puback_is_deduplicated_end_to_end(
+    db, names: Names, start_relay, sink: NatsSink, stream: Stream
+) -> None:
+    class LosesFirstAck:
+        """Publishes for real, then reports a failure the first time (a PubAck lost)."""
+
+        def __init__(self) -> None:
+            self.failed: set[int] = set()
+
+        async def deliver(self, intent: Intent) -> None:
+            await sink.deliver(intent)
+            if intent.id not in self.failed:
+                self.failed.add(intent.id)
+                raise TransientError("PubAck lost (simulated)")
+
+        async def aclose(self) -> None:
+            pass
+
+    async with start_relay({"nats": LosesFirstAck()}):
+        async with db.transaction():
+            for n in range(5):
+                await enqueue(db, "nats", _event(stream, n), schema=names.schema)
+        await wait_until(lambda: _statuses(db, names, {"sent": 5}))
+    attempts = await db.fetch(f'SELECT attempts FROM "{names.schema}".intent')
+    assert {r["attempts"] for r in attempts} == {2}  # every intent was published twice...
+    assert await stream.count() == 5  # ...and stored once
+
+
+async def test_server_down_then_back_loses_nothing_and_stores_each_once(
+    db, names: Names, start_relay, nats_url: str, stream: Stream
+) -> None:
+    parts = urlsplit(nats_url)
+    async with tcp_proxy(parts.port or 4222) as proxy:
+        nats_sink = NatsSink(f"nats://127.0.0.1:{proxy.port}", timeout=1, reconnect_wait=0.2)
+        try:
+            async with start_relay({"nats": nats_sink}, backoff_base=0.1, backoff_max=0.5):
+                async with db.transaction():
+                    for n in range(10):
+                        await enqueue(db, "nats", _event(stream, n), schema=names.schema)
+                await wait_until(lambda: _statuses(db, names, {"sent": 10}))
+                await proxy.stop()
+                async with db.transaction():
+                    for n in range(10, 20):
+                        await enqueue(db, "nats", _event(stream, n), schema=names.schema)
+                await wait_until(lambda: _failed_at_least_once(db, names, 10))
+                await proxy.start()
+                await wait_until(lambda: _statuses(db, names, {"sent": 20}), timeout=30)
+        finally:
+            await nats_sink.aclose()
+    # Publishes buffered while disconnected are flushed on reconnect, and the relay retries
+    # them too: the duplicate window keeps exactly one copy of each.
+    messages = await stream.messages()
+    ids = await db.fetch(f'SELECT id FROM "{names.schema}".intent')
+    assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(str(r["id"]) for r in ids)
+
+
+async def _statuses(db, names: Names, expected: dict[str, int]) -> bool:
+    return await count_by_status(db, names) == expected
+
+
+async def _failed_at_least_once(db, names: Names, n: int) -> bool:
+    failed = await db.fetchval(
+        f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
+    )
+    return bool(failed >= n)
