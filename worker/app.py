@@ -23,18 +23,22 @@ log = logging.getLogger("outbox")
 
 def build_sinks(settings: Settings) -> dict[str, Sink]:
     from worker.sinks.email import EmailSink, parse_smtp_url
+    from worker.sinks.extras import extra_sinks
+    from worker.sinks.limits import apply_limits, parse_limits
 
+    limits = parse_limits(settings.limits)
     sinks: dict[str, Sink] = {
         "email": EmailSink(
             parse_smtp_url(settings.smtp_url), settings.mail_from, settings.concurrency
-        )
+        ),
+        **extra_sinks(settings, limits),
     }
     if settings.handlers:
         for kind, fn in load_handlers(settings.handlers).items():
             if kind in sinks:
                 log.info("kind %r: your handler replaces the built-in sink", kind)
             sinks[kind] = HandlerSink(fn)
-    return sinks
+    return apply_limits(sinks, limits)
 
 
 async def prepare_schema(dsn: str, settings: Settings, names: Names) -> None:

@@ -182,6 +182,52 @@ RUN_OPTIONS = [
         "MODULE:ATTRIBUTE, a mapping of kind -> async handler(intent)",
     ),
     Option(
+        "--webhook-secret",
+        "webhook_secret",
+        "OUTBOX_WEBHOOK_SECRET",
+        str,
+        "key for the Outbox-Signature (HMAC-SHA256) of webhook requests; prefer the "
+        "environment variable, flags show in ps",
+    ),
+    Option(
+        "--webhook-allow-hosts",
+        "webhook_allow_hosts",
+        "OUTBOX_WEBHOOK_ALLOW_HOSTS",
+        str,
+        "comma-separated hosts webhooks may call (*.example.com for subdomains); "
+        "unset: any host",
+    ),
+    Option(
+        "--rabbitmq-url",
+        "rabbitmq_url",
+        "OUTBOX_RABBITMQ_URL",
+        str,
+        "broker for the rabbitmq kind: amqp[s]://user:pass@host[:port][/vhost]",
+    ),
+    Option(
+        "--nats-url",
+        "nats_url",
+        "OUTBOX_NATS_URL",
+        str,
+        "server(s) for the nats kind (JetStream): nats://[user:pass@]host[:port][,...]",
+    ),
+    Option(
+        "--message-id-prefix",
+        "message_id_prefix",
+        "OUTBOX_MESSAGE_ID_PREFIX",
+        str,
+        "prefix of the intent id in Idempotency-Key, AMQP message_id and Nats-Msg-Id; set "
+        "one per database when several outboxes publish to the same place",
+    ),
+    Option(
+        "--limits",
+        "limits",
+        "OUTBOX_LIMITS",
+        str,
+        "per-kind limits, per process: 'KIND:concurrency=N,rate=N/s,timeout=S;KIND:...', "
+        "e.g. 'email:rate=10/s;webhook:concurrency=4'",
+    ),
+    Option(
         "--migrate",
         "migrate",
         "OUTBOX_MIGRATE",
@@ -335,6 +381,9 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     logs.register_secret_url(settings.dsn)
     logs.register_secret_url(settings.smtp_url)
+    logs.register_secret_url(settings.rabbitmq_url)
+    for nats_server in (settings.nats_url or "").split(","):
+        logs.register_secret_url(nats_server.strip())
     with database(settings.dsn) as dsn:
         if args.command == "run":
             from dataclasses import replace

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.errors import ConfigError
 
@@ -52,6 +52,13 @@ class Settings:
     smtp_url: str = "smtp://localhost:25"
     mail_from: str = "outbox@localhost"
     handlers: str | None = None
+    # Built-in sinks beyond email (worker/sinks/extras.py); repr=False: they hold secrets.
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_allow_hosts: str | None = None
+    rabbitmq_url: str | None = field(default=None, repr=False)
+    nats_url: str | None = field(default=None, repr=False)
+    message_id_prefix: str = ""
+    limits: str | None = None  # per-kind limits, parsed by worker.sinks.limits
     migrate: bool = False
     heartbeat: bool = True  # off only in tests that prove the fence
 

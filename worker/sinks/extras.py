@@ -1,0 +1,139 @@
+"""The built-in sinks that need a pip extra (webhook, rabbitmq, nats): build each one, or
+say exactly what is missing.
+
+A kind that is configured (its URL, secret or allow-list is set) but whose extra is not
+installed stops the worker at start-up. A kind that is not configured, or whose extra is
+missing, still gets a sink: one that turns its intents dead with the reason, instead of the
+generic "unknown kind".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worker.errors import ConfigError, PermanentError
+from worker.intent import Intent
+from worker.settings import Settings
+from worker.sinks.base import Sink
+from worker.sinks.limits import KindLimits
+
+__all__ = ["UnavailableSink", "extra_sinks", "missing_extra"]
+
+# The sinks' own timeouts, when neither --limits nor --delivery-timeout is shorter.
+_DEFAULT_TIMEOUT = {"webhook": 30.0, "rabbitmq": 30.0, "nats": 10.0}
+
+
+class UnavailableSink:
+    """Stands in for a sink that cannot run in this process: every intent is dead with
+    ``reason`` (``outbox-worker retry-dead --kind K`` brings them back once fixed)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnavailableSink({self.reason!r})"
+
+    async def deliver(self, intent: Intent) -> None:
+        raise PermanentError(self.reason)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def missing_extra(kind: str, exc: ImportError) -> str:
+    return (
+        f"the {kind} kind needs the '{kind}' extra ({exc.name or 'a package'} is not "
+        f"installed): pip install 'outbox-worker[{kind}]'"
+    )
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    kind: str
+    configured: bool
+    how: str  # how to configure it, for the "not configured" reason
+    build: Callable[[float], Sink]  # imports the sink module; may raise ImportError
+
+
+def _timeout(kind: str, settings: Settings, limits: dict[str, KindLimits]) -> float:
+    per_kind = limits[kind].timeout if kind in limits else None
+    return min(_DEFAULT_TIMEOUT[kind], settings.delivery_timeout, per_kind or math.inf)
+
+
+def _webhook(settings: Settings) -> Callable[[float], Sink]:
+    def build(timeout: float) -> Sink:
+        from worker.sinks.webhook import WebhookSink, parse_allow_hosts
+
+        return WebhookSink(
+            secret=settings.webhook_secret,
+            allow_hosts=parse_allow_hosts(settings.webhook_allow_hosts),
+            timeout=timeout,
+            max_connections=settings.concurrency,
+            max_retry_after=settings.backoff_max,
+            id_prefix=settings.message_id_prefix,
+        )
+
+    return build
+
+
+def _rabbitmq(settings: Settings) -> Callable[[float], Sink]:
+    def build(timeout: float) -> Sink:
+        from worker.sinks.rabbitmq import RabbitMQSink
+
+        assert settings.rabbitmq_url is not None
+        return RabbitMQSink(
+            settings.rabbitmq_url, timeout=timeout, id_prefix=settings.message_id_prefix
+        )
+
+    return build
+
+
+def _nats(settings: Settings) -> Callable[[float], Sink]:
+    def build(timeout: float) -> Sink:
+        from worker.sinks.nats import NatsSink
+
+        assert settings.nats_url is not None
+        return NatsSink(settings.nats_url, timeout=timeout, id_prefix=settings.message_id_prefix)
+
+    return build
+
+
+def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, Sink]:
+    builtins = [
+        # A webhook needs no URL of its own (it comes with each intent): always on.
+        _Builtin("webhook", True, "", _webhook(settings)),
+        _Builtin(
+            "rabbitmq",
+            settings.rabbitmq_url is not None,
+            "--rabbitmq-url or OUTBOX_RABBITMQ_URL",
+            _rabbitmq(settings),
+        ),
+        _Builtin(
+            "nats", settings.nats_url is not None, "--nats-url or OUTBOX_NATS_URL", _nats(settings)
+        ),
+    ]
+    explicit = {
+        "webhook": settings.webhook_secret is not None or bool(settings.webhook_allow_hosts),
+        "rabbitmq": settings.rabbitmq_url is not None,
+        "nats": settings.nats_url is not None,
+    }
+    sinks: dict[str, Sink] = {}
+    for builtin in builtins:
+        if not builtin.configured:
+            sinks[builtin.kind] = UnavailableSink(
+                f"the {builtin.kind} kind is not configured in this worker: start it with "
+                f"{builtin.how}"
+            )
+            continue
+        try:
+            sinks[builtin.kind] = builtin.build(_timeout(builtin.kind, settings, limits))
+        except ImportError as exc:
+            if exc.name and exc.name.startswith("worker"):
+                raise  # our own bug, not a missing extra
+            reason = missing_extra(builtin.kind, exc)
+            if explicit[builtin.kind]:
+                raise ConfigError(reason) from None
+            sinks[builtin.kind] = UnavailableSink(reason)
+    return sinks
