@@ -1,0 +1,147 @@
+"""``python -m bench [SCENARIO ...]``: run the benchmarks, print the tables, write the files.
+
+    python -m bench                      # every scenario, full size, 3 runs each
+    python -m bench drain latency        # some of them
+    python -m bench --size tiny --runs 1 # a quick check that everything works
+
+Against --dsn, else DATABASE_URL, else the local server at 127.0.0.1:5432, else an embedded
+PostgreSQL. Writes RESULTS/results.json (raw per-run figures), RESULTS/latency-cdf.png and
+the worker logs; prints one table per scenario and the targets of issue 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+
+from bench import report
+from bench.context import SIZES, Context
+from bench.figures import Row
+from bench.scenarios import SCENARIOS
+from bench.server import resolve_dsn, server_info
+from worker.logs import redact_url
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"which to run (default: all): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median, min–max)")
+    parser.add_argument("--dsn", help="PostgreSQL URL (default: DATABASE_URL, local, embedded)")
+    parser.add_argument("--out", type=Path, default=_REPO / "bench" / "results")
+    parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
+        )
+    return args
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("asyncpg", "anyio", "aiosmtplib", "pgqueuer", "procrastinate", "psycopg"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[dist] = metadata.version(dist)
+    try:
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        found["outbox-worker"] = rev
+    except (OSError, subprocess.CalledProcessError):
+        found["outbox-worker"] = metadata.version("outbox-worker")
+    return found
+
+
+def _machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": model, "load_average_at_start": os.getloadavg()}
+
+
+async def run_scenarios(ctx: Context, names: list[str]) -> list[tuple[str, list[Row]]]:
+    done = []
+    for name in names:
+        module = SCENARIOS[name]
+        done.append((name, await module.run(ctx)))
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.scenarios or list(SCENARIOS)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with resolve_dsn(args.dsn) as dsn:
+        ctx = Context(
+            dsn=dsn,
+            size=SIZES[args.size],
+            runs=args.runs,
+            log_dir=out / "logs",
+            progress=lambda msg: console.log(msg),
+        )
+        info = anyio.run(server_info, dsn)
+        console.log(f"PostgreSQL {info['version']} at {redact_url(dsn)}: {info}")
+        results = anyio.run(run_scenarios, ctx, names)
+    all_rows = [row for _name, rows in results for row in rows]
+    found = report.targets(all_rows)
+    sections = [(SCENARIOS[name].TITLE, SCENARIOS[name].METRICS, rows) for name, rows in results]
+    report.print_all(console, sections, found)
+    meta = {
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 1),
+        "size": args.size,
+        "runs": args.runs,
+        "postgresql": info,
+        "versions": _versions(),
+        "machine": _machine(),
+        "workers": "one subprocess per worker (python -m bench.child); producers in the runner",
+    }
+    report.write_json(out / "results.json", meta, all_rows, found)
+    subtitle = f"PostgreSQL {info['version']}, fsync={info['fsync']}, {os.cpu_count()} CPUs"
+    if report.plot_cdfs(out / "latency-cdf.png", all_rows, subtitle):
+        console.log(f"plot: {out / 'latency-cdf.png'}")
+    console.log(f"raw figures: {out / 'results.json'}")
+    if args.markdown:
+        for title, metrics, rows in sections:
+            print(f"\n**{title}**\n\n{report.markdown_table(metrics, rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

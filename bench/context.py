@@ -1,0 +1,99 @@
+"""What every scenario gets: where the server is, how big to go, how many runs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Size:
+    """Every knob that makes a scenario long or short. ``FULL`` is what the README reports;
+    ``TINY`` is what the smoke test runs."""
+
+    drain_intents: int = 20_000
+    # (concurrency, batch size): a claim takes at most min(idle slots, batch size) rows.
+    drain_grid: tuple[tuple[int, int], ...] = ((10, 10), (100, 100), (1000, 100), (1000, 1000))
+    bare_batches: tuple[int, ...] = (1000,)
+    latency_rates: tuple[int, ...] = (100, 1000)
+    latency_seconds: float = 10.0
+    latency_producers: int = 4
+    # Rates tried upwards (one run each) for "the highest rate the relay keeps up with".
+    max_rate_steps: tuple[int, ...] = (2000, 3000, 4000, 6000, 8000)
+    max_rate_seconds: float = 5.0
+    keep_up_p99_ms: float = 100.0
+    lost_samples: int = 3
+    lost_poll_interval: float = 1.0
+    producer_counts: tuple[int, ...] = (1, 4, 16)
+    producer_seconds: float = 5.0
+    idle_seconds: float = 20.0
+    idle_poll_interval: float = 2.0
+    email_intents: int = 2000
+    email_concurrency: tuple[int, ...] = (1, 8, 32)
+    pgqueuer_intents: int = 20_000
+    pgqueuer_batches: tuple[int, ...] = (10, 100, 1000)
+    procrastinate_intents: int = 2000
+    procrastinate_concurrency: tuple[int, ...] = (10, 50)
+    alt_latency_rate: int = 1000
+
+
+FULL = Size()
+TINY = Size(
+    drain_intents=300,
+    drain_grid=((10, 10), (100, 100)),
+    bare_batches=(100,),
+    latency_rates=(100,),
+    latency_seconds=0.5,
+    latency_producers=2,
+    max_rate_steps=(200,),
+    max_rate_seconds=0.5,
+    keep_up_p99_ms=1000.0,
+    lost_samples=1,
+    lost_poll_interval=0.5,
+    producer_counts=(1, 4),
+    producer_seconds=0.3,
+    idle_seconds=1.0,
+    idle_poll_interval=0.25,
+    email_intents=40,
+    email_concurrency=(1, 8),
+    pgqueuer_intents=200,
+    pgqueuer_batches=(10,),
+    procrastinate_intents=30,
+    procrastinate_concurrency=(10,),
+    alt_latency_rate=50,
+)
+SIZES = {"full": FULL, "tiny": TINY}
+
+
+@dataclass
+class Context:
+    dsn: str
+    size: Size
+    runs: int
+    log_dir: Path
+    progress: Callable[[str], None] = field(default=lambda _msg: None)
+
+    @contextlib.asynccontextmanager
+    async def admin(self) -> AsyncIterator[asyncpg.Connection]:
+        """A plain connection for seeding, polling and CPU bookkeeping."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+async def wait_until_false(conn: asyncpg.Connection, sql: str, timeout: float) -> float:
+    """Poll ``sql`` (a boolean) every 2 ms until it is false; the monotonic time it was seen
+    false. Only used at the tail of a drain, after the worker reports the last handler."""
+    import time
+
+    with anyio.fail_after(timeout):
+        while await conn.fetchval(sql):  # noqa: ASYNC110 - the state is in the database
+            await anyio.sleep(0.002)
+    return time.monotonic()

@@ -1,0 +1,31 @@
+"""One module per measurement of issue 4; each has ``TITLE`` and ``async run(ctx) -> rows``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+
+from bench.context import Context
+from bench.figures import Row
+from bench.scenarios import (
+    alternatives,
+    drain,
+    email,
+    idle,
+    latency,
+    lost_notification,
+    producer_cost,
+)
+
+Scenario = Callable[[Context], Awaitable[list[Row]]]
+
+# In the order the README's table lists them.
+SCENARIOS: dict[str, ModuleType] = {
+    "drain": drain,
+    "latency": latency,
+    "lost-notification": lost_notification,
+    "producer-cost": producer_cost,
+    "idle": idle,
+    "email": email,
+    "alternatives": alternatives,
+}

@@ -1,0 +1,97 @@
+"""Which PostgreSQL the bench runs against, what it is, and one fresh schema per run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from worker.migrate import migrate
+from worker.settings import default_channel
+from worker.sqlfiles import Names, quote_ident
+
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+SETTINGS_REPORTED = (
+    "fsync",
+    "synchronous_commit",
+    "shared_buffers",
+    "wal_sync_method",
+    "max_connections",
+)
+
+
+async def reachable(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
+@contextlib.contextmanager
+def resolve_dsn(dsn: str | None) -> Iterator[str]:
+    """--dsn, else DATABASE_URL, else the local server if it answers, else an embedded one."""
+    import anyio
+
+    chosen = dsn or os.environ.get("DATABASE_URL")
+    if chosen:
+        yield chosen
+    elif anyio.run(reachable, LOCAL_DSN):
+        yield LOCAL_DSN
+    else:
+        from worker.embedded import start_embedded
+
+        with start_embedded() as embedded:
+            yield embedded.dsn
+
+
+def socket_address(dsn: str) -> tuple[str, int] | str:
+    """(host, port) for TCP, or the Unix socket path (the embedded server has no port)."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    port = int(query.get("port", [parts.port or 5432])[0])
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{port}"
+    return host, port
+
+
+async def server_info(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        info: dict[str, Any] = {"version": await conn.fetchval("SHOW server_version")}
+        for name in SETTINGS_REPORTED:
+            info[name] = await conn.fetchval(f"SHOW {name}")
+        return info
+    finally:
+        await conn.close()
+
+
+def new_names(prefix: str) -> Names:
+    schema = f"bench_{prefix}_{secrets.token_hex(3)}"
+    return Names(schema, default_channel(schema))
+
+
+@contextlib.asynccontextmanager
+async def fresh_schema(dsn: str, prefix: str, *, outbox: bool = True) -> AsyncIterator[Names]:
+    """A new schema (with the outbox tables and main's triggers when ``outbox``), dropped
+    afterwards so runs never see each other's rows, bloat or triggers."""
+    names = new_names(prefix)
+    conn = await asyncpg.connect(dsn)
+    try:
+        if outbox:
+            await migrate(conn, names)
+        else:
+            await conn.execute(f"CREATE SCHEMA {quote_ident(names.schema)}")
+        yield names
+    finally:
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(names.schema)} CASCADE")
+        finally:
+            await conn.close()

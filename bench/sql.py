@@ -1,0 +1,26 @@
+"""The bench's own named queries (bench/queries.sql), rendered for one run's names."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+from worker.sqlfiles import Names
+
+_NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def _blocks() -> dict[str, str]:
+    text = (Path(__file__).parent / "queries.sql").read_text()
+    marks = list(_NAME_RE.finditer(text))
+    return {
+        mark.group(1): text[mark.end() : nxt.start() if nxt else len(text)].strip()
+        for mark, nxt in zip(marks, [*marks[1:], None], strict=True)
+    }
+
+
+def query(name: str, names: Names | None = None) -> str:
+    sql = _blocks()[name]
+    return names.render(sql) if names is not None else sql
