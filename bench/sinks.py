@@ -1,0 +1,452 @@
+"""``python -m bench.sinks``: throughput of the webhook, rabbitmq and nats sinks against the
+local servers, alone and through the relay.
+
+    python -m bench.sinks                            # every sink, 5,000 intents, 3 runs
+    python -m bench.sinks --sinks nats --intents 20000 --concurrency 8,64
+    python -m bench.sinks --intents 200 --runs 1     # a quick check that it all works
+
+Two modes per sink and concurrency:
+* ``sink``: N deliveries straight into the sink from C tasks (no database): what the client
+  library and the server can do;
+* ``relay``: N intents committed in one INSERT, drained by a relay with C delivery slots;
+  the clock runs from the commit to the last ``sent`` outcome recorded.
+
+The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
+127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222 (--rabbitmq-url, --nats-url). Each figure
+is the median of --runs runs, with min-max. Every run checks that the server got all N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import anyio
+import asyncpg
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from worker.db import create_pool
+from worker.intent import Intent
+from worker.migrate import migrate
+from worker.relay import Relay
+from worker.settings import Settings, default_channel
+from worker.sinks.base import Sink
+from worker.sqlfiles import Names, load_queries
+
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+SINKS = ("webhook", "rabbitmq", "nats")
+
+
+# --- the webhook receiver (child process) -----------------------------------------------------
+
+
+async def _serve_webhook() -> None:
+    """Answer 200 to every POST and count them; ``GET /count`` tells. Ends at stdin EOF."""
+    from aiohttp import web
+
+    received = 0
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal received
+        await request.read()
+        received += 1
+        return web.Response(text="ok")
+
+    async def count(request: web.Request) -> web.Response:
+        return web.Response(text=str(received))
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_get("/count", count)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    await site.start()
+    print(runner.addresses[0][1], flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await reader.read()
+    await runner.cleanup()
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Any:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.sinks", "--serve-webhook"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# --- one target per sink: how to build it, what to send, how to count what arrived ----------
+
+
+@dataclass
+class Target:
+    kind: str
+    payload: dict[str, Any]
+    make_sink: Callable[[int, str], Sink]  # (concurrency, id prefix) -> sink
+    received: Callable[[], Awaitable[int]]  # what the server holds now
+    reset: Callable[[], Awaitable[None]]
+    version: str = ""
+
+
+@contextlib.asynccontextmanager
+async def webhook_target() -> AsyncIterator[Target]:
+    import aiohttp
+
+    from worker.sinks.webhook import WebhookSink
+
+    with webhook_receiver() as base:
+        async with aiohttp.ClientSession() as client:
+            offset = 0
+
+            async def total() -> int:
+                async with client.get(f"{base}/count") as response:
+                    return int(await response.text())
+
+            async def received() -> int:
+                return await total() - offset
+
+            async def reset() -> None:
+                nonlocal offset
+                offset = await total()
+
+            yield Target(
+                "webhook",
+                {"url": f"{base}/hook", "body": {"order": 42, "total": "19.99"}},
+                lambda c, prefix: WebhookSink(
+                    secret="bench-secret", max_connections=c, id_prefix=prefix
+                ),
+                received,
+                reset,
+                f"aiohttp {metadata.version('aiohttp')}",
+            )
+
+
+@contextlib.asynccontextmanager
+async def rabbitmq_target(url: str) -> AsyncIterator[Target]:
+    import aio_pika
+
+    from worker.sinks.rabbitmq import RabbitMQSink
+
+    name = f"outbox_bench_{secrets.token_hex(4)}"
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT)
+        queue = await channel.declare_queue(name)
+        await queue.bind(exchange, "bench")
+
+        async def received() -> int:
+            declared = await channel.declare_queue(name, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+
+        async def reset() -> None:
+            await queue.purge()
+
+        try:
+            yield Target(
+                "rabbitmq",
+                {"exchange": name, "routing_key": "bench", "body": {"order": 42}},
+                lambda c, prefix: RabbitMQSink(url, id_prefix=prefix),
+                received,
+                reset,
+                f"aio-pika {metadata.version('aio-pika')}, RabbitMQ {_broker_version(connection)}",
+            )
+        finally:
+            await queue.delete(if_unused=False, if_empty=False)
+            await exchange.delete()
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def nats_target(url: str) -> AsyncIterator[Target]:
+    import nats
+
+    from worker.sinks.nats import NatsSink
+
+    name = f"OUTBOX_BENCH_{secrets.token_hex(4)}"
+    client = await nats.connect(url)
+    js = client.jetstream()
+    await js.add_stream(name=name, subjects=[f"{name.lower()}.>"])
+    try:
+
+        async def received() -> int:
+            return int((await js.stream_info(name)).state.messages)
+
+        async def reset() -> None:
+            await js.purge_stream(name)
+
+        yield Target(
+            "nats",
+            {"subject": f"{name.lower()}.orders", "body": {"order": 42}},
+            lambda c, prefix: NatsSink(url, id_prefix=prefix),
+            received,
+            reset,
+            f"nats-py {metadata.version('nats-py')}, nats-server {client.connected_server_version}",
+        )
+    finally:
+        await js.delete_stream(name)
+        await client.close()
+
+
+def _broker_version(connection: Any) -> str:
+    properties = connection.transport.connection.server_properties if connection.transport else {}
+    version = properties.get("version", "?")
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def _version(client: Any) -> str:
+    v = client.connected_server_version
+    return f"{v.major}.{v.minor}.{v.patch}"
+
+
+# --- the two modes ---------------------------------------------------------------------------
+
+
+def _intent(n: int, kind: str, payload: dict[str, Any]) -> Intent:
+    now = datetime.now(UTC)
+    return Intent(
+        id=n, kind=kind, payload=payload, attempts=1, max_attempts=1, created_at=now, run_at=now
+    )
+
+
+async def sink_only(target: Target, sink: Sink, intents: int, concurrency: int) -> float:
+    """Seconds to push ``intents`` deliveries through ``sink`` from ``concurrency`` tasks."""
+    todo = iter(range(1, intents + 1))
+
+    async def worker() -> None:
+        for n in todo:
+            await sink.deliver(_intent(n, target.kind, target.payload))
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
+    return time.perf_counter() - started
+
+
+async def through_relay(
+    target: Target, sink: Sink, intents: int, concurrency: int, dsn: str
+) -> float:
+    """Seconds from the commit of ``intents`` rows to the last outcome recorded."""
+    schema = f"outbox_bench_{secrets.token_hex(4)}"
+    names = Names(schema, default_channel(schema))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, names)
+        settings = replace(
+            Settings(),
+            dsn=dsn,
+            schema=schema,
+            channel=names.channel,
+            concurrency=concurrency,
+            poll_interval=1.0,
+            max_attempts=1,  # a failure is dead, and then the count below is short
+        )
+        pool = await create_pool(dsn, max_size=5, application_name="bench.sinks")
+        try:
+            relay = Relay(
+                pool=pool,
+                dsn=dsn,
+                queries=load_queries(names),
+                settings=settings,
+                sinks={target.kind: sink},
+            )
+            async with anyio.create_task_group() as tg:
+                await tg.start(relay.run)
+                await _wait(lambda: relay.stats.listener_connected)
+                await conn.execute(
+                    f'INSERT INTO "{schema}".intent (kind, payload) '
+                    "SELECT $1, $2::jsonb FROM generate_series(1, $3)",
+                    target.kind,
+                    orjson.dumps(target.payload).decode(),
+                    intents,
+                )
+                started = time.perf_counter()
+                await _wait(
+                    lambda: (
+                        relay.stats.sent[target.kind] + relay.stats.dead[target.kind] >= intents
+                    ),
+                    interval=0.002,
+                )
+                elapsed = time.perf_counter() - started
+                relay.stop()
+            dead = relay.stats.dead[target.kind]
+            if dead:
+                raise RuntimeError(f"{target.kind}: {dead} intents dead during the bench")
+            return elapsed
+        finally:
+            await pool.close()
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+async def _wait(
+    predicate: Callable[[], bool], interval: float = 0.01, timeout: float = 600
+) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            if predicate():
+                return
+            await anyio.sleep(interval)
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    sink: str
+    mode: str
+    concurrency: int
+    rates: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "median": statistics.median(self.rates),
+            "min": min(self.rates),
+            "max": max(self.rates),
+        }
+
+
+async def measure(
+    target: Target, mode: str, concurrency: int, intents: int, runs: int, dsn: str
+) -> Row:
+    row = Row(target.kind, mode, concurrency)
+    for run in range(runs):
+        await target.reset()
+        # A fresh id prefix per run: JetStream would drop a repeated Nats-Msg-Id as a duplicate.
+        sink = target.make_sink(concurrency, f"{mode}{concurrency}-{run}-{secrets.token_hex(2)}-")
+        try:
+            if mode == "sink":
+                elapsed = await sink_only(target, sink, intents, concurrency)
+            else:
+                elapsed = await through_relay(target, sink, intents, concurrency, dsn)
+        finally:
+            await sink.aclose()
+        got = await target.received()
+        if got < intents:
+            raise RuntimeError(f"{target.kind} {mode}: the server holds {got} of {intents}")
+        row.rates.append(intents / elapsed)
+    return row
+
+
+def table(rows: list[Row], intents: int, runs: int, versions: list[str]) -> Table:
+    out = Table(
+        title=f"Sink throughput, intents/s: median of {runs} runs (min-max), {intents:,} each",
+        caption="; ".join(versions),
+    )
+    for column in ("sink", "mode", "concurrency", "intents/s", "min-max"):
+        out.add_column(column, justify="left" if column in ("sink", "mode") else "right")
+    for row in rows:
+        s = row.summary()
+        out.add_row(
+            row.sink,
+            "sink alone" if row.mode == "sink" else "through relay",
+            str(row.concurrency),
+            f"{s['median']:,.0f}",
+            f"{s['min']:,.0f}-{s['max']:,.0f}",
+        )
+    return out
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    console = Console()
+    rows: list[Row] = []
+    versions: list[str] = []
+    factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
+        "webhook": webhook_target,
+        "rabbitmq": lambda: rabbitmq_target(args.rabbitmq_url),
+        "nats": lambda: nats_target(args.nats_url),
+    }
+    for kind in args.sinks:
+        async with factories[kind]() as target:
+            versions.append(target.version)
+            for concurrency in args.concurrency:
+                for mode in args.modes:
+                    row = await measure(
+                        target, mode, concurrency, args.intents, args.runs, args.dsn
+                    )
+                    console.log(f"{kind} {mode} c={concurrency}: {row.summary()['median']:,.0f}/s")
+                    rows.append(row)
+    console.print(table(rows, args.intents, args.runs, versions))
+    if args.json:
+        document = {
+            "intents": args.intents,
+            "runs": args.runs,
+            "versions": versions,
+            "rows": [{**vars(r), **r.summary()} for r in rows],
+        }
+        await anyio.Path(args.json).write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    return rows
+
+
+def _csv(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [convert(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sinks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--sinks", type=_csv(str), default=list(SINKS), help="webhook,rabbitmq,nats"
+    )
+    parser.add_argument("--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay")
+    parser.add_argument("--concurrency", type=_csv(int), default=[8, 32], help="e.g. 8,32")
+    parser.add_argument("--intents", type=int, default=5000, help="per run")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL", LOCAL_DSN))
+    parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--serve-webhook", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = set(args.sinks) - set(SINKS) or set(args.modes) - {"sink", "relay"}
+    if unknown:
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_webhook:
+        asyncio.run(_serve_webhook())
+        return 0
+    anyio.run(run, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
