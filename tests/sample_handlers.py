@@ -1,6 +1,12 @@
-"""Handlers for tests that run the worker as a subprocess (`--handlers tests.sample_handlers:handlers`)."""
+"""Handlers for tests that run the worker as a subprocess.
+
+Use with `--handlers tests.sample_handlers:handlers`.
+"""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import anyio
 
@@ -23,3 +29,15 @@ async def slow(intent: Intent) -> None:
 @handlers.register("reject")
 async def reject(intent: Intent) -> None:
     raise PermanentError(f"rejected intent {intent.id}")
+
+
+@handlers.register("boom")
+async def boom(intent: Intent) -> None:
+    """A handler with a bug: raises on every attempt (an unknown exception is transient)."""
+    raise RuntimeError(f"handler bug on intent {intent.id}")
+
+
+@handlers.register("crash")
+async def crash(_intent: Intent) -> None:
+    """Poison that takes its worker down: the process dies at once, as by the OOM killer."""
+    os.kill(os.getpid(), signal.SIGKILL)

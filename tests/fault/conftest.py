@@ -1,0 +1,52 @@
+"""Fixtures for the fault-injection suite: a scriptable SMTP server, worker subprocesses,
+and the intent table as the ledger to check them against."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.fault.ledger import Outbox
+from tests.fault.workers import WorkerProcess, run_args
+from tests.smtp_server import SmtpTestServer
+
+Spawn = Callable[..., Awaitable[WorkerProcess]]
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpTestServer]:
+    async with SmtpTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def outbox(db: asyncpg.Connection, schema: str) -> Outbox:
+    return Outbox(db, schema)
+
+
+@pytest.fixture
+async def spawn(pg_dsn: str, schema: str, db: asyncpg.Connection) -> AsyncIterator[Spawn]:
+    """Start `outbox-worker run` subprocesses on this test's schema; all are killed at the end.
+
+    ``await spawn(smtp_url=..., concurrency=..., extra=[...], dsn=...)``; keyword arguments
+    go to ``run_args``. ``args=[...]`` replaces the argument list entirely.
+    """
+    started: list[WorkerProcess] = []
+
+    async def start(
+        *, args: Sequence[str] | None = None, env: dict[str, str] | None = None, **kw: Any
+    ) -> WorkerProcess:
+        kw.setdefault("dsn", pg_dsn)
+        kw.setdefault("schema", schema)
+        proc = WorkerProcess(args if args is not None else run_args(**kw), env=env)
+        started.append(proc)
+        return await proc.start()
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            await proc.aclose()

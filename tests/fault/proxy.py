@@ -1,0 +1,152 @@
+"""A TCP proxy on 127.0.0.1 that a test can freeze, cut or make refuse connections.
+
+Put it between a worker (subprocess) and PostgreSQL or SMTP::
+
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        dsn = proxy.rewrite(pg_dsn)      # same DSN, host:port of the proxy
+        proxy.freeze()                   # half-open: sockets stay open, no byte moves
+        proxy.heal()                     # bytes held back flow again, as after TCP retransmits
+        proxy.cut()                      # every connection reset (RST) at once
+        proxy.refuse = True              # new connections are accepted, then reset
+
+A frozen proxy also accepts new connections without connecting them upstream: to the
+client that looks like a server that never answers, the usual face of a partition.
+Runs on the test's own asyncio event loop, like tests/smtp_server.py; every connection
+task is owned by the proxy and cancelled by ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from urllib.parse import urlsplit, urlunsplit
+
+_CHUNK = 65536
+
+
+class TcpProxy:
+    host = "127.0.0.1"
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.refuse = False
+        self.accepted = 0  # connections accepted, refused ones included
+        self.refused = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    # -- faults ---------------------------------------------------------------------------
+
+    @property
+    def frozen(self) -> bool:
+        return not self._flowing.is_set()
+
+    def freeze(self) -> None:
+        """Stop moving bytes in both directions; keep every socket open."""
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        self._flowing.set()
+
+    def cut(self) -> None:
+        """Reset every open connection (both sides see the connection die)."""
+        for writer in list(self._writers):
+            _abort(writer)
+
+    @property
+    def open_connections(self) -> int:
+        """Client-side connections currently open (each has an upstream twin once connected)."""
+        return len(self._tasks)
+
+    def rewrite(self, url: str) -> str:
+        """``url`` with its host:port replaced by the proxy's (user, password, path kept)."""
+        parts = urlsplit(url)
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}@" if userinfo else ""
+        return urlunsplit(parts._replace(netloc=f"{netloc}{self.host}:{self.port}"))
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.cut()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> TcpProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio runs this callback as its own task; register it so stop() can cancel it.
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.accepted += 1
+        try:
+            if self.refuse:
+                self.refused += 1
+                _abort(writer)
+                return
+            self._writers.add(writer)
+            await self._flowing.wait()  # a partition swallows the SYN: nothing answers
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
+            except OSError:
+                _abort(writer)
+                return
+            self._writers.add(up_writer)
+            try:
+                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            finally:
+                _abort(up_writer)
+                self._writers.discard(up_writer)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            _abort(writer)
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(_CHUNK):
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        # One side is gone: take the other down too, as a router forgetting the flow would.
+        _abort(writer)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close with RST rather than FIN, so the peer sees a reset like a dead link."""
+    transport = writer.transport
+    if transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
