@@ -360,12 +360,11 @@ class Relay:
                     self.settings.lease,
                 )
                 continue
-            renewed = {r["id"] for r in rows}
-            # Still delivering and not renewed: another worker has taken the row over.
+            # Still delivering and no longer ours: another worker has taken the row over.
             lost = [
-                i
-                for i in ids
-                if i not in renewed and i in self.in_flight and i not in self._submitted
+                r["id"]
+                for r in rows
+                if not r["renewed"] and r["id"] in self.in_flight and r["id"] not in self._submitted
             ]
             if lost:
                 self.stats.on_lease_lost(len(lost))

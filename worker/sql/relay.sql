@@ -45,12 +45,23 @@ WHERE i.id = o.id AND i.locked_by = $1 AND i.status = 'processing'
 RETURNING i.id
 
 -- name: heartbeat
--- Extend the leases of the rows this worker is delivering; ids missing from the result
--- were lost.
-UPDATE {{schema}}.intent
-SET locked_until = now() + make_interval(secs => $3)
-WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND status = 'processing'
-RETURNING id
+-- Extend the leases of the rows this worker is delivering. A row locked right now (by this
+-- worker's outcome write, which locks its batch in completion order) is skipped, not waited
+-- for: waiting deadlocked with the writer. Each id comes back with renewed = true, or false
+-- if the row is no longer ours (lost); a skipped id is absent and judged at the next beat.
+WITH renewed AS (
+    UPDATE {{schema}}.intent
+    SET locked_until = now() + make_interval(secs => $3)
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM {{schema}}.intent
+        WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND status = 'processing'
+        FOR UPDATE SKIP LOCKED))
+    RETURNING id
+)
+SELECT id, true AS renewed FROM renewed
+UNION ALL
+SELECT id, false FROM {{schema}}.intent
+WHERE id = ANY($2::bigint[]) AND (locked_by IS DISTINCT FROM $1 OR status <> 'processing')
 
 -- name: rescue_expired
 -- Rows whose lease ran out: their worker crashed, hung or lost the database. The claim
