@@ -1,5 +1,5 @@
 """``python -m bench.sinks``: throughput of the webhook, rabbitmq and nats sinks against the
-local servers, alone and through the relay.
+local servers, alone and through the relay (and of a no-op sink, as the relay's baseline).
 
     python -m bench.sinks                            # every sink, 5,000 intents, 3 runs
     python -m bench.sinks --sinks nats --intents 20000 --concurrency 8,64
@@ -48,7 +48,7 @@ from worker.sinks.base import Sink
 from worker.sqlfiles import Names, load_queries
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-SINKS = ("webhook", "rabbitmq", "nats")
+SINKS = ("noop", "webhook", "rabbitmq", "nats")
 
 
 # --- the webhook receiver (child process) -----------------------------------------------------
@@ -230,6 +230,27 @@ def _version(client: Any) -> str:
     return f"{v.major}.{v.minor}.{v.patch}"
 
 
+@contextlib.asynccontextmanager
+async def noop_target() -> AsyncIterator[Target]:
+    """A sink that does nothing: what the relay itself costs, as a baseline."""
+    from worker.sinks.handlers import HandlerSink
+
+    delivered = 0
+
+    async def noop(intent: Intent) -> None:
+        nonlocal delivered
+        delivered += 1
+
+    async def received() -> int:
+        return delivered
+
+    async def reset() -> None:
+        nonlocal delivered
+        delivered = 0
+
+    yield Target("noop", {}, lambda c, prefix: HandlerSink(noop), received, reset, "")
+
+
 # --- the two modes ---------------------------------------------------------------------------
 
 
@@ -386,13 +407,15 @@ async def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     versions: list[str] = []
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
+        "noop": noop_target,
         "webhook": webhook_target,
         "rabbitmq": lambda: rabbitmq_target(args.rabbitmq_url),
         "nats": lambda: nats_target(args.nats_url),
     }
     for kind in args.sinks:
         async with factories[kind]() as target:
-            versions.append(target.version)
+            if target.version:
+                versions.append(target.version)
             for concurrency in args.concurrency:
                 for mode in args.modes:
                     row = await measure(
@@ -421,7 +444,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.sinks", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--sinks", type=_csv(str), default=list(SINKS), help="webhook,rabbitmq,nats"
+        "--sinks", type=_csv(str), default=list(SINKS), help="noop,webhook,rabbitmq,nats"
     )
     parser.add_argument("--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay")
     parser.add_argument("--concurrency", type=_csv(int), default=[8, 32], help="e.g. 8,32")
