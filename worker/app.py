@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Mapping
+from functools import partial
 
 import anyio
 
+from worker.dashboard import run_dashboard
 from worker.db import connect, create_pool
 from worker.errors import ConfigError
+from worker.health import HealthMonitor
 from worker.migrate import migrate, schema_exists
 from worker.relay import Relay
 from worker.settings import Settings
@@ -17,6 +20,8 @@ from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.sqlfiles import Names, load_queries
 from worker.stats import Stats
+from worker.summary import INTERVAL as SUMMARY_INTERVAL
+from worker.summary import log_summaries
 
 log = logging.getLogger("outbox")
 
@@ -61,16 +66,19 @@ async def run_worker(
     *,
     stats: Stats | None = None,
     relay_holder: list[Relay] | None = None,
+    dashboard: bool = False,
+    title: str | None = None,
 ) -> None:
     names = Names(settings.schema, settings.channel)
     sinks = build_sinks(settings)
     await prepare_schema(dsn, settings, names)
     pool = await create_pool(dsn, max_size=5, application_name="outbox-worker")
     try:
+        queries = load_queries(names)
         relay = Relay(
             pool=pool,
             dsn=dsn,
-            queries=load_queries(names),
+            queries=queries,
             settings=settings,
             sinks=sinks,
             stats=stats,
@@ -79,6 +87,13 @@ async def run_worker(
             relay_holder.append(relay)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signals, relay)
+            health = HealthMonitor(pool, queries, settings.schema, relay.stats)
+            if dashboard:
+                tg.start_soon(health.run)
+                tg.start_soon(partial(run_dashboard, relay, title=title))
+            else:  # no terminal: the same numbers as a log line now and then
+                tg.start_soon(health.run, SUMMARY_INTERVAL)
+                tg.start_soon(log_summaries, relay)
             await relay.run()
             tg.cancel_scope.cancel()
     finally:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ from worker.migrate import migrate
 from worker.settings import Settings, default_channel
 from worker.sqlfiles import Names, migration_sql
 
-COMMANDS = ("run", "migrate", "schema", "status", "retry-dead", "enqueue")
+COMMANDS = ("run", "migrate", "schema", "status", "retry-dead", "enqueue", "demo")
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 
@@ -258,6 +259,46 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_dashboard_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dashboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="live terminal dashboard instead of log lines [default: on when stdout is a "
+        "terminal]",
+    )
+
+
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="see the relay at work: embedded PostgreSQL, in-process SMTP, sample intents",
+    )
+    demo.add_argument(
+        "--dsn", help="use this PostgreSQL instead of an embedded one (schema outbox_demo)"
+    )
+    demo.add_argument(
+        "--schema", help="schema to use (emptied at start; must start with outbox_demo)"
+    )
+    demo.add_argument("--concurrency", type=_positive_int, default=8, help="delivery slots")
+    demo.add_argument(
+        "--rate", type=_positive_float, default=20.0, help="sample intents per second, on average"
+    )
+    demo.add_argument("--duration", type=_positive_float, help="stop after this many seconds")
+    demo.add_argument(
+        "--log-format", choices=("text", "json"), help="log lines as text or JSON (no dashboard)"
+    )
+    demo.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    demo.set_defaults(channel=None)  # always the schema's default channel
+    _add_dashboard_flag(demo)
+
+
+def _want_dashboard(args: argparse.Namespace) -> bool:
+    if args.dashboard is not None:
+        return bool(args.dashboard)
+    return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox-worker",
@@ -290,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=opt.field.upper(),
                 help=f"{opt.help} {env_help}",
             )
+    _add_dashboard_flag(run)
+    _add_demo(sub)
     _add_common(sub.add_parser("migrate", help="create or update the schema (idempotent)"))
     schema = sub.add_parser("schema", help="print the schema SQL for your own migration tool")
     schema.add_argument("--schema")
@@ -384,6 +427,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     logs.register_secret_url(settings.rabbitmq_url)
     for nats_server in (settings.nats_url or "").split(","):
         logs.register_secret_url(nats_server.strip())
+    if args.command == "demo":
+        return _demo(args)
     with database(settings.dsn) as dsn:
         if args.command == "run":
             from dataclasses import replace
@@ -392,7 +437,7 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
             # An embedded database is ours: always bring its schema up to date.
             run_settings = settings if settings.dsn else replace(settings, migrate=True)
-            anyio.run(run_worker, run_settings, dsn)
+            anyio.run(partial(run_worker, run_settings, dsn, dashboard=_want_dashboard(args)))
         elif args.command == "migrate":
             anyio.run(_with_conn, dsn, lambda conn: migrate(conn, names))
         elif args.command == "status":
@@ -427,6 +472,29 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 ),
             )
             print(new_id)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.demo import DEMO_SCHEMA, DemoOptions, check_schema, run_demo
+
+    # Only an explicit --dsn: DATABASE_URL names the user's real database.
+    logs.register_secret_url(args.dsn)
+    options = DemoOptions(
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration=args.duration,
+        dashboard=_want_dashboard(args),
+        schema=check_schema(args.schema or DEMO_SCHEMA),
+    )
+    with database(args.dsn) as dsn:
+        result = anyio.run(run_demo, dsn, options)
+    where = f" --schema {options.schema}" + (" --dsn ..." if args.dsn else "")
+    print(
+        f"demo: {result.enqueued} intents committed; the in-process SMTP server caught "
+        f"{result.caught} mails and refused {result.refused} on purpose.\n"
+        f"Look at what is left: outbox-worker status{where}"
+    )
     return 0
 
 

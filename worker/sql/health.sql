@@ -1,0 +1,49 @@
+-- The dashboard's view of the database, read at most once a second on a pool connection.
+-- Cheap by construction: every count walks one of the partial indexes and stops at $1
+-- (the dashboard shows "$1+"), the oldest due intent is one probe of the pending index,
+-- and the rest comes from the statistics views. Never a scan of the intent table.
+
+-- name: db_health
+-- $1: count cap; $2: the schema name (a value here, to look the table up in the catalog).
+SELECT
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
+                           WHERE status = 'pending' AND run_at <= now() LIMIT $1) AS d)
+        AS pending_due,
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
+                           WHERE status = 'pending' AND run_at > now() LIMIT $1) AS l)
+        AS pending_later,
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
+                           WHERE status = 'processing' LIMIT $1) AS p)
+        AS processing,
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
+                           WHERE status = 'dead' LIMIT $1) AS x)
+        AS dead,
+    -- The pending index is ordered by run_at: its first entry is the longest-waiting one,
+    -- and if that one is not due yet, nothing is.
+    (SELECT extract(epoch FROM now() - min(run_at))::float8 FROM {{schema}}.intent
+     WHERE status = 'pending') AS oldest_pending_run_at_age,
+    pg_notification_queue_usage() AS notify_queue_usage,
+    (SELECT count(*) FROM {{schema}}.idle_worker) AS idle_workers,
+    t.n_live_tup AS live_tuples,
+    t.n_dead_tup AS dead_tuples,
+    extract(epoch FROM now() - greatest(t.last_autovacuum, t.last_vacuum))::float8
+        AS last_vacuum_age,
+    pg_table_size(t.relid) AS table_bytes,
+    x.age AS oldest_xact_age,
+    x.pid AS oldest_xact_pid,
+    x.application_name AS oldest_xact_application
+FROM (SELECT 1) AS one
+LEFT JOIN pg_stat_user_tables AS t ON t.schemaname = $2 AND t.relname = 'intent'
+-- The oldest transaction in this database that holds back the xmin horizon (by a snapshot or
+-- a transaction id): VACUUM cannot remove rows it might still see. Vacuums themselves don't.
+LEFT JOIN LATERAL (
+    SELECT greatest(0, extract(epoch FROM now() - a.xact_start))::float8 AS age, a.pid, a.application_name
+    FROM pg_stat_activity AS a
+    WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+      AND a.pid <> pg_backend_pid()
+      AND a.datname = current_database()
+      AND a.backend_type <> 'autovacuum worker'
+      AND a.xact_start IS NOT NULL
+    ORDER BY a.xact_start
+    LIMIT 1
+) AS x ON true
