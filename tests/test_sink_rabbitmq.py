@@ -177,6 +177,29 @@ async def test_unroutable_is_transient_unless_not_mandatory(amqp_url: str, broke
     assert [m.body for m in await broker.messages()] == [b'{"n":1}']
 
 
+async def test_a_nack_is_transient(amqp_url: str, broker: Broker) -> None:
+    # A queue that holds one message and rejects publishes beyond: the broker nacks them.
+    channel = await broker.connection.channel()
+    full = await channel.declare_queue(
+        f"{broker.exchange}_full",
+        auto_delete=True,
+        arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+    )
+    await full.bind(broker.exchange, "full.#")
+    sink = RabbitMQSink(amqp_url, timeout=10)
+    payload = {"exchange": broker.exchange, "routing_key": "full.x", "body": 1}
+    try:
+        await sink.deliver(_intent(payload, n=1))
+        with pytest.raises(TransientError, match="RabbitMQ nacked the message"):
+            await sink.deliver(_intent(payload, n=2))
+        await full.purge()
+        await sink.deliver(_intent(payload, n=2))  # the retry, once there is room
+    finally:
+        await sink.aclose()
+        await full.delete(if_unused=False, if_empty=False)
+        await channel.close()
+
+
 async def test_relay_publishes_confirmed_persistent_messages(
     db, names: Names, start_relay, amqp_url: str, broker: Broker
 ) -> None:
