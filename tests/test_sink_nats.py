@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import nats
 import orjson
 import pytest
@@ -262,3 +263,32 @@ async def _failed_at_least_once(db, names: Names, n: int) -> bool:
         f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
     )
     return bool(failed >= n)
+
+
+async def test_waiting_deliveries_share_a_failed_connect() -> None:
+    nats_sink = NatsSink(f"nats://127.0.0.1:{free_port()}", timeout=0.5)
+    connects = 0
+    connect = nats_sink._connect
+
+    async def counting_connect() -> Any:
+        nonlocal connects
+        connects += 1
+        return await connect()
+
+    nats_sink._connect = counting_connect  # type: ignore[method-assign]
+    failures: list[TransientError] = []
+
+    async def deliver(n: int) -> None:
+        try:
+            await nats_sink.deliver(_intent({"subject": "a.b"}, n=n))
+        except TransientError as exc:
+            failures.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for n in range(6):
+                tg.start_soon(deliver, n)
+    finally:
+        await nats_sink.aclose()
+    assert len(failures) == 6 and connects == 1
+    assert all("cannot connect" in str(f) for f in failures)

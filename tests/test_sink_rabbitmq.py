@@ -22,7 +22,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from tests.conftest import count_by_status, wait_until
-from tests.tcp_proxy import tcp_proxy
+from tests.tcp_proxy import free_port, tcp_proxy
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -337,3 +337,32 @@ async def _failed_at_least_once(db, names: Names, n: int) -> bool:
         f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
     )
     return bool(failed >= n)
+
+
+async def test_waiting_deliveries_share_a_failed_connect() -> None:
+    sink = RabbitMQSink(f"amqp://guest:guest@127.0.0.1:{free_port()}/", timeout=5)
+    connects = 0
+    connect = sink._connect
+
+    async def counting_connect() -> Any:
+        nonlocal connects
+        connects += 1
+        return await connect()
+
+    sink._connect = counting_connect  # type: ignore[method-assign]
+    failures: list[TransientError] = []
+
+    async def deliver(n: int) -> None:
+        try:
+            await sink.deliver(_intent({"routing_key": "x"}, n=n))
+        except TransientError as exc:
+            failures.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for n in range(6):
+                tg.start_soon(deliver, n)
+    finally:
+        await sink.aclose()
+    assert len(failures) == 6 and connects == 1
+    assert all("cannot connect" in str(f) for f in failures)

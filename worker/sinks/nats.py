@@ -145,6 +145,7 @@ class NatsSink:
         self._client: Client | None = None
         self._js: JetStreamContext | None = None
         self._lock = anyio.Lock()
+        self._connect_failure: tuple[float, TransientError] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -196,11 +197,21 @@ class NatsSink:
         client, js = self._client, self._js
         if client is not None and js is not None and not client.is_closed:
             return js
-        async with self._lock:
+        waiting_since = anyio.current_time()
+        async with self._lock:  # one task connects, the others wait for it
             if self._closed:
                 raise TransientError("nats sink is closed")
             if self._client is None or self._client.is_closed or self._js is None:
-                self._client = await self._connect()
+                failure = self._connect_failure
+                if failure is not None and failure[0] >= waiting_since:
+                    # It failed while we waited: share the verdict rather than spend
+                    # another connect timeout each, one after the other.
+                    raise TransientError(str(failure[1])) from None
+                try:
+                    self._client = await self._connect()
+                except TransientError as exc:
+                    self._connect_failure = (anyio.current_time(), exc)
+                    raise
                 self._js = self._client.jetstream(timeout=self._timeout)
             return self._js
 

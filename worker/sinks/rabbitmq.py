@@ -138,6 +138,7 @@ class RabbitMQSink:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lock = anyio.Lock()
+        self._connect_failure: tuple[float, TransientError] | None = None
         self._known_exchanges: set[str] = {""}  # the default exchange always exists
         self._closed = False
 
@@ -188,12 +189,22 @@ class RabbitMQSink:
         connection, channel = self._connection, self._channel
         if connection and channel and not channel.is_closed and _alive(connection):
             return connection, channel
+        waiting_since = anyio.current_time()
         async with self._lock:  # one task reconnects, the others wait for it
             if self._closed:
                 raise TransientError("rabbitmq sink is closed")
             if self._connection is None or not _alive(self._connection):
+                failure = self._connect_failure
+                if failure is not None and failure[0] >= waiting_since:
+                    # It failed while we waited: share the verdict rather than spend
+                    # another connect timeout each, one after the other.
+                    raise TransientError(str(failure[1])) from None
                 await self._close_connection()
-                self._connection = await self._connect()
+                try:
+                    self._connection = await self._connect()
+                except TransientError as exc:
+                    self._connect_failure = (anyio.current_time(), exc)
+                    raise
             if self._channel is None or self._channel.is_closed or self._channel is channel:
                 self._channel = await self._connection.channel(
                     publisher_confirms=True, on_return_raises=True
