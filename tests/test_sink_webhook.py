@@ -65,6 +65,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: str = "ok"
     delay: float = 0.0
+    drop: bool = False  # close the connection without an answer
 
 
 class Receiver:
@@ -93,6 +94,8 @@ class Receiver:
             )
         )
         reply = self.script.popleft() if self.script else Reply()
+        if reply.drop and request.transport is not None:
+            request.transport.close()
         if reply.delay:
             await anyio.sleep(reply.delay)  # a slow receiver, not synchronisation
         return web.Response(status=reply.status, headers=reply.headers, text=reply.body)
@@ -282,6 +285,17 @@ async def test_slow_receiver_times_out_as_transient(receiver: Receiver) -> None:
             await webhook.deliver(_intent({"url": receiver.url}))
     finally:
         await webhook.aclose()
+
+
+async def test_connection_dropped_without_an_answer_is_transient(
+    receiver: Receiver, sink: WebhookSink
+) -> None:
+    receiver.script.append(Reply(drop=True))
+    with pytest.raises(TransientError, match="ServerDisconnectedError") as e:
+        await sink.deliver(_intent({"url": f"{receiver.url}/hook/tok-3141"}))
+    assert "tok-3141" not in str(e.value)
+    await sink.deliver(_intent({"url": f"{receiver.url}/hook/tok-3141"}))  # the retry
+    assert len(receiver.requests) == 2
 
 
 async def test_unreachable_host_is_transient(sink: WebhookSink) -> None:

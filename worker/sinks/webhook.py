@@ -298,7 +298,8 @@ class WebhookSink:
         except aiohttp.ClientConnectorError as exc:
             raise TransientError(f"{where}: cannot connect ({exc.os_error})") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransientError(f"{where}: {type(exc).__name__}: {exc}") from None
+            text = str(exc).replace(str(request.url), request.target)  # no path, no token
+            raise TransientError(f"{where}: {type(exc).__name__}: {text}") from None
 
     def _raise_for(self, where: str, status: int, headers: Mapping[str, Any], text: str) -> None:
         reason = f"{where}: HTTP {status}"
