@@ -212,7 +212,7 @@ async def nats_target(url: str) -> AsyncIterator[Target]:
             lambda c, prefix: NatsSink(url, id_prefix=prefix),
             received,
             reset,
-            f"nats-py {metadata.version('nats-py')}, nats-server {client.connected_server_version}",
+            f"nats-py {metadata.version('nats-py')}, nats-server {_version(client)}",
         )
     finally:
         await js.delete_stream(name)
