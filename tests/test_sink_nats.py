@@ -292,3 +292,25 @@ async def test_waiting_deliveries_share_a_failed_connect() -> None:
         await nats_sink.aclose()
     assert len(failures) == 6 and connects == 1
     assert all("cannot connect" in str(f) for f in failures)
+
+
+@pytest.mark.slow
+async def test_flapping_connection_loses_nothing_and_stores_each_once(
+    db, names: Names, start_relay, nats_url: str, stream: Stream
+) -> None:
+    parts = urlsplit(nats_url)
+    async with tcp_proxy(parts.port or 4222) as proxy:
+        nats_sink = NatsSink(f"nats://127.0.0.1:{proxy.port}", timeout=1, reconnect_wait=0.1)
+        try:
+            async with start_relay({"nats": nats_sink}, backoff_base=0.05, backoff_max=0.5):
+                async with db.transaction():
+                    for n in range(2000):
+                        await enqueue(db, "nats", _event(stream, n), schema=names.schema)
+                with anyio.fail_after(120):
+                    while not await _statuses(db, names, {"sent": 2000}):
+                        proxy.cut()  # fault injection every 0.3 s, not synchronisation
+                        await anyio.sleep(0.3)
+        finally:
+            await nats_sink.aclose()
+    assert proxy.connections > 3  # it did reconnect, repeatedly
+    assert await stream.count() == 2000

@@ -366,3 +366,30 @@ async def test_waiting_deliveries_share_a_failed_connect() -> None:
         await sink.aclose()
     assert len(failures) == 6 and connects == 1
     assert all("cannot connect" in str(f) for f in failures)
+
+
+@pytest.mark.slow
+async def test_flapping_connection_loses_nothing(
+    db, names: Names, start_relay, amqp_url: str, broker: Broker
+) -> None:
+    parts = urlsplit(amqp_url)
+    collected = Collected(broker)
+    async with tcp_proxy(parts.port or 5672) as proxy:
+        sink = RabbitMQSink(
+            f"amqp://{parts.username}:{parts.password}@127.0.0.1:{proxy.port}/", timeout=2
+        )
+        try:
+            async with start_relay({"rabbitmq": sink}, backoff_base=0.05, backoff_max=0.5):
+                async with db.transaction():
+                    for n in range(2000):
+                        await enqueue(db, "rabbitmq", _order(broker, n), schema=names.schema)
+                with anyio.fail_after(120):
+                    while not await _statuses(db, names, {"sent": 2000}):
+                        proxy.cut()  # fault injection every 0.3 s, not synchronisation
+                        await anyio.sleep(0.3)
+        finally:
+            await sink.aclose()
+    assert proxy.connections > 3
+    await collected.drain()
+    ids = await db.fetch(f'SELECT id FROM "{names.schema}".intent')
+    assert set(collected.ids()) == {str(r["id"]) for r in ids}  # duplicates allowed, no loss
