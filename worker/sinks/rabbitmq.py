@@ -213,13 +213,15 @@ class RabbitMQSink:
 
     async def _connect(self) -> AbstractConnection:
         try:
-            return await aio_pika.connect(
+            connection = await aio_pika.connect(
                 self._url, timeout=self._timeout, client_properties={"connection_name": self._name}
             )
         except Exception as exc:
             raise TransientError(
                 f"RabbitMQ {self._where}: cannot connect: {self._reason(exc)}"
             ) from None
+        log.info("connected to RabbitMQ %s", self._where)
+        return connection
 
     async def _check_exchange(self, connection: AbstractConnection, name: str) -> None:
         """Passive declare on a channel of its own (a 404 closes the channel it happens on)."""
