@@ -7,8 +7,8 @@ Configured as one string, ``KIND:key=value,...`` entries separated by ``;``::
 
 Limits are per worker process: with three processes, ``rate=10/s`` allows 30/s in total.
 A delivery waiting for its turn holds its relay slot (and keeps its lease alive through the
-heartbeat), so a slow limit on a busy kind also slows the other kinds: give such a kind its
-own worker process, or keep ``--concurrency`` well above the kind's limit.
+heartbeat), so a slow limit on a kind with a large backlog also slows the other kinds: keep
+``--concurrency`` well above the kind's limit. (The claim does not know about limits yet.)
 """
 
 from __future__ import annotations
