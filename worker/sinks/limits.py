@@ -6,9 +6,9 @@ Configured as one string, ``KIND:key=value,...`` entries separated by ``;``::
     email:rate=10/s;webhook:concurrency=4,rate=50/min,timeout=10
 
 Limits are per worker process: with three processes, ``rate=10/s`` allows 30/s in total.
-A delivery waiting for its turn holds its relay slot (and keeps its lease alive through the
-heartbeat), so a slow limit on a kind with a large backlog also slows the other kinds: keep
-``--concurrency`` well above the kind's limit. (The claim does not know about limits yet.)
+A delivery waiting for its turn holds its relay slot (its lease kept alive by the heartbeat)
+and the claim takes intents by due time whatever their kind, so a backlog of a tightly
+limited kind holds up the intents behind it: the claim does not know about limits (yet).
 """
 
 from __future__ import annotations
