@@ -3,13 +3,14 @@ and the intent table as the ledger to check them against."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 import pytest
 
 from tests.fault.ledger import Outbox
+from tests.fault.pgcluster import Cluster, throwaway_cluster
 from tests.fault.workers import WorkerProcess, run_args
 from tests.smtp_server import SmtpTestServer
 
@@ -50,3 +51,11 @@ async def spawn(pg_dsn: str, schema: str, db: asyncpg.Connection) -> AsyncIterat
     finally:
         for proc in started:
             await proc.aclose()
+
+
+@pytest.fixture(scope="session")
+def own_pg() -> Iterator[Cluster]:
+    """A PostgreSQL cluster of the suite's own, for tests that restart or crash the server
+    (the shared one is never touched). Password authentication over TCP."""
+    with throwaway_cluster() as cluster:
+        yield cluster
