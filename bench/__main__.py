@@ -3,6 +3,7 @@
     python -m bench                      # every scenario, full size, 3 runs each
     python -m bench drain latency        # some of them
     python -m bench --size tiny --runs 1 # a quick check that everything works
+    python -m bench sinks                # also the broker/webhook sinks (python -m bench.sinks)
 
 Against --dsn, else DATABASE_URL, else the local server at 127.0.0.1:5432, else an embedded
 PostgreSQL. Writes RESULTS/results.json (raw per-run figures), RESULTS/latency-cdf.png and
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS and s != "sinks"]
     if unknown:
         parser.error(
             f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
@@ -101,10 +102,25 @@ async def run_scenarios(ctx: Context, names: list[str]) -> list[tuple[str, list[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = args.scenarios or list(SCENARIOS)
+    names = [s for s in args.scenarios if s != "sinks"] or (
+        [] if args.scenarios else list(SCENARIOS)
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "sinks" in args.scenarios:
+        # The broker and webhook sinks have their own runner (it needs RabbitMQ and NATS),
+        # so they run only when asked for.
+        from bench import sinks
+
+        sink_args = ["--runs", str(args.runs)] + (
+            ["--intents", "200"] if args.size == "tiny" else []
+        )
+        if args.dsn:
+            sink_args += ["--dsn", args.dsn]
+        sinks.main([*sink_args, "--json", str(args.out / "sinks.json")])
+        if not names:
+            return 0
     console = Console(width=None if sys.stdout.isatty() else 150)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with resolve_dsn(args.dsn) as dsn:
         ctx = Context(

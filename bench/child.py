@@ -130,11 +130,10 @@ class RelayWorker:
         from worker.app import build_sinks
 
         pooled = build_sinks(self.settings)["email"]
-        return (
-            pooled
-            if which == "email"
-            else NaiveEmailSink(self.cfg["smtp_host"], self.cfg["smtp_port"])
-        )
+        cfg = self.cfg
+        if which == "email":
+            return pooled
+        return NaiveEmailSink(cfg["smtp_host"], cfg["smtp_port"], cfg.get("smtp_cafile"))
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -182,8 +181,12 @@ def _timed(sink: Any, rec: Recorder) -> Any:
 class NaiveEmailSink:
     """The baseline: one new SMTP connection per email (``aiosmtplib.send`` each time)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, cafile: str | None) -> None:
+        import ssl
+
         self.host, self.port = host, port
+        # Like the EmailSink's starttls mode: TLS required and verified, when the sink has it.
+        self.tls = ssl.create_default_context(cafile=cafile) if cafile else None
 
     async def deliver(self, intent: Any) -> None:
         import aiosmtplib
@@ -197,7 +200,8 @@ class NaiveEmailSink:
             port=self.port,
             sender=sender,
             recipients=recipients,
-            start_tls=False,
+            start_tls=self.tls is not None,
+            tls_context=self.tls,
         )
 
     async def aclose(self) -> None:

@@ -179,14 +179,18 @@ def targets(rows: Sequence[Row]) -> list[Target]:
         )
     email = _find(rows, "email", lambda r: r.params.get("sink") == "email")
     if email:
-        top = max(email, key=lambda r: r.params["concurrency"])
-        ratio = top.median("vs_naive")
+        top_c = max(r.params["concurrency"] for r in email)
+        tops = [r for r in email if r.params["concurrency"] == top_c]
         out.append(
             Target(
-                f"email at concurrency {top.params['concurrency']}",
+                f"email at concurrency {top_c}",
                 "≥ 5× the naive loop (at concurrency 32)",
-                f"{top.median('intents_per_s'):,.0f}/s = {ratio:.1f}× naive",
-                ratio >= 5,
+                "; ".join(
+                    f"{'STARTTLS' if r.params.get('starttls') else 'plain'} "
+                    f"{r.median('intents_per_s'):,.0f}/s = {r.median('vs_naive'):.1f}× naive"
+                    for r in tops
+                ),
+                all(r.median("vs_naive") >= 5 for r in tops),
             )
         )
     cost = _find(rows, "producer-cost", lambda r: r.params.get("variant") == "main")
@@ -252,6 +256,9 @@ def write_json(
     )
 
 
+_PLOT_MIN_MS = 0.1
+
+
 def plot_cdfs(path: Path, rows: Sequence[Row], subtitle: str) -> bool:
     """CDF of commit -> handler start, one panel per question. False if matplotlib is absent."""
     try:
@@ -273,10 +280,13 @@ def plot_cdfs(path: Path, rows: Sequence[Row], subtitle: str) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
     for ax, (title, panel_rows) in zip(axes[0], panels, strict=True):
         for row in panel_rows:
-            values = sorted(max(v, 1e-3) for v in row.samples_ms)
+            # A handler can start a hair before the producer has seen its COMMIT return
+            # (the row is visible first); such values sit at the left edge.
+            values = sorted(max(v, _PLOT_MIN_MS) for v in row.samples_ms)
             fractions = [(i + 1) / len(values) for i in range(len(values))]
             ax.step(values, fractions, where="post", label=row.label)
         ax.set_xscale("log")
+        ax.set_xlim(left=_PLOT_MIN_MS)
         ax.set_xlabel("commit → handler start (ms, log scale)")
         ax.set_ylabel("fraction of intents")
         ax.set_ylim(0, 1.01)

@@ -10,6 +10,9 @@ from bench.systems import RelaySystem
 TITLE = "End-to-end latency, steady load (producer commit -> handler start)"
 METRICS = ("achieved_per_s", "p50_ms", "p95_ms", "p99_ms", "max_ms")
 POLL_INTERVAL = 2.0  # the relay's default
+# A claim takes at most as many rows as there are idle slots: the default 8 slots cap a
+# worker near 3,000 intents/s, so the search for the highest rate uses a drain-sized pool.
+MAX_RATE_CONCURRENCY = 100
 
 
 async def run(ctx: Context) -> list[Row]:
@@ -38,7 +41,11 @@ async def run(ctx: Context) -> list[Row]:
             rows.append(row)
     best, stopped_by = await _highest_sustained(ctx, relay)
     if best is not None:
-        row = Row("latency", f"{best}/s, LISTEN/NOTIFY (highest rate kept up)", {"rate": best})
+        row = Row(
+            "latency",
+            f"{best}/s, LISTEN/NOTIFY, concurrency {MAX_RATE_CONCURRENCY} (highest rate kept up)",
+            {"rate": best, "concurrency": MAX_RATE_CONCURRENCY},
+        )
         row.notes["next step"] = stopped_by
         for run_no in range(ctx.runs):
             ctx.progress(f"latency run {run_no + 1}: {row.label}")
@@ -60,7 +67,7 @@ async def _stream(
         producer_count=max(ctx.size.latency_producers, 16),
         listen=True,
         poll_interval=POLL_INTERVAL,
-        concurrency=8,
+        concurrency=MAX_RATE_CONCURRENCY,
         batch_size=100,
     )
 
