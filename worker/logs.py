@@ -3,43 +3,75 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import orjson
 
 _secrets: set[str] = set()
 
 
+# A password can also travel as a query parameter (libpq and asyncpg accept
+# ``postgresql://app@db/x?password=...``) or in a libpq keyword/value string.
+_PASSWORD_PARAMS = frozenset({"password", "sslpassword"})
+_KEYWORD_PASSWORD_RE = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
+def _is_password_param(pair: str) -> bool:
+    return unquote_plus(pair.partition("=")[0]).strip().lower() in _PASSWORD_PARAMS
+
+
 def redact_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for logs and error messages)."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        netloc = f"{parts.username or ''}:***@{host}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        if not parts.scheme:  # keyword/value form: host=... password=...
+            return _KEYWORD_PASSWORD_RE.sub(r"\1***", url)
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        if parts.query:
+            query = "&".join(
+                f"{pair.partition('=')[0]}=***" if _is_password_param(pair) else pair
+                for pair in parts.query.split("&")
+            )
+            parts = parts._replace(query=query)
+        return urlunsplit(parts)
     except ValueError:
         return "<unparseable URL>"
 
 
+def _passwords(url: str) -> set[str]:
+    """Every spelling of every password in ``url``: as written and percent-decoded."""
+    found: set[str] = set()
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return found
+    if parts.password:
+        found |= {parts.password, unquote(parts.password)}
+    for pair in parts.query.split("&"):
+        raw = pair.partition("=")[2]
+        if raw and _is_password_param(pair):
+            found |= {raw, unquote(raw), unquote_plus(raw)}
+    if not parts.scheme:
+        for match in _KEYWORD_PASSWORD_RE.finditer(url):
+            found |= {match.group(2), match.group(2).strip("'")}
+    return found
+
+
 def register_secret_url(url: str | None) -> None:
     """Remember the password in ``url`` so no log line can ever show it."""
-    if not url:
-        return
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return
-    if password:
-        _secrets.add(password)
+    if url:
+        _secrets.update(p for p in _passwords(url) if p)
 
 
 def scrub(text: str) -> str:
-    for secret in _secrets:
+    # Longest first: a password that contains another one must go whole.
+    for secret in sorted(_secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
