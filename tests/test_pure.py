@@ -71,3 +71,28 @@ def test_settings_validate_their_relations():
         Settings(lease=1.0, ping_interval=5.0)
     with pytest.raises(ConfigError, match="--linger"):
         Settings(linger=5.0, poll_interval=2.0)
+
+
+def test_settings_repr_hides_secrets():
+    settings = Settings(dsn="postgresql://u:dbpw@h/d", smtp_url="smtp://u:mailpw@h:587")
+    assert "dbpw" not in repr(settings) and "mailpw" not in repr(settings)
+
+
+async def test_delivery_timeout_is_ours_and_a_sink_timeout_is_its_own():
+    import anyio
+
+    from worker.delivery import deliver
+    from worker.sinks.handlers import HandlerSink
+
+    async def hangs(_intent: Intent) -> None:
+        await anyio.sleep(60)
+
+    async def raises_timeout(_intent: Intent) -> None:
+        raise TimeoutError("upstream API timed out")
+
+    sinks = {"hangs": HandlerSink(hangs), "raises": HandlerSink(raises_timeout)}
+    now = datetime.now(UTC)
+    slow = await deliver(Intent(1, "hangs", {}, 1, 5, now, now), sinks, POLICY, 0.05)
+    assert isinstance(slow, Retry) and slow.error == "delivery timed out after 0.05s"
+    own = await deliver(Intent(2, "raises", {}, 1, 5, now, now), sinks, POLICY, 5)
+    assert isinstance(own, Retry) and own.error == "TimeoutError: upstream API timed out"

@@ -54,10 +54,10 @@ async def deliver(
         known = ", ".join(sorted(sinks)) or "none"
         return Dead(f"unknown kind {intent.kind!r}: no sink or handler for it (known: {known})")
     try:
-        with anyio.fail_after(timeout):
+        with anyio.move_on_after(timeout) as deadline:
             await sink.deliver(intent)
-    except TimeoutError:
-        return classify(intent, TransientError(f"delivery timed out after {timeout:g}s"), policy)
     except Exception as exc:  # a sink's failure is data, never a worker crash
         return classify(intent, exc, policy)
+    if deadline.cancelled_caught:  # ours, not a TimeoutError the sink raised itself
+        return classify(intent, TransientError(f"delivery timed out after {timeout:g}s"), policy)
     return Sent()

@@ -33,7 +33,7 @@ def default_channel(schema: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    dsn: str | None = None
+    dsn: str | None = field(default=None, repr=False)  # may hold a password
     schema: str = "outbox"
     channel: str = "outbox_intent"
     concurrency: int = 8
@@ -49,7 +49,7 @@ class Settings:
     listen: bool = True
     ping_interval: float = 5.0
     ping_timeout: float = 5.0
-    smtp_url: str = "smtp://localhost:25"
+    smtp_url: str = field(default="smtp://localhost:25", repr=False)
     mail_from: str = "outbox@localhost"
     handlers: str | None = None
     # Built-in sinks beyond email (worker/sinks/extras.py); repr=False: they hold secrets.
