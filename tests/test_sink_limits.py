@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from tests.conftest import count_by_status, wait_until
-from worker.errors import ConfigError, TransientError
+from worker.errors import ConfigError, Deferred, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.sinks.handlers import HandlerSink
@@ -82,38 +82,48 @@ def test_limits_for_an_unknown_kind_are_refused() -> None:
     assert isinstance(wrapped["email"], LimitedSink)
 
 
-async def test_concurrency_cap_holds_under_load() -> None:
-    gauge = Gauge(hold=0.01)
+async def _deliver_or_defer(sink: LimitedSink, intent: Intent, deferred: list[Deferred]) -> None:
+    try:
+        await sink.deliver(intent)
+    except Deferred as exc:
+        deferred.append(exc)
+
+
+async def test_concurrency_cap_defers_the_excess_instead_of_waiting() -> None:
+    gauge = Gauge(hold=0.05)
     sink = LimitedSink("k", HandlerSink(gauge), KindLimits(concurrency=3))
+    deferred: list[Deferred] = []
     async with anyio.create_task_group() as tg:
-        for n in range(30):
-            tg.start_soon(sink.deliver, _intent(n))
-    assert gauge.done == 30
-    assert gauge.peak == 3
+        for n in range(10):
+            tg.start_soon(_deliver_or_defer, sink, _intent(n), deferred)
+        await wait_until(lambda: gauge.now == 3)
+        assert sink.saturated()
+    assert gauge.done == 3 and gauge.peak == 3
+    assert len(deferred) == 7 and "concurrency limit reached" in str(deferred[0])
+    assert not sink.saturated()
 
 
-async def test_rate_limit_spaces_deliveries() -> None:
+async def test_rate_limit_defers_beyond_the_bucket_until_it_refills() -> None:
     gauge = Gauge()
     sink = LimitedSink("k", HandlerSink(gauge), KindLimits(rate=20.0))
-    started = anyio.current_time()
-    async with anyio.create_task_group() as tg:
-        for n in range(30):
-            tg.start_soon(sink.deliver, _intent(n))
-    elapsed = anyio.current_time() - started
-    # A full bucket lets 20 through at once; the other 10 drip at 20/s. Only the lower bound
-    # is asserted: a loaded machine can only make it slower.
-    assert gauge.done == 30
-    assert elapsed >= 0.45
+    deferred: list[Deferred] = []
+    for n in range(30):
+        await _deliver_or_defer(sink, _intent(n), deferred)
+    # A full bucket lets 20 through; the rest are told when a token is due (1/20 s).
+    assert gauge.done == 20 and len(deferred) == 10
+    assert deferred[0].retry_after == pytest.approx(0.05) and sink.saturated()
+    await wait_until(lambda: not sink.saturated(), timeout=5)
+    await sink.deliver(_intent(99))
+    assert gauge.done == 21
 
 
 async def test_fractional_rate() -> None:
     gauge = Gauge()
     sink = LimitedSink("k", HandlerSink(gauge), KindLimits(rate=0.5, per=0.1))  # 1 per 0.2 s
-    started = anyio.current_time()
-    for n in range(3):
-        await sink.deliver(_intent(n))
-    assert gauge.done == 3
-    assert anyio.current_time() - started >= 0.35
+    deferred: list[Deferred] = []
+    for n in range(2):
+        await _deliver_or_defer(sink, _intent(n), deferred)
+    assert gauge.done == 1 and deferred[0].retry_after == pytest.approx(0.2)
 
 
 async def test_timeout_is_transient_and_excludes_the_wait() -> None:
@@ -175,3 +185,38 @@ async def test_relay_retries_a_delivery_that_hit_the_kind_timeout(
 
 async def _all_sent(db, names: Names, n: int) -> bool:
     return await count_by_status(db, names) == {"sent": n}
+
+
+async def test_a_kind_at_its_limit_never_holds_up_other_kinds(db, names, start_relay):
+    """Invariant: a backlog of a limited kind does not occupy the relay's slots; other kinds
+    flow past it, and the deferrals cost the limited intents no attempts."""
+    from tests.conftest import Recorder, wait_until
+    from worker.producer import enqueue
+    from worker.sinks.handlers import HandlerSink
+    from worker.sinks.limits import KindLimits, LimitedSink
+
+    release = anyio.Event()
+
+    async def blocked(_intent):
+        await release.wait()
+
+    limited = Recorder(blocked)
+    free = Recorder()
+    sinks = {
+        "limited": LimitedSink("limited", HandlerSink(limited), KindLimits(concurrency=1)),
+        "free": HandlerSink(free),
+    }
+    async with start_relay(sinks, concurrency=4):
+        async with db.transaction():
+            backlog = [
+                await enqueue(db, "limited", {"n": n}, schema=names.schema) for n in range(10)
+            ]
+            others = [await enqueue(db, "free", {"n": n}, schema=names.schema) for n in range(5)]
+        await wait_until(lambda: all(free.calls[i] == 1 for i in others))
+        assert sum(limited.calls.values()) == 1  # one in flight, the rest waiting in the table
+        release.set()
+        await wait_until(lambda: all(limited.calls[i] == 1 for i in backlog), timeout=30)
+    rows = await db.fetch(
+        f'SELECT status, attempts FROM "{names.schema}".intent WHERE id = ANY($1)', backlog
+    )
+    assert {(r["status"], r["attempts"]) for r in rows} == {("sent", 1)}

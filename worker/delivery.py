@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import anyio
 
 from worker.backoff import retry_delay
-from worker.errors import PermanentError, TransientError
+from worker.errors import Deferred, PermanentError, TransientError
 from worker.intent import Intent
-from worker.outcomes import Dead, Outcome, Retry, Sent
+from worker.outcomes import Dead, Outcome, Released, Retry, Sent
 from worker.sinks.base import Sink
 
 
@@ -32,6 +32,8 @@ def classify(intent: Intent, exc: BaseException | None, policy: RetryPolicy) -> 
     """Pure: success, retry later, or dead. Unknown exceptions count as transient."""
     if exc is None:
         return Sent()
+    if isinstance(exc, Deferred):
+        return Released(exc.retry_after)
     reason = describe(exc)
     if isinstance(exc, PermanentError):
         return Dead(reason)

@@ -19,6 +19,15 @@ class TransientError(DeliveryError):
         self.retry_after = retry_after
 
 
+class Deferred(DeliveryError):
+    """Not now, and not the intent's fault (its kind is at its limit): put it back in the
+    queue without counting the attempt, due again in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class PermanentError(DeliveryError):
     """Never try again: the intent is marked ``dead`` with this message."""
 

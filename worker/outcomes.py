@@ -51,7 +51,10 @@ class Dead:
 
 @dataclass(frozen=True, slots=True)
 class Released:
-    """Handed back at shutdown without an outcome; the attempt is refunded."""
+    """Handed back without an outcome (shutdown, or its kind at its limit), due again in
+    ``delay`` seconds; the attempt is refunded."""
+
+    delay: float = 0.0
 
 
 Outcome = Sent | Retry | Dead | Released
@@ -65,8 +68,8 @@ def _row(intent: Intent, outcome: Outcome) -> tuple[int, str, float, str | None,
             return intent.id, "pending", delay, error[:_MAX_ERROR_CHARS], 0
         case Dead(error):
             return intent.id, "dead", 0.0, error[:_MAX_ERROR_CHARS], 0
-        case Released():
-            return intent.id, "pending", 0.0, None, 1
+        case Released(delay):
+            return intent.id, "pending", delay, None, 1
 
 
 class OutcomeWriter:

@@ -64,6 +64,7 @@ class Relay:
         self._pool = pool
         self._q = queries
         self._sinks = sinks
+        self._limited = {k: s.saturated for k, s in sinks.items() if hasattr(s, "saturated")}
         self._policy = RetryPolicy(
             settings.max_attempts, settings.backoff_base, settings.backoff_max
         )
@@ -252,7 +253,11 @@ class Relay:
         # until their lease expired.
         with anyio.CancelScope(shield=True):
             rows = await self._pool.fetch(
-                self._q["claim"], self.worker_id, self.settings.lease, limit
+                self._q["claim"],
+                self.worker_id,
+                self.settings.lease,
+                limit,
+                self._saturated_kinds(),
             )
         intents = [
             Intent(
@@ -271,6 +276,10 @@ class Relay:
         if intents:
             self.stats.on_claim(len(intents))
         return intents
+
+    def _saturated_kinds(self) -> list[str]:
+        """Kinds whose sink is at its --limits: claiming them now would only defer them."""
+        return [kind for kind, saturated in self._limited.items() if saturated()]
 
     async def _wait_for_work(self) -> None:
         timeout = jittered(self.settings.poll_interval)

@@ -6,9 +6,10 @@ Configured as one string, ``KIND:key=value,...`` entries separated by ``;``::
     email:rate=10/s;webhook:concurrency=4,rate=50/min,timeout=10
 
 Limits are per worker process: with three processes, ``rate=10/s`` allows 30/s in total.
-A delivery waiting for its turn holds its relay slot (its lease kept alive by the heartbeat)
-and the claim takes intents by due time whatever their kind, so a backlog of a tightly
-limited kind holds up the intents behind it: the claim does not know about limits (yet).
+A delivery never waits for its turn inside a relay slot: when its kind is at its limit the
+intent is deferred (back to pending, attempt refunded, due again shortly), and the claim
+skips kinds that are at their limit, so a backlog of a tightly limited kind never holds up
+the intents of other kinds behind it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import anyio
 from aiolimiter import AsyncLimiter
 
-from worker.errors import ConfigError, TransientError
+from worker.errors import ConfigError, Deferred, TransientError
 from worker.intent import Intent
 from worker.sinks.base import Sink
 
@@ -109,9 +110,13 @@ def parse_limits(text: str | None) -> dict[str, KindLimits]:
     return limits
 
 
+# How soon a deferred intent is due again when its kind has no free concurrency slot.
+_DEFER_FOR_SLOT = 0.2
+
+
 class LimitedSink:
-    """Wraps one kind's sink: waits for a concurrency slot, then for the rate limiter, then
-    runs the delivery under the timeout (the wait does not count against it)."""
+    """Wraps one kind's sink: takes a concurrency slot and a rate token without waiting
+    (else ``Deferred``), then runs the delivery under the timeout."""
 
     def __init__(self, kind: str, sink: Sink, limits: KindLimits) -> None:
         self.kind = kind
@@ -124,20 +129,38 @@ class LimitedSink:
             # express 0.5/s as 1 per 2 s.
             count = max(limits.rate, 1.0)
             self._limiter = AsyncLimiter(count, limits.per * count / limits.rate)
+        self._token_interval = limits.per / limits.rate if limits.rate else 0.0
 
     def __repr__(self) -> str:
         return f"LimitedSink({self.kind!r}, {self.sink!r}, {self.limits.describe()})"
 
+    def saturated(self) -> bool:
+        """A delivery of this kind started now would be deferred: the relay's claim skips
+        the kind until this turns false."""
+        if self._slots is not None and self._slots.value == 0:
+            return True
+        return self._limiter is not None and not self._limiter.has_capacity()
+
     async def deliver(self, intent: Intent) -> None:
         if self._slots is None:
             await self._deliver(intent)
-        else:
-            async with self._slots:
-                await self._deliver(intent)
+            return
+        try:
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            raise Deferred(
+                f"{self.kind}: concurrency limit reached", retry_after=_DEFER_FOR_SLOT
+            ) from None
+        try:
+            await self._deliver(intent)
+        finally:
+            self._slots.release()
 
     async def _deliver(self, intent: Intent) -> None:
         if self._limiter is not None:
-            await self._limiter.acquire()
+            if not self._limiter.has_capacity():
+                raise Deferred(f"{self.kind}: rate limit reached", retry_after=self._token_interval)
+            await self._limiter.acquire()  # has capacity: returns without waiting
         if self.limits.timeout is None:
             await self.sink.deliver(intent)
             return
