@@ -104,6 +104,10 @@ class Relay:
                 self.settings.grace,
                 len(self.in_flight),
             )
+            # The grace period runs from now, whatever the claim loop is doing: it may be
+            # waiting to hand a row it already claimed to a slot that is itself busy.
+            if self._delivery_scope is not None:
+                self._delivery_scope.deadline = anyio.current_time() + self.settings.grace
         self._stopping = True
         self.wakeup.set()
         self._slot_freed.set()
@@ -142,8 +146,9 @@ class Relay:
                             async with send:  # closing it lets idle slots exit
                                 await self._claim_loop(send)
                             # Busy slots finish their intent, or are cancelled at the deadline.
-                            self._delivery_scope.deadline = (
-                                anyio.current_time() + self.settings.grace
+                            self._delivery_scope.deadline = min(
+                                self._delivery_scope.deadline,
+                                anyio.current_time() + self.settings.grace,
                             )
                     if self._delivery_scope.cancelled_caught:
                         log.warning(
