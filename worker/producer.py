@@ -9,13 +9,13 @@ from typing import Any
 import asyncpg
 import orjson
 
-from worker.settings import default_channel, validate_name
+from worker.settings import default_channel, validate_schema_name
 from worker.sqlfiles import Names, load_queries
 
 
 @lru_cache(maxsize=16)
 def _enqueue_sql(schema: str) -> str:
-    validate_name("schema name", schema)
+    validate_schema_name(schema)
     return load_queries(Names(schema, default_channel(schema)))["enqueue"]
 
 

@@ -27,6 +27,15 @@ def validate_name(what: str, name: str) -> str:
     return name
 
 
+def validate_schema_name(name: str) -> str:
+    validate_name("schema name", name)
+    if name.startswith("pg_"):  # PostgreSQL refuses to create it (ReservedNameError)
+        raise ConfigError(
+            f"invalid schema name {name!r}: the prefix pg_ is reserved for system schemas"
+        )
+    return name
+
+
 def default_channel(schema: str) -> str:
     return f"{schema}_intent"
 
@@ -63,7 +72,7 @@ class Settings:
     heartbeat: bool = True  # off only in tests that prove the fence
 
     def __post_init__(self) -> None:
-        validate_name("schema name", self.schema)
+        validate_schema_name(self.schema)
         validate_name("channel name", self.channel)
         if self.lease <= self.ping_interval:
             raise ConfigError(f"--lease ({self.lease}s) must be longer than --ping-interval")
