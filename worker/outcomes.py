@@ -12,6 +12,7 @@ import asyncpg
 
 from worker.backoff import retry_delay
 from worker.intent import Intent
+from worker.logs import one_line
 
 log = logging.getLogger("outbox.outcomes")
 
@@ -121,7 +122,10 @@ class OutcomeWriter:
                 attempt += 1
                 delay = retry_delay(attempt, base=0.2, cap=10.0)
                 log.warning(
-                    "could not record %d outcomes (%s); retrying in %.1fs", len(batch), exc, delay
+                    "could not record %d outcomes (%s); retrying in %.1fs",
+                    len(batch),
+                    one_line(exc),  # str() of a TimeoutError is empty
+                    delay,
                 )
                 await anyio.sleep(delay)
         written = {r["id"] for r in rows}

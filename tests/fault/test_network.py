@@ -175,6 +175,8 @@ async def _freeze_and_heal(
     )
     assert detection <= 0.5 + 1.0 + MARGIN
     assert worker.running
+    # Every retry says why (a TimeoutError used to be logged as an empty "()").
+    assert not [ln.msg for ln in worker.logged("could not record") if "()" in ln.msg]
     await wait_until(lambda: listener_pid(db, worker), timeout=30)
 
 
