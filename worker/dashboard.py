@@ -158,15 +158,25 @@ def assess(snap: Snapshot) -> list[Finding]:
     return found
 
 
-def verdict(snap: Snapshot, findings: Sequence[Finding]) -> Text:
+def verdict(snap: Snapshot, findings: Sequence[Finding], width: int = 40) -> Text:
+    """The header's answer: each finding in its colour, worst first, as many as fit."""
     if snap.stopping:
         return Text(" STOPPING ", style="bold black on yellow")
-    if findings:
-        first = findings[0]
-        more = f" +{len(findings) - 1}" if len(findings) > 1 else ""
-        return Text(f" {first.text}{more} ", style=f"bold black on {first.level}")
-    busy = snap.busy_slots or snap.rate_now > 0
-    return Text(" keeping up " if busy else " idle ", style="bold black on green")
+    if not findings:
+        busy = snap.busy_slots or snap.rate_now > 0
+        return Text(" keeping up " if busy else " idle ", style="bold black on green")
+    text = Text()
+    for shown, finding in enumerate(findings):
+        badge = Text(f" {finding.text} ", style=f"bold black on {finding.level}")
+        rest = len(findings) - shown - 1
+        more = len(f" +{rest}") if rest else 0
+        if shown and text.cell_len + 1 + badge.cell_len + more > width:
+            text.append(f" +{len(findings) - shown}", style="bold")
+            break
+        if shown:
+            text.append(" ")
+        text.append_text(badge)
+    return text
 
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -398,7 +408,9 @@ def wakeup_line(snap: Snapshot) -> Parts:
             if snap.since_poll is not None
             else "no idle poll yet",
             _styled(f"queue {usage:.1%}", level(usage, NOTIFY_QUEUE)) if usage is not None else "",
-            f"{db.idle_workers} idle workers" if db else "",
+            (f"{db.idle_workers} idle worker" + ("" if db.idle_workers == 1 else "s"))
+            if db
+            else "",
         ]
     )
 
@@ -475,7 +487,7 @@ class Dashboard:
         errors_rows = max(1, min(10, (height - overview_height - 1) // 4))
         layout = Layout()
         layout.split_column(
-            Layout(self._header(snap), size=1),
+            Layout(self._header(snap, options.max_width), size=1),
             Layout(Panel(overview, border_style="blue"), size=overview_height),
             Layout(name="middle", ratio=1, minimum_size=3),
             Layout(
@@ -510,7 +522,7 @@ class Dashboard:
         )
         yield from layout.__rich_console__(console, options.update(height=height))
 
-    def _header(self, snap: Snapshot) -> Table:
+    def _header(self, snap: Snapshot, width: int) -> Table:
         grid = Table.grid(expand=True)
         grid.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
         grid.add_column(justify="right", no_wrap=True)
@@ -518,7 +530,7 @@ class Dashboard:
             (self.title, "bold"),
             (f"  {snap.concurrency} slots · up {fmt_duration(snap.uptime)}", "dim"),
         )
-        grid.add_row(left, verdict(snap, assess(snap)))
+        grid.add_row(left, verdict(snap, assess(snap), max(30, width // 2)))
         return grid
 
     def _footer(self, snap: Snapshot, width: int) -> Text:

@@ -3,8 +3,9 @@
 A database (embedded unless ``--dsn`` is given), an SMTP server in this process that catches
 the mail, a producer committing a stream of sample intents, and the worker with its
 dashboard. Some intents fail on purpose: the SMTP server greylists a few messages (retried)
-and refuses one mailbox (dead), a webhook handler is flaky, and a few payloads are invalid.
-Nothing leaves this machine: the mail goes to 127.0.0.1, the webhooks go nowhere.
+and refuses one mailbox (dead), a handler of the demo's own kind (``order_created``, as your
+code would register with ``--handlers``) is flaky, and a few payloads are invalid.
+Nothing leaves this machine: the mail goes to 127.0.0.1, the handler calls nobody.
 """
 
 from __future__ import annotations
@@ -39,21 +40,21 @@ log = logging.getLogger("outbox.demo")
 DEMO_SCHEMA = "outbox_demo"
 BOUNCING_DOMAIN = "bounce.example.com"  # the catcher refuses these recipients: dead
 
-handlers = Handlers()  # the demo's `webhook` kind, passed as --handlers worker.demo:handlers
+handlers = Handlers()  # passed to the worker as --handlers worker.demo:handlers
 
 
-@handlers.register("webhook")
-async def fake_webhook(intent: Intent) -> None:
-    """Pretends to POST somewhere: takes 20-400 ms and fails now and then."""
+@handlers.register("order_created")
+async def tell_the_warehouse(intent: Intent) -> None:
+    """Pretends to call a partner's API: takes 20-400 ms and fails now and then."""
     await anyio.sleep(random.uniform(0.02, 0.4))
-    if intent.payload.get("endpoint") == "down" or random.random() < 0.05:
+    if intent.payload.get("endpoint") == "down" or random.random() < 0.04:
         raise TransientError(f"503 Service Unavailable from {intent.payload.get('url')} (demo)")
 
 
 class MailCatcher:
     """An SMTP server on 127.0.0.1 that keeps count of the mail instead of sending it."""
 
-    def __init__(self, greylist: float = 0.04) -> None:
+    def __init__(self, greylist: float = 0.03) -> None:
         self.caught = 0
         self.refused = 0
         self.port = 0
@@ -131,7 +132,7 @@ def check_schema(schema: str) -> str:
 
 
 def sample_intent(n: int, rng: random.Random) -> tuple[str, dict[str, Any], datetime | None]:
-    """The n-th sample: mostly good mail and webhooks, a few that fail on purpose."""
+    """The n-th sample: mostly good mail and partner calls, a few that fail on purpose."""
     roll = rng.random()
     later = None
     if rng.random() < 0.03:  # scheduled: shows up as "scheduled" until due
@@ -146,18 +147,18 @@ def sample_intent(n: int, rng: random.Random) -> tuple[str, dict[str, Any], date
             },
             later,
         )
-    if roll < 0.70:  # a mailbox that does not exist: 550, dead at once
+    if roll < 0.69:  # a mailbox that does not exist: 550, dead at once
         return (
             "email",
             {"to": f"nobody{n}@{BOUNCING_DOMAIN}", "subject": "Welcome", "text": "Hi!"},
             later,
         )
-    if roll < 0.71:  # a bad payload (no subject): refused before any I/O, dead
+    if roll < 0.693:  # a bad payload (no subject): refused before any I/O, dead
         return "email", {"to": "someone@example.com", "text": "no subject"}, later
-    endpoint = "down" if roll > 0.99 else "ok"  # always 503: retried until attempts run out
+    endpoint = "down" if roll > 0.995 else "ok"  # always 503: retried until attempts run out
     return (
-        "webhook",
-        {"url": f"https://hooks.example.com/orders/{n}", "endpoint": endpoint, "n": n},
+        "order_created",
+        {"url": f"https://warehouse.example.com/orders/{n}", "endpoint": endpoint, "n": n},
         later,
     )
 
