@@ -84,19 +84,26 @@ async def test_listen_backend_killed_repeatedly_during_a_burst(db, outbox, smtp,
         async with anyio.create_task_group() as tg:
             tg.start_soon(kill_listener, killer)
             await produce()
+            await outbox.wait_settled(timeout=30)
+            # The burst is over; the killing goes on. Reconnecting must not cost CPU.
+            cpu0, t0, killed0 = worker.cpu_seconds(), time.monotonic(), terminated
+            await anyio.sleep(3.0)  # measuring an interval, not waiting for a condition
+            cpu, quiet = worker.cpu_seconds() - cpu0, time.monotonic() - t0
+            killed_quiet = terminated - killed0
             tg.cancel_scope.cancel()
     finally:
         await killer.close()
-    await outbox.wait_settled(timeout=30)
     report = await check_ledger(outbox, delivered(smtp), committed=committed)
     lat = await latencies(outbox, committed)
     p50, p99 = statistics.median(lat), lat[int(len(lat) * 0.99)]
     print(
         f"\n{len(committed)} intents, LISTEN backend killed {terminated} times: "
         f"latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms; "
-        f"{report.line()}"
+        f"{report.line()}; then killed {killed_quiet} times in {quiet:.1f}s of quiet: "
+        f"worker CPU {100 * cpu / quiet:.1f}%"
     )
-    assert terminated >= 5
+    assert terminated >= 5 and killed_quiet >= 3
+    assert cpu / quiet < 0.2
     assert report.duplicates == 0
     assert lat[-1] <= poll * JITTER + MARGIN
     assert worker.running
