@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import io
+import logging
 import os
 import pty
 import re
@@ -25,13 +26,13 @@ from tests.conftest import count_by_status, wait_until
 from tests.test_cli import REPO, _env, cli
 from worker.dashboard import fmt_duration, render, run_dashboard
 from worker.db import create_pool
-from worker.health import read_db_health
+from worker.health import HealthMonitor, read_db_health
 from worker.intent import Intent
 from worker.outcomes import Dead, Retry, Sent
 from worker.producer import enqueue
 from worker.sqlfiles import Names, load_queries
 from worker.stats import DbHealth, Snapshot, Stats
-from worker.summary import summary_line
+from worker.summary import log_summaries, summary_line
 
 ALT_SCREEN_ON, ALT_SCREEN_OFF, SHOW_CURSOR = "\x1b[?1049h", "\x1b[?1049l", "\x1b[?25h"
 SIZES = [(80, 24), (160, 48)]
@@ -227,6 +228,27 @@ def test_summary_line_for_logs():
     assert "p50" in line and "due 37, oldest waiting 0.3s" in line
     assert "attention" not in line
     assert "attention: database unreachable" in summary_line(failing_snapshot())
+
+
+async def test_summary_lines_are_logged_with_fresh_database_numbers(
+    pg_dsn: str, db, names: Names, start_relay, caplog
+):
+    caplog.set_level(logging.INFO, logger="outbox.stats")
+    pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
+    try:
+        async with start_relay({"noop": lambda _i: anyio.lowlevel.checkpoint()}) as relay:
+            health = HealthMonitor(pool, load_queries(names), names.schema, relay.stats)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(log_summaries, relay, health, 0.05)
+                await enqueue(db, "noop", {}, schema=names.schema)
+                await wait_until(
+                    lambda: any("(1 in this run)" in r.getMessage() for r in caplog.records)
+                )
+                tg.cancel_scope.cancel()
+    finally:
+        await pool.close()
+    line = next(r.getMessage() for r in caplog.records if "(1 in this run)" in r.getMessage())
+    assert "due 0, dead 0" in line and "db numbers" not in line
 
 
 def test_durations_read_at_a_glance():

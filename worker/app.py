@@ -20,7 +20,6 @@ from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.sqlfiles import Names, load_queries
 from worker.stats import Stats
-from worker.summary import INTERVAL as SUMMARY_INTERVAL
 from worker.summary import log_summaries
 
 log = logging.getLogger("outbox")
@@ -92,8 +91,7 @@ async def run_worker(
                 tg.start_soon(health.run)
                 tg.start_soon(partial(run_dashboard, relay, title=title))
             else:  # no terminal: the same numbers as a log line now and then
-                tg.start_soon(health.run, SUMMARY_INTERVAL)
-                tg.start_soon(log_summaries, relay)
+                tg.start_soon(log_summaries, relay, health)
             await relay.run()
             tg.cancel_scope.cancel()
     finally:

@@ -11,6 +11,7 @@ import logging
 import anyio
 
 from worker.dashboard import assess, fmt_duration, fmt_latency
+from worker.health import HealthMonitor
 from worker.relay import Relay
 from worker.stats import Snapshot
 
@@ -53,11 +54,16 @@ def _activity(snap: Snapshot) -> tuple[int, int, int, int]:
     return snap.claimed, snap.sent + snap.retried + snap.dead, due, snap.listener_reconnects
 
 
-async def log_summaries(relay: Relay, interval: float = INTERVAL) -> None:
-    """One summary line every ``interval`` seconds in which anything changed; until cancelled."""
+async def log_summaries(
+    relay: Relay, health: HealthMonitor | None = None, interval: float = INTERVAL
+) -> None:
+    """One summary line every ``interval`` seconds in which anything changed; until cancelled.
+    The database numbers are read just before each line (one query per interval)."""
     last: tuple[int, int, int, int] | None = None
     while True:
         await anyio.sleep(interval)
+        if health is not None:
+            await health.refresh()
         snap = relay.stats.snapshot(listen=relay.settings.listen, stopping=relay.stopping)
         now = _activity(snap)
         if now != last or now[2]:  # something moved, or work is waiting
