@@ -21,7 +21,7 @@ MARGIN = 5.0  # process exit, the final outcome flush, a loaded CI machine
 async def test_sigterm_under_load_finishes_in_flight_work(outbox, smtp, spawn):
     grace = 5.0
     smtp.default_script = Script(data=Step(delay=0.1))  # every slot stays busy
-    committed = await outbox.enqueue_emails(2000)
+    committed = await outbox.enqueue_emails(600)
     worker = await spawn(smtp_url=smtp.url(), concurrency=16, grace=grace)
     await smtp.wait_until(lambda: len(smtp.messages) >= 100, timeout=60, what="deliveries")
     in_flight = await outbox.processing()
