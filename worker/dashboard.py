@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import TextIO
 
 import anyio
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -614,6 +615,18 @@ def _keys_unbuffered(fd: int | None) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+def _foreground_tty(stream: TextIO | None) -> int | None:
+    """The stream's fd if it is a terminal we are in the foreground of: a background job
+    that changed the terminal's modes or read from it would be stopped (SIGTTOU/SIGTTIN)."""
+    if stream is None or not stream.isatty():
+        return None
+    fd = stream.fileno()
+    try:
+        return fd if os.tcgetpgrp(fd) == os.getpgrp() else None
+    except OSError:
+        return None
+
+
 def request_stop(relay: Relay) -> None:
     """The two-phase shutdown, as for SIGTERM: first stop claiming, then cancel in-flight."""
     if relay.stopping:
@@ -655,7 +668,7 @@ async def run_dashboard(
     console = console or Console()
     title = title or f"outbox-worker {relay.worker_id} · {relay.settings.schema}"
     if keyboard_fd == STDIN:
-        keyboard_fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+        keyboard_fd = _foreground_tty(sys.stdin)
     hold_logs = console.is_terminal and sys.stderr is not None and sys.stderr.isatty()
     live = Live(
         console=console,
