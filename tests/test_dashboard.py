@@ -344,7 +344,7 @@ async def test_dashboard_task_draws_and_restores_the_screen_when_cancelled(start
 
 
 async def test_q_stops_gracefully_then_cancels_in_flight_and_restores_the_terminal(
-    db, names: Names, start_relay
+    db, names: Names, start_relay, caplog
 ):
     started = anyio.Event()
 
@@ -372,6 +372,8 @@ async def test_q_stops_gracefully_then_cancels_in_flight_and_restores_the_termin
                 os.write(master, b"q")  # phase two: cancel it and release the row
                 await wait_until(lambda: not relay.in_flight)
                 tg.cancel_scope.cancel()
+            # The log says why deliveries were cancelled: not "grace period over".
+            assert "second stop request: cancelled 1 deliveries" in caplog.text
             assert termios.tcgetattr(slave) == before
         row = await db.fetchrow(
             f'SELECT status, attempts FROM "{names.schema}".intent WHERE id = $1', intent_id

@@ -71,6 +71,7 @@ class Relay:
         self._idle_slots = 0
         self._slot_freed = Wakeup()
         self._stopping = False
+        self._hard_stopped = False
         self._idle_flag_pid: int | None = None
         self._delivery_scope: anyio.CancelScope | None = None
         self._writer = OutcomeWriter(
@@ -115,6 +116,7 @@ class Relay:
     def hard_stop(self) -> None:
         """Phase two now: cancel in-flight deliveries and release their rows."""
         self.stop()
+        self._hard_stopped = True
         if self._delivery_scope is not None:
             self._delivery_scope.cancel()
 
@@ -152,7 +154,9 @@ class Relay:
                             )
                     if self._delivery_scope.cancelled_caught:
                         log.warning(
-                            "grace period over: cancelled %d deliveries", self._unrecorded()
+                            "%s: cancelled %d deliveries",
+                            "second stop request" if self._hard_stopped else "grace period over",
+                            self._unrecorded(),
                         )
                     self._writer.close()
                     flush_scope.deadline = anyio.current_time() + _FLUSH_TIMEOUT
