@@ -41,6 +41,9 @@ class Size:
     procrastinate_intents: int = 2000
     procrastinate_concurrency: tuple[int, ...] = (10, 50)
     alt_latency_rate: int = 1000
+    # pgqueuer's insert trigger notifies on every enqueue, so its producers need more
+    # connections to offer 1,000/s at all; every system gets the same number.
+    alt_latency_producers: int = 16
 
 
 FULL = Size()
@@ -68,6 +71,7 @@ TINY = Size(
     procrastinate_intents=30,
     procrastinate_concurrency=(10,),
     alt_latency_rate=50,
+    alt_latency_producers=2,
 )
 SIZES = {"full": FULL, "tiny": TINY}
 

@@ -32,6 +32,7 @@ _UNITS = {
     "queries_per_s": ("queries/s", 2),
     "queries_per_poll": ("queries/poll", 2),
     "claims_per_poll": ("claims/poll", 2),
+    "shortest_gap_s": ("shortest claim gap s", 2),
 }
 
 
@@ -168,7 +169,7 @@ def targets(rows: Sequence[Row]) -> list[Target]:
         )
     idle = _find(rows, "idle", lambda r: r.params.get("system") == "outbox-worker")
     if idle:
-        claims = max(r["claims_per_poll"] for r in idle[0].runs)
+        claims = max(r.get("claims_per_poll", math.nan) for r in idle[0].runs)
         out.append(
             Target(
                 "idle",

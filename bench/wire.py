@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -24,13 +25,19 @@ _SPECIAL_REQUESTS = {80877103, 80877104, 80877102}  # SSLRequest, GSSENCRequest,
 class QueryCounter:
     def __init__(self) -> None:
         self.by_text: Counter[str] = Counter()
+        self.times: dict[str, list[float]] = {}  # monotonic send time of each statement
 
     @property
     def total(self) -> int:
         return sum(self.by_text.values())
 
+    def count(self, text: str) -> None:
+        self.by_text[text] += 1
+        self.times.setdefault(text, []).append(time.monotonic())
+
     def reset(self) -> None:
         self.by_text.clear()
+        self.times.clear()
 
 
 class _FrontendParser:
@@ -67,14 +74,14 @@ class _FrontendParser:
 
     def _message(self, kind: bytes, body: bytes) -> None:
         if kind == b"Q":
-            self._counter.by_text[_text(body.split(b"\0", 1)[0])] += 1
+            self._counter.count(_text(body.split(b"\0", 1)[0]))
         elif kind == b"P":
             name, rest = body.split(b"\0", 1)
             self._statements[name] = _text(rest.split(b"\0", 1)[0])
         elif kind == b"B":
             _portal, rest = body.split(b"\0", 1)
             statement = rest.split(b"\0", 1)[0]
-            self._counter.by_text[self._statements.get(statement, "?")] += 1
+            self._counter.count(self._statements.get(statement, "?"))
 
 
 def _text(sql: bytes) -> str:

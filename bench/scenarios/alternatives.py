@@ -134,7 +134,7 @@ async def run(ctx: Context) -> list[Row]:
                     system,
                     ctx.size.alt_latency_rate,
                     ctx.size.latency_seconds,
-                    producer_count=ctx.size.latency_producers,
+                    producer_count=ctx.size.alt_latency_producers,
                     poll_interval=POLL_INTERVAL,
                     **settings,
                 )

@@ -3,6 +3,9 @@ by a proxy between it and PostgreSQL (bench/wire.py)."""
 
 from __future__ import annotations
 
+import itertools
+import statistics
+
 import anyio
 
 from bench.context import Context
@@ -15,7 +18,7 @@ from worker.settings import default_channel
 from worker.sqlfiles import Names, load_queries
 
 TITLE = "Idle cost (nothing to do; queries counted on the wire)"
-METRICS = ("queries_per_s", "claims_per_poll", "queries_per_poll")
+METRICS = ("queries_per_s", "queries_per_poll", "claims_per_poll", "shortest_gap_s")
 
 
 def _relay_claim_texts(schema: str) -> set[str]:
@@ -47,18 +50,22 @@ async def measure(ctx: Context, system: System) -> tuple[dict[str, float], dict[
             await anyio.sleep(seconds)  # the window itself: nothing to do, just count
             elapsed = anyio.current_time() - start
             counted = dict(counter.by_text)
+            times = {text: list(ts) for text, ts in counter.times.items()}
             await proc.stop()
-    claims = 0
-    if isinstance(system, RelaySystem):
-        texts = _relay_claim_texts(inst.names.schema)
-        claims = sum(n for text, n in counted.items() if text in texts)
     total = sum(counted.values())
     figures = {
         "queries_per_s": total / elapsed,
         "queries_per_poll": total / elapsed * poll,
     }
     if isinstance(system, RelaySystem):
-        figures["claims_per_poll"] = claims / elapsed * poll
+        texts = _relay_claim_texts(inst.names.schema)
+        claims = sorted(t for text, ts in times.items() if text in texts for t in ts)
+        # Measured between claims, not over the window: a window of n poll intervals can
+        # hold n + 1 claims without any interval being short.
+        if len(claims) >= 2:
+            gaps = [b - a for a, b in itertools.pairwise(claims)]
+            figures["claims_per_poll"] = poll / statistics.mean(gaps)
+            figures["shortest_gap_s"] = min(gaps)
     return figures, counted
 
 
