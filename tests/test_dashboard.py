@@ -24,8 +24,9 @@ from rich.text import Text
 
 from tests.conftest import count_by_status, wait_until
 from tests.test_cli import REPO, _env, cli
-from worker.dashboard import fmt_duration, render, run_dashboard
+from worker.dashboard import render, run_dashboard
 from worker.db import create_pool
+from worker.findings import fmt_duration
 from worker.health import HealthMonitor, read_db_health
 from worker.intent import Intent
 from worker.outcomes import Dead, Retry, Sent

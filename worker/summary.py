@@ -10,7 +10,7 @@ import logging
 
 import anyio
 
-from worker.dashboard import assess, fmt_duration, fmt_latency
+from worker.findings import assess, fmt_duration, fmt_latency
 from worker.health import HealthMonitor
 from worker.relay import Relay
 from worker.stats import Snapshot
