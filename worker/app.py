@@ -100,8 +100,9 @@ async def run_worker(
 
 
 async def _stop_on_signals(relay: Relay) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: cancel in-flight deliveries now."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """First SIGTERM/SIGINT/SIGHUP (terminal closed): graceful stop. Second: cancel in-flight
+    deliveries now."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if relay.stopping:
                 log.warning(
