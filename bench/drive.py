@@ -4,13 +4,14 @@ drain a committed backlog, and deliver a steady stream."""
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench import producers
 from bench.context import Context, wait_until_false
 from bench.figures import latencies, latency_figures
 from bench.proc import CpuMeter, worker_process
-from bench.systems import System
+from bench.systems import Installed, System
 
 WARM_UP_KEY = -1
 
@@ -54,22 +55,28 @@ async def stream_once(
     seconds: float,
     *,
     producer_count: int,
+    prepare: Callable[[Installed], Awaitable[None]] | None = None,
     **worker: Any,
 ) -> tuple[dict[str, float], list[float]]:
     """Producers commit ``rate`` intents/s for ``seconds``; latency = handler start minus
-    the producer's commit. Returns the figures and the raw latencies (seconds)."""
-    async with (
-        system.install(ctx.dsn) as inst,
-        worker_process(system.kind, ctx.log_dir, **system.worker_config(inst), **worker) as proc,
-        system.producers(inst, producer_count) as produce,
-    ):
-        await proc.go()
-        await warm_up(proc, produce)
-        result = await producers.at_rate(produce, rate, seconds)
-        # Generous: a system that cannot keep up still gets to finish its backlog.
-        await proc.wait_handled(1 + len(result.commits), timeout=max(120, 30 * seconds))
-        info = await proc.info()
-        starts = await proc.stop()
+    the producer's commit. Returns the figures and the raw latencies (seconds).
+    ``prepare`` may change the freshly installed schema before the worker starts."""
+    async with system.install(ctx.dsn) as inst:
+        if prepare is not None:
+            await prepare(inst)
+        async with (
+            worker_process(
+                system.kind, ctx.log_dir, **system.worker_config(inst), **worker
+            ) as proc,
+            system.producers(inst, producer_count) as produce,
+        ):
+            await proc.go()
+            await warm_up(proc, produce)
+            result = await producers.at_rate(produce, rate, seconds)
+            # Generous: a system that cannot keep up still gets to finish its backlog.
+            await proc.wait_handled(1 + len(result.commits), timeout=max(120, 30 * seconds))
+            info = await proc.info()
+            starts = await proc.stop()
     lat = latencies(result.commits, starts)
     figures = {"achieved_per_s": result.achieved_rate, **latency_figures(lat)}
     if "notifications" in info:

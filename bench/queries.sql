@@ -56,7 +56,9 @@ SELECT pid FROM pg_stat_activity WHERE application_name LIKE '%' || $1 || '%'
 SELECT pid FROM pg_stat_activity WHERE backend_type <> 'client backend'
 
 -- name: terminate_backend
-SELECT pg_terminate_backend($1)
+-- Waits (up to 5 s) until the backend is gone: without the timeout the call returns as soon
+-- as the signal is sent, and a notification committed right after could still get through.
+SELECT pg_terminate_backend($1, 5000)
 
 -- name: pgqueuer_unfinished
 SELECT EXISTS (SELECT 1 FROM {{schema}}.pgqueuer)

@@ -12,7 +12,7 @@ import asyncpg
 
 from bench import producers
 from bench.context import Context
-from bench.drive import warm_up
+from bench.drive import stream_once, warm_up
 from bench.figures import Row, latency_figures
 from bench.proc import worker_process
 from bench.sql import query
@@ -20,7 +20,15 @@ from bench.systems import Installed, RelaySystem
 from worker.sqlfiles import quote_ident
 
 TITLE = "Producer cost of the notify trigger (single-intent transactions, flat out)"
-METRICS = ("commits_per_s", "p50_ms", "p99_ms", "vs_no_trigger", "notifications")
+METRICS = (
+    "commits_per_s",
+    "p50_ms",
+    "p99_ms",
+    "vs_no_trigger",
+    "notifications",
+    "wake_p50_ms",
+    "wake_p99_ms",
+)
 VARIANTS = {
     "none": "no trigger",
     "always": "always-notify statement trigger (b86cd5d)",
@@ -81,4 +89,36 @@ async def run(ctx: Context) -> list[Row]:
             for variant, figures in results.items():
                 figures["vs_no_trigger"] = figures["commits_per_s"] / base
                 rows[variant, n].add(figures)
+    return [*rows.values(), *await _wake_up_latency(ctx)]
+
+
+async def _wake_up_latency(ctx: Context) -> list[Row]:
+    """The other side of the trade: how fast a lone intent is picked up at low load."""
+    rate = ctx.size.latency_rates[0]
+    rows = {
+        v: Row(
+            "producer-cost", f"wake-up latency at {rate}/s, {label}", {"variant": v, "rate": rate}
+        )
+        for v, label in VARIANTS.items()
+    }
+    for run_no in range(ctx.runs):
+        for variant, row in rows.items():
+            ctx.progress(f"producer cost run {run_no + 1}: {row.label}")
+
+            async def prepare(inst: Installed, variant: str = variant) -> None:
+                async with ctx.admin() as conn:
+                    await apply_variant(inst, variant, conn)
+
+            figures, samples = await stream_once(
+                ctx, RelaySystem(), rate, ctx.size.latency_seconds,
+                producer_count=ctx.size.latency_producers, prepare=prepare, listen=True,
+            )  # fmt: skip
+            row.add(
+                {
+                    "wake_p50_ms": figures["p50_ms"],
+                    "wake_p99_ms": figures["p99_ms"],
+                    "notifications": figures.get("notifications", 0.0),
+                }
+            )
+            row.samples_ms += [x * 1000 for x in samples]
     return list(rows.values())
