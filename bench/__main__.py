@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "postgresql": info,
         "versions": _versions(),
-        "machine": _machine(),
+        "machine": {**_machine(), "load_average_at_end": os.getloadavg()},
         "workers": "one subprocess per worker (python -m bench.child); producers in the runner",
     }
     report.write_json(out / "results.json", meta, all_rows, found)
