@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 150)
     out: Path = args.out
     started = time.monotonic()
+    machine = _machine()  # the load average now, before we add to it
     with resolve_dsn(args.dsn) as dsn:
         ctx = Context(
             dsn=dsn,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "postgresql": info,
         "versions": _versions(),
-        "machine": {**_machine(), "load_average_at_end": os.getloadavg()},
+        "machine": {**machine, "load_average_at_end": os.getloadavg()},
         "workers": "one subprocess per worker (python -m bench.child); producers in the runner",
     }
     report.write_json(out / "results.json", meta, all_rows, found)
