@@ -378,6 +378,14 @@ def _from_env(parser: argparse.ArgumentParser, opt: Option) -> Any:
     return value
 
 
+def _name_arg(value: Any, env: str) -> str | None:
+    """An explicit --schema/--channel, even an empty one (refused later, not replaced by
+    the default); else the environment variable, unless unset or empty."""
+    if value is not None:
+        return value if isinstance(value, str) else ""  # argparse makes "--schema=--" []
+    return os.environ.get(env) or None
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {}
     for opt in RUN_OPTIONS if args.command == "run" else []:
@@ -388,8 +396,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
             value = _from_env(args.parser, opt)
         if value is not None:
             values[opt.field] = value
-    schema = args.schema or os.environ.get("OUTBOX_SCHEMA") or "outbox"
-    channel = args.channel or os.environ.get("OUTBOX_CHANNEL") or default_channel(schema)
+    schema = _name_arg(args.schema, "OUTBOX_SCHEMA")
+    schema = "outbox" if schema is None else schema
+    channel = _name_arg(args.channel, "OUTBOX_CHANNEL")
+    channel = default_channel(schema) if channel is None else channel
     dsn = getattr(args, "dsn", None) or os.environ.get("DATABASE_URL") or None
     return Settings(dsn=dsn, schema=schema, channel=channel, **values)
 

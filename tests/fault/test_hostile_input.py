@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tests.smtp_server import SmtpTestServer
@@ -103,11 +103,18 @@ async def _check_names(pg_dsn: str, schema: str, channel: str | None) -> None:
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schema=names_strategy, channel=st.one_of(st.none(), names_strategy))
+# Found by Hypothesis once, kept as fixed cases: a reserved prefix (was accepted, then
+# failed at migrate), explicit empty names and argparse's "--" (silently became "outbox").
+@example(schema="pg_", channel=None)
+@example(schema="", channel=None)
+@example(schema="--", channel="A")
+@example(schema="Billing", channel="")
 def test_configured_names_are_refused_clearly_or_used_exactly(pg_dsn: str, schema, channel):
     asyncio.run(_check_names(pg_dsn, schema, channel))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schema=names_strategy, channel=st.one_of(st.none(), names_strategy))
 def test_configured_names_soak(pg_dsn: str, schema, channel):
@@ -153,15 +160,17 @@ _BUILT = {"from", "to", "cc", "reply-to", "subject", "date", "message-id", "mime
           "content-type", "content-transfer-encoding"}  # fmt: skip
 
 
-def _named(value: object) -> set[str]:
-    """The good addresses a field names, whatever text surrounds them."""
-    text = " ".join(value) if isinstance(value, list) else str(value)
-    return {a for a in GOOD if a in text}
+def _field_text(payload: dict[str, object], *fields: str) -> str:
+    parts: list[str] = []
+    for f in fields:
+        value = payload.get(f, [])
+        parts.extend(value if isinstance(value, list) else [str(value)])  # type: ignore[arg-type]
+    return "\n".join(parts)
 
 
 async def _send(payload: dict[str, object]) -> tuple[bool, list]:
     async with SmtpTestServer() as server:
-        sink = EmailSink(parse_smtp_url(server.url()), "outbox@example.com", 1)
+        sink = EmailSink(parse_smtp_url(server.url(tls="none")), "outbox@example.com", 1)
         now = datetime.now(UTC)
         intent = Intent(7, "email", payload, 1, 3, now, now)
         try:
@@ -181,8 +190,9 @@ def _check_payload(payload: dict[str, object]) -> None:
         assert messages == []
         return
     [msg] = messages
-    named = set().union(*(_named(payload.get(f, [])) for f in ("to", "cc", "bcc")))
-    assert set(msg.rcpt_tos) <= named, (msg.rcpt_tos, payload)
+    # Recipients come from the address fields only, never from a subject or a header.
+    named = _field_text(payload, "to", "cc", "bcc")
+    assert all(rcpt in named for rcpt in msg.rcpt_tos), (msg.rcpt_tos, payload)
     parsed = email.message_from_bytes(msg.data, policy=email.policy.default)
     custom = payload.get("headers", {})
     assert isinstance(custom, dict)
@@ -204,6 +214,7 @@ def test_email_fields_never_inject_a_header_or_recipient(payload: dict[str, obje
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @settings(max_examples=5000, deadline=None)
 @given(payload=payloads)
 def test_email_fields_soak(payload: dict[str, object]):
