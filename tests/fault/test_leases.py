@@ -16,11 +16,11 @@ from __future__ import annotations
 from tests.fault.ledger import Fault, check_ledger, delivered
 from tests.smtp_server import Script, Step, reply
 
-LEASE = 2.0
+LEASE = 3.0  # heartbeat every second: margin for a loaded machine
 
 
 async def test_heartbeat_keeps_a_delivery_slower_than_the_lease(outbox, smtp, spawn):
-    smtp.script(Script(data=Step(delay=3 * LEASE)))  # the first message takes 3 leases
+    smtp.script(Script(data=Step(delay=2 * LEASE)))  # the first message takes 2 leases
     a = await spawn(smtp_url=smtp.url(), concurrency=2, lease=LEASE)
     b = await spawn(smtp_url=smtp.url(), concurrency=2, lease=LEASE)
     committed = await outbox.enqueue_emails(5, per_transaction=5)
@@ -30,8 +30,8 @@ async def test_heartbeat_keeps_a_delivery_slower_than_the_lease(outbox, smtp, sp
     attempts = await outbox.conn.fetch(f"SELECT attempts FROM {outbox.table}")
     assert {r["attempts"] for r in attempts} == {1}
     for worker in (a, b):
-        assert not worker.logged("lease"), worker.tail()
-        assert not worker.logged("rescued"), worker.tail()
+        for sign in ("lost the lease", "lease lost", "rescued"):
+            assert not worker.logged(sign), worker.tail()
 
 
 async def test_paused_worker_loses_its_lease_and_its_late_outcome_is_fenced(outbox, smtp, spawn):
