@@ -34,8 +34,9 @@ async def _kill_and_restart(
         )
         worker.kill()
         assert await worker.wait(timeout=10) == -9
-        # Only one worker runs at a time: whatever is processing was the dead one's.
-        faults.append(Fault(f"kill -9 #{k + 1}", await outbox.processing()))
+        # What the dead process held; nothing can move it until its lease expires.
+        held = await outbox.processing(locked_by_pid=worker.pid)
+        faults.append(Fault(f"kill -9 #{k + 1}", held))
         worker = await spawn(smtp_url=smtp.url(), concurrency=16, lease=3.0)
     await outbox.wait_settled(timeout=90)
     report = await check_ledger(

@@ -45,7 +45,8 @@ async def test_poison_ends_dead_and_good_intents_are_unaffected(outbox, smtp, sp
         while not await outbox.settled():
             if not worker.running:  # killed by the crash handler: restart it
                 assert await worker.wait(timeout=10) == -9, worker.tail()
-                faults.append(Fault("handler killed its worker", await outbox.processing()))
+                held = await outbox.processing(locked_by_pid=worker.pid)
+                faults.append(Fault("handler killed its worker", held))
                 worker = await start()
             await anyio.sleep(0.1)  # supervising a process: poll it, as systemd would
     rows = await outbox.rows()
