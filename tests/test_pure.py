@@ -96,3 +96,27 @@ async def test_delivery_timeout_is_ours_and_a_sink_timeout_is_its_own():
     assert isinstance(slow, Retry) and slow.error == "delivery timed out after 0.05s"
     own = await deliver(Intent(2, "raises", {}, 1, 5, now, now), sinks, POLICY, 5)
     assert isinstance(own, Retry) and own.error == "TimeoutError: upstream API timed out"
+
+
+def test_long_schema_names_get_a_channel_that_fits():
+    from worker.settings import default_channel
+
+    assert default_channel("outbox") == "outbox_intent"
+    long_name = "s" * 60
+    assert default_channel(long_name) == long_name
+    Settings(schema=long_name, channel=default_channel(long_name))  # accepted
+
+
+def test_asyncpg_pool_reconnect_failures_log_one_line(capsys):
+    import logging
+
+    from worker import logs
+
+    logs.setup("text")
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed")
+    except OSError:
+        logging.getLogger("asyncpg.pool").warning("Failed to restore the pool", exc_info=True)
+    err = capsys.readouterr().err
+    assert "Failed to restore the pool: ConnectionRefusedError" in err
+    assert "Traceback" not in err

@@ -99,6 +99,19 @@ class _JsonFormatter(logging.Formatter):
         return scrub(orjson.dumps(entry).decode())
 
 
+class _OneLineReconnectFailures(logging.Filter):
+    """asyncpg's pool logs a full traceback on every failed reconnect while the database is
+    down (each 1 to 60 s); one line says the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {one_line(record.exc_info[1])}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup(fmt: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -110,3 +123,6 @@ def setup(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _OneLineReconnectFailures) for f in pool_log.filters):
+        pool_log.addFilter(_OneLineReconnectFailures())

@@ -228,6 +228,9 @@ class Relay:
         intents = await self._claim(want)
         for intent in intents:
             await send.send(intent)
+            # Counted here, not by the slot: it runs later, and the next claim must not
+            # count it idle in the meantime.
+            self._idle_slots -= 1
         return len(intents), len(intents) == want
 
     @property
@@ -305,7 +308,9 @@ class Relay:
             self.stats.on_poll()
 
     async def _rescue_expired(self) -> None:
-        rows = await self._pool.fetch(self._q["rescue_expired"], self.settings.max_attempts)
+        rows = await self._pool.fetch(
+            self._q["rescue_expired"], self.settings.max_attempts, self.worker_id
+        )
         if rows:
             dead = sum(1 for r in rows if r["status"] == "dead")
             log.warning(
@@ -317,14 +322,12 @@ class Relay:
     async def _slot(self, index: int, receive: MemoryObjectReceiveStream[Intent]) -> None:
         async with receive:
             while True:
-                self._idle_slots += 1
+                self._idle_slots += 1  # the claim loop takes it off when it hands one over
                 self._slot_freed.set()
                 try:
                     intent = await receive.receive()
                 except anyio.EndOfStream:
                     return
-                finally:
-                    self._idle_slots -= 1
                 self.stats.on_delivery_start(index, intent)
                 try:
                     outcome = await deliver(
@@ -384,8 +387,7 @@ class Relay:
                 for r in rows
                 if not r["renewed"] and r["id"] in self.in_flight and r["id"] not in self._submitted
             ]
-            if lost:
-                self.stats.on_lease_lost(len(lost))
+            if lost:  # counted in the stats when their fenced outcome write is refused
                 log.warning(
                     "lost the lease of intents %s; their outcomes will be discarded", lost[:10]
                 )

@@ -37,7 +37,10 @@ def validate_schema_name(name: str) -> str:
 
 
 def default_channel(schema: str) -> str:
-    return f"{schema}_intent"
+    """``SCHEMA_intent``; a schema name too long for that is a fine channel name itself
+    (channels and schemas are separate namespaces)."""
+    channel = f"{schema}_intent"
+    return channel if len(channel.encode()) <= _MAX_IDENTIFIER_BYTES else schema
 
 
 @dataclass(frozen=True, slots=True)
