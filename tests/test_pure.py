@@ -30,7 +30,7 @@ def test_retry_delay_doubles_with_equal_jitter_and_is_capped():
 
 
 def test_jittered_stays_within_spread():
-    assert jittered(2.0, rand=lambda: 0.0) == pytest.approx(1.6)
+    assert jittered(2.0, rand=lambda: 0.0) == pytest.approx(2.0)
     assert jittered(2.0, rand=lambda: 1.0) == pytest.approx(2.4)
 
 

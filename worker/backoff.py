@@ -21,5 +21,6 @@ def retry_delay(
 def jittered(
     seconds: float, spread: float = 0.2, rand: Callable[[], float] = random.random
 ) -> float:
-    """``seconds`` +/- ``spread`` (a fraction), so many processes don't poll in lockstep."""
-    return seconds * (1 - spread + 2 * spread * rand())
+    """``seconds`` plus up to ``spread`` (a fraction) more, so many processes don't poll in
+    lockstep; never less, so a poll interval is a true bound on the idle query rate."""
+    return seconds * (1 + spread * rand())

@@ -85,7 +85,7 @@ RUN_OPTIONS = [
         "poll_interval",
         "OUTBOX_POLL_INTERVAL",
         _positive_float,
-        "seconds between fallback polls (jittered +/-20%%)",
+        "seconds between fallback polls (plus up to 20%% jitter)",
     ),
     Option(
         "--linger",
