@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.sinks.reconnect import ConnectGate
 
 __all__ = ["NatsSink", "build_publish", "parse_nats_url"]
 
@@ -144,8 +145,7 @@ class NatsSink:
         self._name = name
         self._client: Client | None = None
         self._js: JetStreamContext | None = None
-        self._lock = anyio.Lock()
-        self._connect_failure: tuple[float, TransientError] | None = None
+        self._gate = ConnectGate()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -197,21 +197,11 @@ class NatsSink:
         client, js = self._client, self._js
         if client is not None and js is not None and not client.is_closed:
             return js
-        waiting_since = anyio.current_time()
-        async with self._lock:  # one task connects, the others wait for it
+        async with self._gate.turn() as turn:  # one task connects, the others wait for it
             if self._closed:
                 raise TransientError("nats sink is closed")
             if self._client is None or self._client.is_closed or self._js is None:
-                failure = self._connect_failure
-                if failure is not None and failure[0] >= waiting_since:
-                    # It failed while we waited: share the verdict rather than spend
-                    # another connect timeout each, one after the other.
-                    raise TransientError(str(failure[1])) from None
-                try:
-                    self._client = await self._connect()
-                except TransientError as exc:
-                    self._connect_failure = (anyio.current_time(), exc)
-                    raise
+                self._client = await turn.connect(self._connect)
                 self._js = self._client.jetstream(timeout=self._timeout)
             return self._js
 
@@ -253,7 +243,7 @@ class NatsSink:
         log.info("NATS %s: reconnected", self._where)
 
     async def aclose(self) -> None:
-        async with self._lock:
+        async with self._gate.lock:
             self._closed = True
             client, self._client, self._js = self._client, None, None
         if client is not None:

@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.sinks.reconnect import ConnectGate
 
 __all__ = ["RabbitMQSink", "build_message", "parse_amqp_url"]
 
@@ -137,8 +138,7 @@ class RabbitMQSink:
         self._name = name
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._lock = anyio.Lock()
-        self._connect_failure: tuple[float, TransientError] | None = None
+        self._gate = ConnectGate()
         self._known_exchanges: set[str] = {""}  # the default exchange always exists
         self._closed = False
 
@@ -189,27 +189,20 @@ class RabbitMQSink:
         connection, channel = self._connection, self._channel
         if connection and channel and not channel.is_closed and _alive(connection):
             return connection, channel
-        waiting_since = anyio.current_time()
-        async with self._lock:  # one task reconnects, the others wait for it
+        async with self._gate.turn() as turn:  # one task reconnects, the others wait for it
             if self._closed:
                 raise TransientError("rabbitmq sink is closed")
             if self._connection is None or not _alive(self._connection):
-                failure = self._connect_failure
-                if failure is not None and failure[0] >= waiting_since:
-                    # It failed while we waited: share the verdict rather than spend
-                    # another connect timeout each, one after the other.
-                    raise TransientError(str(failure[1])) from None
-                await self._close_connection()
-                try:
-                    self._connection = await self._connect()
-                except TransientError as exc:
-                    self._connect_failure = (anyio.current_time(), exc)
-                    raise
+                self._connection = await turn.connect(self._reconnect)
             if self._channel is None or self._channel.is_closed or self._channel is channel:
                 self._channel = await self._connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
             return self._connection, self._channel
+
+    async def _reconnect(self) -> AbstractConnection:
+        await self._close_connection()  # never raises TransientError
+        return await self._connect()
 
     async def _connect(self) -> AbstractConnection:
         try:
@@ -254,6 +247,6 @@ class RabbitMQSink:
                     log.debug("closing the RabbitMQ connection: %s", self._reason(exc))
 
     async def aclose(self) -> None:
-        async with self._lock:
+        async with self._gate.lock:
             self._closed = True
             await self._close_connection()
