@@ -130,7 +130,10 @@ async def start_relay(
         pool = await create_pool(pg_dsn, max_size=5, application_name="outbox-worker test")
         wrapped = {k: v if hasattr(v, "deliver") else HandlerSink(v) for k, v in sinks.items()}
         relay = Relay(
-            pool=pool, dsn=pg_dsn, queries=load_queries(names), settings=relay_settings,
+            pool=pool,
+            dsn=pg_dsn,
+            queries=load_queries(names),
+            settings=relay_settings,
             sinks=wrapped,  # type: ignore[arg-type]
         )
         try:
@@ -165,3 +168,16 @@ async def count_by_status(conn: asyncpg.Connection, names: Names) -> dict[str, i
         f'SELECT status, count(*) AS n FROM "{names.schema}".intent GROUP BY status'
     )
     return {r["status"]: r["n"] for r in rows}
+
+
+async def statuses_are(conn: asyncpg.Connection, names: Names, expected: dict[str, int]) -> bool:
+    """For ``wait_until``: the intents by status are exactly ``expected``."""
+    return await count_by_status(conn, names) == expected
+
+
+async def failed_at_least_once(conn: asyncpg.Connection, names: Names, n: int) -> bool:
+    """For ``wait_until``: at least ``n`` intents have a failed attempt (a last_error)."""
+    failed = await conn.fetchval(
+        f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
+    )
+    return bool(failed >= n)

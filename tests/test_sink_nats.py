@@ -22,7 +22,8 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from tests.conftest import count_by_status, wait_until
+from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.sink_helpers import assert_waiters_share_a_failed_connect
 from tests.tcp_proxy import free_port, tcp_proxy
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
@@ -191,7 +192,7 @@ async def test_relay_publishes_and_waits_for_the_puback(
                 )
                 for n in range(10)
             ]
-        await wait_until(lambda: _statuses(db, names, {"sent": 10}))
+        await wait_until(lambda: statuses_are(db, names, {"sent": 10}))
     messages = await stream.messages()  # sent means stored: all there already
     assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(str(i) for i in ids)
     assert sorted(orjson.loads(m.data)["n"] for m in messages) == list(range(10))
@@ -220,7 +221,7 @@ async def test_retry_after_a_lost_puback_is_deduplicated_end_to_end(
         async with db.transaction():
             for n in range(5):
                 await enqueue(db, "nats", _event(stream, n), schema=names.schema)
-        await wait_until(lambda: _statuses(db, names, {"sent": 5}))
+        await wait_until(lambda: statuses_are(db, names, {"sent": 5}))
     attempts = await db.fetch(f'SELECT attempts FROM "{names.schema}".intent')
     assert {r["attempts"] for r in attempts} == {2}  # every intent was published twice...
     assert await stream.count() == 5  # ...and stored once
@@ -237,14 +238,14 @@ async def test_server_down_then_back_loses_nothing_and_stores_each_once(
                 async with db.transaction():
                     for n in range(10):
                         await enqueue(db, "nats", _event(stream, n), schema=names.schema)
-                await wait_until(lambda: _statuses(db, names, {"sent": 10}))
+                await wait_until(lambda: statuses_are(db, names, {"sent": 10}))
                 await proxy.stop()
                 async with db.transaction():
                     for n in range(10, 20):
                         await enqueue(db, "nats", _event(stream, n), schema=names.schema)
-                await wait_until(lambda: _failed_at_least_once(db, names, 10))
+                await wait_until(lambda: failed_at_least_once(db, names, 10))
                 await proxy.start()
-                await wait_until(lambda: _statuses(db, names, {"sent": 20}), timeout=30)
+                await wait_until(lambda: statuses_are(db, names, {"sent": 20}), timeout=30)
         finally:
             await nats_sink.aclose()
     # Publishes buffered while disconnected are flushed on reconnect, and the relay retries
@@ -254,44 +255,11 @@ async def test_server_down_then_back_loses_nothing_and_stores_each_once(
     assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(str(r["id"]) for r in ids)
 
 
-async def _statuses(db, names: Names, expected: dict[str, int]) -> bool:
-    return await count_by_status(db, names) == expected
-
-
-async def _failed_at_least_once(db, names: Names, n: int) -> bool:
-    failed = await db.fetchval(
-        f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
-    )
-    return bool(failed >= n)
-
-
 async def test_waiting_deliveries_share_a_failed_connect() -> None:
     nats_sink = NatsSink(f"nats://127.0.0.1:{free_port()}", timeout=0.5)
-    connects = 0
-    connect = nats_sink._connect
-
-    async def counting_connect() -> Any:
-        nonlocal connects
-        connects += 1
-        return await connect()
-
-    nats_sink._connect = counting_connect  # type: ignore[method-assign]
-    failures: list[TransientError] = []
-
-    async def deliver(n: int) -> None:
-        try:
-            await nats_sink.deliver(_intent({"subject": "a.b"}, n=n))
-        except TransientError as exc:
-            failures.append(exc)
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for n in range(6):
-                tg.start_soon(deliver, n)
-    finally:
-        await nats_sink.aclose()
-    assert len(failures) == 6 and connects == 1
-    assert all("cannot connect" in str(f) for f in failures)
+    await assert_waiters_share_a_failed_connect(
+        nats_sink, lambda n: _intent({"subject": "a.b"}, n=n)
+    )
 
 
 @pytest.mark.slow
@@ -307,7 +275,7 @@ async def test_flapping_connection_loses_nothing_and_stores_each_once(
                     for n in range(2000):
                         await enqueue(db, "nats", _event(stream, n), schema=names.schema)
                 with anyio.fail_after(120):
-                    while not await _statuses(db, names, {"sent": 2000}):
+                    while not await statuses_are(db, names, {"sent": 2000}):
                         proxy.cut()  # fault injection every 0.3 s, not synchronisation
                         await anyio.sleep(0.3)
         finally:

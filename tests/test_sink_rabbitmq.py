@@ -21,7 +21,8 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.conftest import count_by_status, wait_until
+from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.sink_helpers import assert_waiters_share_a_failed_connect
 from tests.tcp_proxy import free_port, tcp_proxy
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
@@ -217,7 +218,7 @@ async def test_relay_publishes_confirmed_persistent_messages(
                     )
                     for n in range(10)
                 ]
-            await wait_until(lambda: _statuses(db, names, {"sent": 10}))
+            await wait_until(lambda: statuses_are(db, names, {"sent": 10}))
     finally:
         await sink.aclose()
     # Sent means confirmed: every message is in the queue already.
@@ -247,7 +248,7 @@ async def test_missing_exchange_is_dead_and_others_are_unaffected(
                 )
                 for n in range(30):
                     await enqueue(db, "rabbitmq", _order(broker, n), schema=names.schema)
-            await wait_until(lambda: _statuses(db, names, {"sent": 30, "dead": 1}))
+            await wait_until(lambda: statuses_are(db, names, {"sent": 30, "dead": 1}))
     finally:
         await sink.aclose()
     row = await db.fetchrow(
@@ -273,14 +274,14 @@ async def test_broker_down_then_back_loses_nothing(
                 async with db.transaction():
                     for n in range(10):
                         await enqueue(db, "rabbitmq", _order(broker, n), schema=names.schema)
-                await wait_until(lambda: _statuses(db, names, {"sent": 10}))
+                await wait_until(lambda: statuses_are(db, names, {"sent": 10}))
                 await proxy.stop()
                 async with db.transaction():
                     for n in range(10, 20):
                         await enqueue(db, "rabbitmq", _order(broker, n), schema=names.schema)
-                await wait_until(lambda: _failed_at_least_once(db, names, 10))
+                await wait_until(lambda: failed_at_least_once(db, names, 10))
                 await proxy.start()
-                await wait_until(lambda: _statuses(db, names, {"sent": 20}), timeout=30)
+                await wait_until(lambda: statuses_are(db, names, {"sent": 20}), timeout=30)
         finally:
             await sink.aclose()
     await collected.drain()
@@ -328,44 +329,9 @@ async def _queued(collected: Collected, n: int) -> bool:
     return len(await collected.drain()) >= n
 
 
-async def _statuses(db, names: Names, expected: dict[str, int]) -> bool:
-    return await count_by_status(db, names) == expected
-
-
-async def _failed_at_least_once(db, names: Names, n: int) -> bool:
-    failed = await db.fetchval(
-        f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
-    )
-    return bool(failed >= n)
-
-
 async def test_waiting_deliveries_share_a_failed_connect() -> None:
     sink = RabbitMQSink(f"amqp://guest:guest@127.0.0.1:{free_port()}/", timeout=5)
-    connects = 0
-    connect = sink._connect
-
-    async def counting_connect() -> Any:
-        nonlocal connects
-        connects += 1
-        return await connect()
-
-    sink._connect = counting_connect  # type: ignore[method-assign]
-    failures: list[TransientError] = []
-
-    async def deliver(n: int) -> None:
-        try:
-            await sink.deliver(_intent({"routing_key": "x"}, n=n))
-        except TransientError as exc:
-            failures.append(exc)
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for n in range(6):
-                tg.start_soon(deliver, n)
-    finally:
-        await sink.aclose()
-    assert len(failures) == 6 and connects == 1
-    assert all("cannot connect" in str(f) for f in failures)
+    await assert_waiters_share_a_failed_connect(sink, lambda n: _intent({"routing_key": "x"}, n=n))
 
 
 @pytest.mark.slow
@@ -384,7 +350,7 @@ async def test_flapping_connection_loses_nothing(
                     for n in range(2000):
                         await enqueue(db, "rabbitmq", _order(broker, n), schema=names.schema)
                 with anyio.fail_after(120):
-                    while not await _statuses(db, names, {"sent": 2000}):
+                    while not await statuses_are(db, names, {"sent": 2000}):
                         proxy.cut()  # fault injection every 0.3 s, not synchronisation
                         await anyio.sleep(0.3)
         finally:

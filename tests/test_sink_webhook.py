@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import count_by_status, wait_until
+from tests.conftest import failed_at_least_once, statuses_are, wait_until
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -317,7 +317,7 @@ async def test_relay_delivers_webhooks_end_to_end(
                 )
                 for n in range(10)
             ]
-        await wait_until(lambda: _statuses(db, names, {"sent": 10}))
+        await wait_until(lambda: statuses_are(db, names, {"sent": 10}))
     assert sorted(receiver.keys()) == sorted(str(i) for i in ids)
     assert all(
         verify_signature(SECRET, r.headers["Outbox-Signature"], r.body) for r in receiver.requests
@@ -342,7 +342,7 @@ async def test_unknown_host_is_dead_at_once_and_unreachable_host_is_retried(
                     schema=names.schema,
                     max_attempts=2,
                 )
-            await wait_until(lambda: _statuses(db, names, {"dead": 2}))
+            await wait_until(lambda: statuses_are(db, names, {"dead": 2}))
     finally:
         await webhook.aclose()
     rows = {
@@ -366,9 +366,9 @@ async def test_receiver_down_then_back_loses_nothing(
         async with db.transaction():
             for n in range(20):
                 await enqueue(db, "webhook", {"url": receiver.url, "body": n}, schema=names.schema)
-        await wait_until(lambda: _retried(db, names, 20))
+        await wait_until(lambda: failed_at_least_once(db, names, 20))
         await receiver.start()
-        await wait_until(lambda: _statuses(db, names, {"sent": 20}), timeout=30)
+        await wait_until(lambda: statuses_are(db, names, {"sent": 20}), timeout=30)
     assert len(set(receiver.keys())) == 20
     assert sorted(orjson.loads(r.body) for r in receiver.requests) == list(range(20))
 
@@ -380,7 +380,7 @@ async def test_relay_waits_for_retry_after(
     async with start_relay({"webhook": sink}):
         async with db.transaction():
             await enqueue(db, "webhook", {"url": receiver.url}, schema=names.schema)
-        await wait_until(lambda: _statuses(db, names, {"sent": 1}))
+        await wait_until(lambda: statuses_are(db, names, {"sent": 1}))
     first, second = receiver.requests
     assert second.headers["Idempotency-Key"] == first.headers["Idempotency-Key"]
     assert second.at - first.at >= 0.9  # the backoff alone would have been <= 0.2 s
@@ -393,21 +393,10 @@ async def test_bad_status_is_dead_with_the_reason(
     async with start_relay({"webhook": sink}):
         async with db.transaction():
             intent_id = await enqueue(db, "webhook", {"url": receiver.url}, schema=names.schema)
-        await wait_until(lambda: _statuses(db, names, {"dead": 1}))
+        await wait_until(lambda: statuses_are(db, names, {"dead": 1}))
     error = await db.fetchval(
         f'SELECT last_error FROM "{names.schema}".intent WHERE id = $1', intent_id
     )
     assert error == (
         f'POST http://127.0.0.1:{receiver.port}: HTTP 422: {{"error": "amount must be positive"}}'
     )
-
-
-async def _statuses(db, names: Names, expected: dict[str, int]) -> bool:
-    return await count_by_status(db, names) == expected
-
-
-async def _retried(db, names: Names, n: int) -> bool:
-    failed = await db.fetchval(
-        f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
-    )
-    return bool(failed >= n)

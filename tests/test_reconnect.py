@@ -1,0 +1,107 @@
+"""ConnectGate on its own: one task connects, the tasks that waited share its failure."""
+
+from __future__ import annotations
+
+import anyio
+from anyio import wait_all_tasks_blocked
+from anyio.abc import TaskStatus
+from anyio.lowlevel import checkpoint
+
+from worker.errors import TransientError
+from worker.sinks.reconnect import ConnectGate
+
+
+class Connector:
+    """Counts its calls; each call waits for ``go``, then raises ``error`` or returns."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls = 0
+        self.error = error
+        self.go = anyio.Event()
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        await self.go.wait()
+        if self.error is not None:
+            raise self.error
+        return f"connection {self.calls}"
+
+
+async def _attempt(gate: ConnectGate, connect: Connector, results: list[object]) -> None:
+    try:
+        async with gate.turn() as turn:
+            results.append(await turn.connect(connect))
+    except Exception as exc:
+        results.append(exc)
+
+
+async def test_tasks_waiting_during_a_failed_connect_share_it_without_connecting() -> None:
+    gate = ConnectGate()
+    connect = Connector(TransientError("broker: cannot connect: refused"))
+    results: list[object] = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(_attempt, gate, connect, results)
+        await wait_all_tasks_blocked()  # one connects, four wait for the lock
+        connect.go.set()
+    assert connect.calls == 1
+    assert len(results) == 5
+    assert all(isinstance(r, TransientError) for r in results)
+    assert {str(r) for r in results} == {"broker: cannot connect: refused"}
+
+
+async def test_a_task_that_comes_after_the_failure_connects_again() -> None:
+    gate = ConnectGate()
+    connect = Connector(TransientError("down"))
+    connect.go.set()
+    results: list[object] = []
+    await _attempt(gate, connect, results)
+    await anyio.sleep(0.01)  # the next attempt starts strictly after the failure
+    await _attempt(gate, connect, results)
+    assert connect.calls == 2
+    assert [str(r) for r in results] == ["down", "down"]
+
+
+async def test_a_success_is_returned_and_not_shared() -> None:
+    gate = ConnectGate()
+    connect = Connector()
+    connect.go.set()
+    results: list[object] = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(_attempt, gate, connect, results)
+    assert results == ["connection 1", "connection 2", "connection 3"]
+
+
+async def test_only_transient_errors_are_shared() -> None:
+    gate = ConnectGate()
+    connect = Connector(ValueError("a bug, not a verdict on the broker"))
+    results: list[object] = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(_attempt, gate, connect, results)
+        await wait_all_tasks_blocked()
+        connect.go.set()
+    assert connect.calls == 3
+    assert all(isinstance(r, ValueError) for r in results)
+
+
+async def test_the_lock_is_held_for_the_whole_turn() -> None:
+    gate = ConnectGate()
+    inside = 0
+    most = 0
+
+    async def hold(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        nonlocal inside, most
+        task_status.started()
+        async with gate.turn():
+            inside += 1
+            most = max(most, inside)
+            await checkpoint()
+            inside -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            await tg.start(hold)
+    assert most == 1
+    assert not gate.lock.locked()
