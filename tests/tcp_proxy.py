@@ -1,114 +1,185 @@
-"""A TCP proxy on 127.0.0.1 that tests stop and start, to take "the broker" down and bring
-it back without touching the machine's shared RabbitMQ/NATS."""
+"""A TCP proxy on 127.0.0.1 that a test can stop, freeze, cut or make refuse connections.
+
+Put it between the code under test and a server (PostgreSQL, SMTP, RabbitMQ, NATS), so the
+machine's shared server stays up while "the server" fails::
+
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        dsn = proxy.rewrite(pg_dsn)      # same DSN, host:port of the proxy
+        proxy.freeze()                   # half-open: sockets stay open, no byte moves
+        proxy.heal()                     # bytes held back flow again, as after TCP retransmits
+        proxy.hold_replies()             # only server -> client bytes are held (lost acks)
+        proxy.release_replies()
+        proxy.cut()                      # every connection reset (RST) at once
+        proxy.refuse = True              # new connections are accepted, then reset
+        await proxy.stop()               # server down: not listening, every connection reset
+        await proxy.start()              # server back, on the same port
+
+A frozen proxy also accepts new connections without connecting them upstream: to the
+client that looks like a server that never answers, the usual face of a partition.
+Runs on the test's own asyncio event loop, like tests/smtp_server.py; every connection
+task is owned by the proxy and cancelled by ``stop()``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+import struct
+from urllib.parse import urlsplit, urlunsplit
 
-import anyio
-import anyio.abc
+__all__ = ["TcpProxy", "free_port"]
+
+_CHUNK = 65536
 
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 class TcpProxy:
-    def __init__(self, tg: anyio.abc.TaskGroup, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.connections = 0  # accepted so far
-        self._tg = tg
-        self._serving: anyio.CancelScope | None = None
-        self._stopped = anyio.Event()
-        self._links: set[anyio.CancelScope] = set()
-        self._replies = anyio.Event()  # set: server -> client bytes flow
+    host = "127.0.0.1"
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0  # chosen by the first start(), kept by the next ones
+        self.refuse = False
+        self.connections = 0  # connections accepted so far, refused ones included
+        self.refused = 0
+        self._flowing = asyncio.Event()  # clear: frozen, nothing moves
+        self._flowing.set()
+        self._replies = asyncio.Event()  # clear: server -> client bytes are held
         self._replies.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> None:
-        """Listen (again) on the same port."""
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
-        self._stopped = anyio.Event()
-        await self._tg.start(self._serve, listener)
+    # -- faults ---------------------------------------------------------------------------
 
-    async def _serve(
-        self,
-        listener: anyio.abc.SocketListener,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        try:
-            with anyio.CancelScope() as self._serving:
-                async with listener:
-                    task_status.started()
-                    await listener.serve(self._link)
-        finally:
-            self._stopped.set()
+    @property
+    def frozen(self) -> bool:
+        return not self._flowing.is_set()
 
-    async def stop(self) -> None:
-        """Stop listening and cut every connection: the broker is "down"."""
-        if self._serving is not None:
-            self._serving.cancel()
-            await self._stopped.wait()
-            self._serving = None
+    def freeze(self) -> None:
+        """Stop moving bytes in both directions; keep every socket open."""
+        self._flowing.clear()
 
-    def cut(self) -> None:
-        """Cut the open connections but keep listening (a network blip)."""
-        for scope in list(self._links):
-            scope.cancel()
+    def heal(self) -> None:
+        self._flowing.set()
 
     def hold_replies(self) -> None:
         """Stop forwarding what the server sends (confirms, acks) until ``release_replies``."""
-        if self._replies.is_set():
-            self._replies = anyio.Event()
+        self._replies.clear()
 
     def release_replies(self) -> None:
         self._replies.set()
 
-    async def _link(self, client: anyio.abc.SocketStream) -> None:
-        self.connections += 1
-        with anyio.CancelScope() as scope:
-            self._links.add(scope)
-            try:
-                async with (
-                    client,
-                    await anyio.connect_tcp("127.0.0.1", self.target_port) as up,
-                    anyio.create_task_group() as tg,
-                ):
-                    tg.start_soon(self._pump, client, up, False, tg.cancel_scope)
-                    tg.start_soon(self._pump, up, client, True, tg.cancel_scope)
-            except OSError:
-                pass  # the target is down too, or a peer reset: the client sees a close
-            finally:
-                self._links.discard(scope)
+    def cut(self) -> None:
+        """Reset every open connection (both sides see the connection die); keep listening."""
+        for writer in list(self._writers):
+            _abort(writer)
 
-    async def _pump(
-        self,
-        source: anyio.abc.SocketStream,
-        sink: anyio.abc.SocketStream,
-        replies: bool,
-        link: anyio.CancelScope,
+    @property
+    def open_connections(self) -> int:
+        """Client-side connections currently open (each has an upstream twin once connected)."""
+        return len(self._tasks)
+
+    def rewrite(self, url: str) -> str:
+        """``url`` with its host:port replaced by the proxy's (user, password, path kept)."""
+        parts = urlsplit(url)
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}@" if userinfo else ""
+        return urlunsplit(parts._replace(netloc=f"{netloc}{self.host}:{self.port}"))
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen: on a free port the first time, (again) on the same port after ``stop()``."""
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and reset every connection: the server is "down"."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.cut()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> TcpProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio runs this callback as its own task; register it so stop() can cancel it.
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        try:
+            if self.refuse:
+                self.refused += 1
+                _abort(writer)
+                return
+            self._writers.add(writer)
+            await self._flowing.wait()  # a partition swallows the SYN: nothing answers
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
+            except OSError:
+                _abort(writer)
+                return
+            self._writers.add(up_writer)
+            try:
+                await asyncio.gather(
+                    self._pipe(reader, up_writer, replies=False),
+                    self._pipe(up_reader, writer, replies=True),
+                )
+            finally:
+                _abort(up_writer)
+                self._writers.discard(up_writer)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            _abort(writer)
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool
     ) -> None:
         try:
-            async for chunk in source:
+            while data := await reader.read(_CHUNK):
+                await self._flowing.wait()
                 if replies:
                     await self._replies.wait()
-                await sink.send(chunk)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    await self._flowing.wait()  # frozen while the replies were held
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
             pass
-        link.cancel()  # one side closed: close both
+        # One side is gone: take the other down too, as a router forgetting the flow would.
+        _abort(writer)
 
 
-@contextlib.asynccontextmanager
-async def tcp_proxy(target_port: int) -> AsyncIterator[TcpProxy]:
-    async with anyio.create_task_group() as tg:
-        proxy = TcpProxy(tg, target_port)
-        await proxy.start()
-        try:
-            yield proxy
-        finally:
-            tg.cancel_scope.cancel()
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close with RST rather than FIN, so the peer sees a reset like a dead link."""
+    transport = writer.transport
+    if transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

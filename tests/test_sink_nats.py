@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
 from tests.sink_helpers import assert_waiters_share_a_failed_connect
-from tests.tcp_proxy import free_port, tcp_proxy
+from tests.tcp_proxy import TcpProxy, free_port
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -231,7 +231,7 @@ async def test_server_down_then_back_loses_nothing_and_stores_each_once(
     db, names: Names, start_relay, nats_url: str, stream: Stream
 ) -> None:
     parts = urlsplit(nats_url)
-    async with tcp_proxy(parts.port or 4222) as proxy:
+    async with TcpProxy("127.0.0.1", parts.port or 4222) as proxy:
         nats_sink = NatsSink(f"nats://127.0.0.1:{proxy.port}", timeout=1, reconnect_wait=0.2)
         try:
             async with start_relay({"nats": nats_sink}, backoff_base=0.1, backoff_max=0.5):
@@ -267,7 +267,7 @@ async def test_flapping_connection_loses_nothing_and_stores_each_once(
     db, names: Names, start_relay, nats_url: str, stream: Stream
 ) -> None:
     parts = urlsplit(nats_url)
-    async with tcp_proxy(parts.port or 4222) as proxy:
+    async with TcpProxy("127.0.0.1", parts.port or 4222) as proxy:
         nats_sink = NatsSink(f"nats://127.0.0.1:{proxy.port}", timeout=1, reconnect_wait=0.1)
         try:
             async with start_relay({"nats": nats_sink}, backoff_base=0.05, backoff_max=0.5):

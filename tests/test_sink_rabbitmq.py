@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
 from tests.sink_helpers import assert_waiters_share_a_failed_connect
-from tests.tcp_proxy import free_port, tcp_proxy
+from tests.tcp_proxy import TcpProxy, free_port
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -265,7 +265,7 @@ async def test_broker_down_then_back_loses_nothing(
 ) -> None:
     parts = urlsplit(amqp_url)
     collected = Collected(broker)
-    async with tcp_proxy(parts.port or 5672) as proxy:
+    async with TcpProxy("127.0.0.1", parts.port or 5672) as proxy:
         sink = RabbitMQSink(
             f"amqp://{parts.username}:{parts.password}@127.0.0.1:{proxy.port}/", timeout=5
         )
@@ -294,7 +294,7 @@ async def test_connection_lost_before_the_confirm_is_transient(
 ) -> None:
     parts = urlsplit(amqp_url)
     collected = Collected(broker)
-    async with tcp_proxy(parts.port or 5672) as proxy:
+    async with TcpProxy("127.0.0.1", parts.port or 5672) as proxy:
         sink = RabbitMQSink(
             f"amqp://{parts.username}:{parts.password}@127.0.0.1:{proxy.port}/", timeout=10
         )
@@ -340,7 +340,7 @@ async def test_flapping_connection_loses_nothing(
 ) -> None:
     parts = urlsplit(amqp_url)
     collected = Collected(broker)
-    async with tcp_proxy(parts.port or 5672) as proxy:
+    async with TcpProxy("127.0.0.1", parts.port or 5672) as proxy:
         sink = RabbitMQSink(
             f"amqp://{parts.username}:{parts.password}@127.0.0.1:{proxy.port}/", timeout=2
         )

@@ -21,8 +21,8 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.fault.ledger import Fault, Outbox, check_ledger, delivered
-from tests.fault.proxy import TcpProxy
 from tests.fault.workers import WorkerProcess
+from tests.tcp_proxy import TcpProxy
 
 # What "promptly" may add to the poll interval on a loaded 2-core CI machine.
 MARGIN = 2.0

@@ -22,9 +22,9 @@ import pytest
 from tests.conftest import wait_until
 from tests.fault.ledger import Outbox
 from tests.fault.pgcluster import Cluster
-from tests.fault.proxy import TcpProxy
 from tests.fault.workers import REPO, WorkerProcess, worker_env
 from tests.smtp_server import SmtpTestServer
+from tests.tcp_proxy import TcpProxy
 from worker.migrate import migrate
 from worker.settings import default_channel
 from worker.sqlfiles import Names
