@@ -107,28 +107,41 @@ async def test_migrate_enqueue_status_retry_dead(pg_dsn: str, schema: str, db, n
     assert await count_by_status(db, names) == {"pending": 1}
 
 
+def worker_argv(pg_dsn: str, schema: str, *extra: str) -> list[str]:
+    """``python -m worker`` on the test schema with tests/sample_handlers.py, polling fast."""
+    return [
+        sys.executable,
+        "-m",
+        "worker",
+        "--dsn",
+        pg_dsn,
+        "--schema",
+        schema,
+        "--handlers",
+        "tests.sample_handlers:handlers",
+        "--poll-interval",
+        "0.5",
+        *extra,
+    ]
+
+
 def _start_worker(pg_dsn: str, schema: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "--dsn",
-            pg_dsn,
-            "--schema",
-            schema,
-            "--handlers",
-            "tests.sample_handlers:handlers",
-            "--poll-interval",
-            "0.5",
-            *extra,
-        ],
+        worker_argv(pg_dsn, schema, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=_env(),
         cwd=REPO,
     )
+
+
+async def _sigterm_and_wait(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """SIGTERM ``proc`` and wait for it to exit; fail the test after ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    with anyio.fail_after(timeout):
+        while proc.poll() is None:  # noqa: ASYNC110 - a subprocess's exit sets no event
+            await anyio.sleep(0.05)
 
 
 async def test_sigterm_finishes_in_flight_work_and_exits_zero(pg_dsn: str, schema: str, db, names):
@@ -138,10 +151,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(pg_dsn: str, schem
     proc = _start_worker(pg_dsn, schema, "--concurrency", "4", "--grace", "20")
     try:
         await wait_until(lambda: _any(db, schema, "processing"), timeout=30)
-        proc.send_signal(signal.SIGTERM)
-        with anyio.fail_after(30):
-            while proc.poll() is None:
-                await anyio.sleep(0.05)
+        await _sigterm_and_wait(proc)
     finally:
         proc.kill()
     output = proc.stdout.read() if proc.stdout else ""
@@ -158,10 +168,7 @@ async def test_grace_period_over_releases_rows_back_to_pending(pg_dsn: str, sche
     proc = _start_worker(pg_dsn, schema, "--concurrency", "4", "--grace", "0.5")
     try:
         await wait_until(lambda: _count(db, schema, "processing", 3), timeout=30)
-        proc.send_signal(signal.SIGTERM)
-        with anyio.fail_after(30):
-            while proc.poll() is None:
-                await anyio.sleep(0.05)
+        await _sigterm_and_wait(proc)
     finally:
         proc.kill()
     assert proc.returncode == 0

@@ -11,7 +11,6 @@ import os
 import pty
 import re
 import subprocess
-import sys
 import termios
 from datetime import UTC, datetime
 
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tests.conftest import count_by_status, wait_until
-from tests.test_cli import REPO, _env, cli
+from tests.test_cli import REPO, _env, cli, worker_argv
 from worker.dashboard import render, run_dashboard
 from worker.db import create_pool
 from worker.findings import fmt_duration
@@ -410,19 +409,7 @@ async def test_cli_dashboard_in_a_terminal_stops_on_ctrl_c(pg_dsn: str, schema: 
     before = termios.tcgetattr(slave)
     env = _env({"TERM": "xterm-256color"})
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once; we poll it without blocking
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "--dsn",
-            pg_dsn,
-            "--schema",
-            schema,
-            "--handlers",
-            "tests.sample_handlers:handlers",
-            "--poll-interval",
-            "0.5",
-        ],
+        worker_argv(pg_dsn, schema),
         stdin=slave,
         stdout=slave,
         stderr=slave,
