@@ -35,15 +35,21 @@ async def _attempt(gate: ConnectGate, connect: Connector, results: list[object])
         results.append(exc)
 
 
-async def test_tasks_waiting_during_a_failed_connect_share_it_without_connecting() -> None:
-    gate = ConnectGate()
-    connect = Connector(TransientError("broker: cannot connect: refused"))
+async def _race(gate: ConnectGate, connect: Connector, tasks: int) -> list[object]:
+    """``tasks`` attempts at once; ``connect`` proceeds once all of them are blocked (one
+    connecting, the others waiting for the lock). -> each attempt's result or error."""
     results: list[object] = []
     async with anyio.create_task_group() as tg:
-        for _ in range(5):
+        for _ in range(tasks):
             tg.start_soon(_attempt, gate, connect, results)
-        await wait_all_tasks_blocked()  # one connects, four wait for the lock
+        await wait_all_tasks_blocked()
         connect.go.set()
+    return results
+
+
+async def test_tasks_waiting_during_a_failed_connect_share_it_without_connecting() -> None:
+    connect = Connector(TransientError("broker: cannot connect: refused"))
+    results = await _race(ConnectGate(), connect, 5)
     assert connect.calls == 1
     assert len(results) == 5
     assert all(isinstance(r, TransientError) for r in results)
@@ -63,25 +69,13 @@ async def test_a_task_that_comes_after_the_failure_connects_again() -> None:
 
 
 async def test_a_success_is_returned_and_not_shared() -> None:
-    gate = ConnectGate()
-    connect = Connector()
-    connect.go.set()
-    results: list[object] = []
-    async with anyio.create_task_group() as tg:
-        for _ in range(3):
-            tg.start_soon(_attempt, gate, connect, results)
+    results = await _race(ConnectGate(), Connector(), 3)
     assert results == ["connection 1", "connection 2", "connection 3"]
 
 
 async def test_only_transient_errors_are_shared() -> None:
-    gate = ConnectGate()
     connect = Connector(ValueError("a bug, not a verdict on the broker"))
-    results: list[object] = []
-    async with anyio.create_task_group() as tg:
-        for _ in range(3):
-            tg.start_soon(_attempt, gate, connect, results)
-        await wait_all_tasks_blocked()
-        connect.go.set()
+    results = await _race(ConnectGate(), connect, 3)
     assert connect.calls == 3
     assert all(isinstance(r, ValueError) for r in results)
 
