@@ -309,7 +309,7 @@ class Relay:
 
     async def _rescue_expired(self) -> None:
         rows = await self._pool.fetch(
-            self._q["rescue_expired"], self.settings.max_attempts, self.worker_id
+            self._q["rescue_expired"], self.settings.max_attempts, list(self.in_flight)
         )
         if rows:
             dead = sum(1 for r in rows if r["status"] == "dead")

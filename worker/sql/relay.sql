@@ -67,8 +67,9 @@ WHERE id = ANY($2::bigint[]) AND (locked_by IS DISTINCT FROM $1 OR status <> 'pr
 -- name: rescue_expired
 -- Rows whose lease ran out: their worker crashed, hung or lost the database. The claim
 -- already counted the attempt, so a message that kills every worker ends dead instead of
--- looping; $1 is the worker's default max_attempts. Not our own rows ($2): we are alive,
--- and after a network partition longer than the lease our outcome write still lands.
+-- looping; $1 is the worker's default max_attempts. Not the rows this worker is still
+-- delivering ($2): after a network partition longer than the lease their outcome write still
+-- lands. Rows it holds without knowing (a claim whose answer was lost) are rescued.
 UPDATE {{schema}}.intent
 SET status = CASE WHEN attempts >= COALESCE(max_attempts, $1) THEN 'dead' ELSE 'pending' END,
     last_error = CASE WHEN attempts >= COALESCE(max_attempts, $1)
@@ -80,7 +81,7 @@ SET status = CASE WHEN attempts >= COALESCE(max_attempts, $1) THEN 'dead' ELSE '
     locked_until = NULL
 WHERE id = ANY(ARRAY(
     SELECT id FROM {{schema}}.intent
-    WHERE status = 'processing' AND locked_until < now() AND locked_by <> $2
+    WHERE status = 'processing' AND locked_until < now() AND id <> ALL($2::bigint[])
     ORDER BY locked_until
     LIMIT 1000
     FOR UPDATE SKIP LOCKED))
