@@ -186,3 +186,31 @@ async def _any(db, schema: str, status: str) -> bool:
 async def _count(db, schema: str, status: str, n: int) -> bool:
     got = await db.fetchval(f'SELECT count(*) FROM "{schema}".intent WHERE status = $1', status)
     return bool(got == n)
+
+
+async def test_purge_deletes_only_old_finished_intents(pg_dsn: str, schema: str, db, names):
+    table = f'"{schema}".intent'
+    async with db.transaction():
+        ids = [await enqueue(db, "k", {"n": n}, schema=schema) for n in range(5)]
+    old, recent, old_dead, old_pending = ids[0], ids[1], ids[2], ids[3]
+    await db.execute(
+        f"UPDATE {table} SET status = 'sent', sent_at = now() - interval '40 days' "
+        "WHERE id = $1", old,
+    )  # fmt: skip
+    await db.execute(f"UPDATE {table} SET status = 'sent', sent_at = now() WHERE id = $1", recent)
+    await db.execute(
+        f"UPDATE {table} SET status = 'dead', last_error = 'x', "
+        "created_at = now() - interval '40 days' WHERE id = $1", old_dead,
+    )  # fmt: skip
+    await db.execute(
+        f"UPDATE {table} SET created_at = now() - interval '40 days' WHERE id = $1", old_pending
+    )
+    common = ("--dsn", pg_dsn, "--schema", schema)
+    bad = cli("purge", *common, "--older-than", "soon")
+    assert bad.returncode == 2 and "invalid duration" in bad.stderr
+    result = cli("purge", *common, "--older-than", "30d")
+    assert result.returncode == 0 and "deleted 1 sent intents" in result.stdout
+    result = cli("purge", *common, "--older-than", "30d", "--status", "dead")
+    assert "deleted 1 dead intents" in result.stdout
+    left = {r["id"] for r in await db.fetch(f"SELECT id FROM {table}")}
+    assert left == {recent, old_pending, ids[4]}

@@ -56,6 +56,22 @@ async def retry_dead(
     return [r["id"] for r in rows]
 
 
+async def purge(
+    conn: asyncpg.Connection, names: Names, older_than: float, statuses: list[str]
+) -> int:
+    """Delete finished intents in batches: short transactions, no long lock or WAL burst."""
+    query = load_queries(names)["purge"]
+    deleted = 0
+    while True:
+        batch = await conn.fetchval(query, older_than, statuses, _PURGE_BATCH)
+        deleted += batch
+        if batch < _PURGE_BATCH:
+            return deleted
+
+
+_PURGE_BATCH = 5000
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     names: Names,

@@ -24,7 +24,7 @@ from worker.migrate import migrate
 from worker.settings import Settings, default_channel
 from worker.sqlfiles import Names, migration_sql
 
-COMMANDS = ("run", "migrate", "schema", "status", "retry-dead", "enqueue", "demo")
+COMMANDS = ("run", "migrate", "schema", "status", "retry-dead", "purge", "enqueue", "demo")
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 
@@ -50,6 +50,14 @@ def _flag(text: str) -> bool:
     raise ValueError
 
 
+def _duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``600s`` (or plain seconds) -> seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    return _positive_float(number) * units[unit]
+
+
+_duration.__name__ = "duration (30d, 12h, 90m, 600s)"
 _positive_int.__name__ = "positive integer"
 _positive_float.__name__ = "positive number"
 _flag.__name__ = "boolean (1/0, true/false)"
@@ -195,8 +203,7 @@ RUN_OPTIONS = [
         "webhook_allow_hosts",
         "OUTBOX_WEBHOOK_ALLOW_HOSTS",
         str,
-        "comma-separated hosts webhooks may call (*.example.com for subdomains); "
-        "unset: any host",
+        "comma-separated hosts webhooks may call (*.example.com for subdomains); unset: any host",
     ),
     Option(
         "--rabbitmq-url",
@@ -264,8 +271,7 @@ def _add_dashboard_flag(parser: argparse.ArgumentParser) -> None:
         "--dashboard",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="live terminal dashboard instead of log lines [default: on when stdout is a "
-        "terminal]",
+        help="live terminal dashboard instead of log lines [default: on when stdout is a terminal]",
     )
 
 
@@ -344,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(retry)
     retry.add_argument("--kind", help="only this kind")
     retry.add_argument("--id", type=_positive_int, help="only this intent")
+    purge = sub.add_parser("purge", help="delete finished intents older than a given age")
+    _add_common(purge)
+    purge.add_argument(
+        "--older-than", type=_duration, required=True, metavar="AGE",
+        help="finished (sent, or created for dead ones) longer ago than this: 30d, 12h, 90m, 600s",
+    )  # fmt: skip
+    purge.add_argument(
+        "--status", action="append", choices=("sent", "dead"),
+        help="which finished intents (repeatable; default: sent only, dead ones are evidence)",
+    )  # fmt: skip
     enq = sub.add_parser("enqueue", help="insert an intent (for trying things out)")
     _add_common(enq)
     enq.add_argument("kind")
@@ -463,6 +479,12 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 lambda conn: admin.retry_dead(conn, names, kind=args.kind, intent_id=args.id),
             )
             console.print(f"{len(ids)} dead intents back to pending")
+        elif args.command == "purge":
+            statuses = sorted(set(args.status or ["sent"]))
+            deleted = anyio.run(
+                _with_conn, dsn, lambda conn: admin.purge(conn, names, args.older_than, statuses)
+            )
+            console.print(f"deleted {deleted} {'/'.join(statuses)} intents")
         elif args.command == "enqueue":
             try:
                 payload = orjson.loads(args.payload)
