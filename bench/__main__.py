@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 from rich.console import Console
 
 from bench import report
@@ -50,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dsn", help="PostgreSQL URL (default: DATABASE_URL, local, embedded)")
     parser.add_argument("--out", type=Path, default=_REPO / "bench" / "results")
     parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="RESULTS",
+        help="no benchmark: print the tables and targets of an earlier results.json, re-plot",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -100,8 +107,51 @@ async def run_scenarios(ctx: Context, names: list[str]) -> list[tuple[str, list[
     return done
 
 
+def _load_rows(path: Path) -> tuple[dict[str, Any], list[Row]]:
+    document = orjson.loads(path.read_bytes())
+    rows = [
+        Row(
+            r["scenario"],
+            r["label"],
+            r["params"],
+            r["runs"],
+            [value for value, _fraction in r.get("latency_cdf_ms", [])],
+            r["notes"],
+        )
+        for r in document["rows"]
+    ]
+    return document["meta"], rows
+
+
+def _sections(rows: list[Row]) -> list[tuple[str, Any, list[Row]]]:
+    return [
+        (module.TITLE, module.METRICS, [r for r in rows if r.scenario == name])
+        for name, module in SCENARIOS.items()
+        if any(r.scenario == name for r in rows)
+    ]
+
+
+def _print_markdown(sections: list[tuple[str, Any, list[Row]]]) -> None:
+    for title, metrics, rows in sections:
+        print(f"\n**{title}**\n\n{report.markdown_table(metrics, rows)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        meta, rows = _load_rows(args.from_json)
+        sections = _sections(rows)
+        console = Console(width=None if sys.stdout.isatty() else 150)
+        report.print_all(console, sections, report.targets(rows))
+        args.out.mkdir(parents=True, exist_ok=True)
+        info = meta["postgresql"]
+        subtitle = (
+            f"PostgreSQL {info['version']}, fsync={info['fsync']}, {meta['machine']['cpus']} CPUs"
+        )
+        report.plot_cdfs(args.out / "latency-cdf.png", rows, subtitle)
+        if args.markdown:
+            _print_markdown(sections)
+        return 0
     names = [s for s in args.scenarios if s != "sinks"] or (
         [] if args.scenarios else list(SCENARIOS)
     )
@@ -136,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         results = anyio.run(run_scenarios, ctx, names)
     all_rows = [row for _name, rows in results for row in rows]
     found = report.targets(all_rows)
-    sections = [(SCENARIOS[name].TITLE, SCENARIOS[name].METRICS, rows) for name, rows in results]
+    sections = _sections(all_rows)
     report.print_all(console, sections, found)
     meta = {
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -155,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"plot: {out / 'latency-cdf.png'}")
     console.log(f"raw figures: {out / 'results.json'}")
     if args.markdown:
-        for title, metrics, rows in sections:
-            print(f"\n**{title}**\n\n{report.markdown_table(metrics, rows)}")
+        _print_markdown(sections)
     return 0
 
 
