@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import asyncpg
 
 from worker.migrate import migrate
@@ -37,8 +38,6 @@ async def reachable(dsn: str) -> bool:
 @contextlib.contextmanager
 def resolve_dsn(dsn: str | None) -> Iterator[str]:
     """--dsn, else DATABASE_URL, else the local server if it answers, else an embedded one."""
-    import anyio
-
     chosen = dsn or os.environ.get("DATABASE_URL")
     if chosen:
         yield chosen
@@ -91,7 +90,9 @@ async def fresh_schema(dsn: str, prefix: str, *, outbox: bool = True) -> AsyncIt
             await conn.execute(f"CREATE SCHEMA {quote_ident(names.schema)}")
         yield names
     finally:
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(names.schema)} CASCADE")
-        finally:
-            await conn.close()
+        # Shielded: an interrupted run (Ctrl-C) still drops its schema.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            try:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(names.schema)} CASCADE")
+            finally:
+                await conn.close()
