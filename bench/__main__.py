@@ -44,12 +44,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"which to run (default: all): {', '.join(SCENARIOS)}",
+        help=f"which to run (default: all): {', '.join(SCENARIOS)}; "
+        "'sinks' (bench/sinks.py, needs RabbitMQ and NATS) only when named",
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median, min–max)")
     parser.add_argument("--dsn", help="PostgreSQL URL (default: DATABASE_URL, local, embedded)")
-    parser.add_argument("--out", type=Path, default=_REPO / "bench" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=_REPO / "bench" / "results",
+        help="where results.json, latency-cdf.png and the worker logs go",
+    )
     parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
     parser.add_argument(
         "--from-json",
