@@ -51,7 +51,7 @@ class Settings:
     concurrency: int = 8
     batch_size: int = 100
     poll_interval: float = 2.0
-    linger: float = 0.002
+    linger: float = 0.001
     lease: float = 30.0
     grace: float = 15.0
     max_attempts: int = 10
