@@ -32,7 +32,8 @@ from bench import report
 from bench.context import SIZES, Context
 from bench.figures import Row
 from bench.scenarios import SCENARIOS
-from bench.server import resolve_dsn, server_info
+from bench.server import server_info
+from worker.embedded import any_database
 from worker.logs import redact_url
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     started = time.monotonic()
     machine = _machine()  # the load average now, before we add to it
-    with resolve_dsn(args.dsn) as dsn:
+    with any_database(args.dsn) as dsn:
         ctx = Context(
             dsn=dsn,
             size=SIZES[args.size],

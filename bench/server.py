@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,7 +15,6 @@ from worker.migrate import migrate
 from worker.settings import default_channel
 from worker.sqlfiles import Names, quote_ident
 
-LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 SETTINGS_REPORTED = (
     "fsync",
     "synchronous_commit",
@@ -24,30 +22,6 @@ SETTINGS_REPORTED = (
     "wal_sync_method",
     "max_connections",
 )
-
-
-async def reachable(dsn: str) -> bool:
-    try:
-        conn = await asyncpg.connect(dsn, timeout=3)
-    except Exception:
-        return False
-    await conn.close()
-    return True
-
-
-@contextlib.contextmanager
-def resolve_dsn(dsn: str | None) -> Iterator[str]:
-    """--dsn, else DATABASE_URL, else the local server if it answers, else an embedded one."""
-    chosen = dsn or os.environ.get("DATABASE_URL")
-    if chosen:
-        yield chosen
-    elif anyio.run(reachable, LOCAL_DSN):
-        yield LOCAL_DSN
-    else:
-        from worker.embedded import start_embedded
-
-        with start_embedded() as embedded:
-            yield embedded.dsn
 
 
 def socket_address(dsn: str) -> tuple[str, int] | str:

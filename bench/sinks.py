@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.db import create_pool
+from worker.embedded import LOCAL_DSN
 from worker.intent import Intent
 from worker.migrate import migrate
 from worker.relay import Relay
@@ -47,7 +48,6 @@ from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sqlfiles import Names, load_queries
 
-LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 SINKS = ("noop", "webhook", "rabbitmq", "nats")
 
 

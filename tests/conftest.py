@@ -6,10 +6,8 @@ else an embedded PostgreSQL started for the session (a fresh laptop).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
-import os
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -21,6 +19,7 @@ import asyncpg
 import pytest
 
 from worker.db import create_pool
+from worker.embedded import any_database
 from worker.intent import Intent
 from worker.migrate import migrate
 from worker.relay import Relay
@@ -29,29 +28,11 @@ from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink
 from worker.sqlfiles import Names, load_queries
 
-LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-async def _reachable(dsn: str) -> bool:
-    try:
-        conn = await asyncpg.connect(dsn, timeout=3)
-    except Exception:
-        return False
-    await conn.close()
-    return True
-
 
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-    elif asyncio.run(_reachable(LOCAL_DSN)):
-        yield LOCAL_DSN
-    else:
-        from worker.embedded import start_embedded
-
-        with start_embedded() as embedded:
-            yield embedded.dsn
+    with any_database() as dsn:
+        yield dsn
 
 
 @pytest.fixture

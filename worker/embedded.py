@@ -23,6 +23,7 @@ The server listens on a Unix socket only (no TCP port); ``EmbeddedPostgres.dsn``
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -32,6 +33,7 @@ import subprocess
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,7 +43,7 @@ import psutil
 
 from worker.errors import ConfigError
 
-__all__ = ["EmbeddedPostgres", "default_data_dir", "start_embedded"]
+__all__ = ["LOCAL_DSN", "EmbeddedPostgres", "any_database", "default_data_dir", "start_embedded"]
 
 _log = logging.getLogger(__name__)
 
@@ -460,3 +462,34 @@ def _program(cmd: object) -> str:
     if isinstance(cmd, (list, tuple)) and cmd:
         return Path(str(cmd[0])).name
     return str(cmd)
+
+
+# The machine-local server a developer or CI usually has (trust auth).
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+async def _answers(dsn: str) -> bool:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
+@contextlib.contextmanager
+def any_database(dsn: str | None = None) -> Iterator[str]:
+    """For the tests and the benchmarks: ``dsn``, else DATABASE_URL, else the local server
+    at 127.0.0.1:5432 if it answers, else an embedded PostgreSQL for as long as needed."""
+    import anyio
+
+    chosen = dsn or os.environ.get("DATABASE_URL")
+    if chosen:
+        yield chosen
+    elif anyio.run(_answers, LOCAL_DSN):
+        yield LOCAL_DSN
+    else:
+        with start_embedded() as embedded:
+            yield embedded.dsn
