@@ -156,16 +156,13 @@ class Relay:
                         log.warning(
                             "%s: cancelled %d deliveries",
                             "second stop request" if self._hard_stopped else "grace period over",
-                            self._unrecorded(),
+                            len(self.in_flight),
                         )
                     self._writer.close()
                     flush_scope.deadline = anyio.current_time() + _FLUSH_TIMEOUT
             await self._release_unfinished()
             services.cancel_scope.cancel()
         log.info("stopped")
-
-    def _unrecorded(self) -> int:
-        return len(self.in_flight)
 
     # --- claiming --------------------------------------------------------------------------
 
