@@ -271,13 +271,17 @@ async def test_flapping_connection_loses_nothing_and_stores_each_once(
         nats_sink = NatsSink(f"nats://127.0.0.1:{proxy.port}", timeout=1, reconnect_wait=0.1)
         try:
             async with start_relay({"nats": nats_sink}, backoff_base=0.05, backoff_max=0.5):
-                async with db.transaction():
-                    for n in range(2000):
-                        await enqueue(db, "nats", _event(stream, n), schema=names.schema)
-                with anyio.fail_after(120):
-                    while not await statuses_are(db, names, {"sent": 2000}):
-                        proxy.cut()  # fault injection every 0.3 s, not synchronisation
-                        await anyio.sleep(0.3)
+                # In waves, each after a cut: every wave needs a new connection, however
+                # fast the machine delivers, so the flapping really is exercised.
+                for wave in range(5):
+                    proxy.cut()
+                    async with db.transaction():
+                        for n in range(wave * 400, (wave + 1) * 400):
+                            await enqueue(db, "nats", _event(stream, n), schema=names.schema)
+                    with anyio.fail_after(120):
+                        while not await statuses_are(db, names, {"sent": (wave + 1) * 400}):
+                            proxy.cut()  # fault injection every 0.3 s, not synchronisation
+                            await anyio.sleep(0.3)
         finally:
             await nats_sink.aclose()
     assert proxy.connections > 3  # it did reconnect, repeatedly
