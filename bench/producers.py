@@ -23,9 +23,20 @@ Enqueue = Callable[[int], Awaitable[None]]  # commits the intent carrying key k
 
 
 @contextlib.asynccontextmanager
-async def relay_producers(dsn: str, names: Names, n: int) -> AsyncIterator[list[Enqueue]]:
+async def _one_connection_each(
+    dsn: str, n: int, bind: Callable[[asyncpg.Connection], Enqueue]
+) -> AsyncIterator[list[Enqueue]]:
+    """``n`` producers, each an enqueue function bound to a connection of its own."""
     conns = [await asyncpg.connect(dsn) for _ in range(n)]
+    try:
+        yield [bind(c) for c in conns]
+    finally:
+        for conn in conns:
+            await conn.close()
 
+
+@contextlib.asynccontextmanager
+async def relay_producers(dsn: str, names: Names, n: int) -> AsyncIterator[list[Enqueue]]:
     def bind(conn: asyncpg.Connection) -> Enqueue:
         # One autocommitted statement: a transaction of its own, in one round trip, so the
         # producer's client overhead hides as little of the server's commit cost as possible.
@@ -34,11 +45,8 @@ async def relay_producers(dsn: str, names: Names, n: int) -> AsyncIterator[list[
 
         return one
 
-    try:
-        yield [bind(c) for c in conns]
-    finally:
-        for conn in conns:
-            await conn.close()
+    async with _one_connection_each(dsn, n, bind) as producers:
+        yield producers
 
 
 @contextlib.asynccontextmanager
@@ -49,8 +57,6 @@ async def pgqueuer_producers(
 
     from bench.child import pgqueuer_queries
 
-    conns = [await asyncpg.connect(dsn) for _ in range(n)]
-
     def bind(conn: asyncpg.Connection) -> Enqueue:
         queries = pgqueuer_queries(AsyncpgDriver(conn), schema, channel)
 
@@ -59,11 +65,8 @@ async def pgqueuer_producers(
 
         return one
 
-    try:
-        yield [bind(c) for c in conns]
-    finally:
-        for conn in conns:
-            await conn.close()
+    async with _one_connection_each(dsn, n, bind) as producers:
+        yield producers
 
 
 @contextlib.asynccontextmanager
