@@ -81,8 +81,9 @@ def test_settings_repr_hides_secrets():
 async def test_delivery_timeout_is_ours_and_a_sink_timeout_is_its_own():
     import anyio
 
-    from worker.delivery import deliver
+    from worker.dispatch import Dispatcher
     from worker.sinks.handlers import HandlerSink
+    from worker.stats import Stats
 
     async def hangs(_intent: Intent) -> None:
         await anyio.sleep(60)
@@ -90,12 +91,29 @@ async def test_delivery_timeout_is_ours_and_a_sink_timeout_is_its_own():
     async def raises_timeout(_intent: Intent) -> None:
         raise TimeoutError("upstream API timed out")
 
-    sinks = {"hangs": HandlerSink(hangs), "raises": HandlerSink(raises_timeout)}
+    outcomes: dict[int, object] = {}
+    dispatcher = Dispatcher(
+        concurrency=2,
+        sinks={"hangs": HandlerSink(hangs), "raises": HandlerSink(raises_timeout)},
+        policy=POLICY,
+        timeout=0.05,
+        stats=Stats(2),
+        on_outcome=lambda intent, outcome: outcomes.__setitem__(intent.id, outcome),
+    )
     now = datetime.now(UTC)
-    slow = await deliver(Intent(1, "hangs", {}, 1, 5, now, now), sinks, POLICY, 0.05)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatcher.run)
+            dispatcher.dispatch(
+                [Intent(1, "hangs", {}, 1, 5, now, now), Intent(2, "raises", {}, 1, 5, now, now)]
+            )
+            while len(outcomes) < 2:  # noqa: ASYNC110 (no event to wait on in this test)
+                await anyio.sleep(0.01)
+            dispatcher.close()
+    slow, own = outcomes[1], outcomes[2]
     assert isinstance(slow, Retry) and slow.error == "delivery timed out after 0.05s"
-    own = await deliver(Intent(2, "raises", {}, 1, 5, now, now), sinks, POLICY, 5)
     assert isinstance(own, Retry) and own.error == "TimeoutError: upstream API timed out"
+    assert dispatcher.free == 2  # both slots are free again
 
 
 def test_long_schema_names_get_a_channel_that_fits():

@@ -10,12 +10,26 @@ import orjson
 from worker.errors import ConfigError
 from worker.logs import one_line, redact_url
 
+# Errors that mean "the database can't serve us right now" (down, restarting, failing
+# over to a replica that is still read-only, out of connections, cancelled by an
+# operator): retry with backoff, never crash the worker.
+DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+)
+
 # Bounds a query on a frozen (half-open) connection; the caller then retries.
 COMMAND_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 10.0
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -32,7 +46,7 @@ async def create_pool(dsn: str, *, max_size: int, application_name: str) -> asyn
             dsn,
             min_size=1,
             max_size=max_size,
-            init=_init_connection,
+            init=init_connection,
             command_timeout=COMMAND_TIMEOUT,
             timeout=CONNECT_TIMEOUT,
             server_settings={"application_name": application_name},
@@ -48,7 +62,7 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
         conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, **kwargs)
     except Exception as exc:
         raise ConfigError(connect_error(dsn, exc)) from None
-    await _init_connection(conn)
+    await init_connection(conn)
     return conn
 
 

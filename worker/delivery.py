@@ -1,16 +1,14 @@
-"""Run one intent through its sink and turn what happened into an Outcome."""
+"""Turn what happened to one delivery into an Outcome (pure)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import anyio
-
 from worker.backoff import retry_delay
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.intent import Intent
-from worker.outcomes import Dead, Outcome, Released, Retry, Sent
+from worker.outcomes import SENT, Dead, Outcome, Released, Retry
 from worker.sinks.base import Sink
 
 
@@ -31,7 +29,7 @@ def describe(exc: BaseException) -> str:
 def classify(intent: Intent, exc: BaseException | None, policy: RetryPolicy) -> Outcome:
     """Pure: success, retry later, or dead. Unknown exceptions count as transient."""
     if exc is None:
-        return Sent()
+        return SENT
     if isinstance(exc, Deferred):
         return Released(exc.retry_after)
     reason = describe(exc)
@@ -48,18 +46,6 @@ def classify(intent: Intent, exc: BaseException | None, policy: RetryPolicy) -> 
     return Retry(delay, reason)
 
 
-async def deliver(
-    intent: Intent, sinks: Mapping[str, Sink], policy: RetryPolicy, timeout: float
-) -> Outcome:
-    sink = sinks.get(intent.kind)
-    if sink is None:
-        known = ", ".join(sorted(sinks)) or "none"
-        return Dead(f"unknown kind {intent.kind!r}: no sink or handler for it (known: {known})")
-    try:
-        with anyio.move_on_after(timeout) as deadline:
-            await sink.deliver(intent)
-    except Exception as exc:  # a sink's failure is data, never a worker crash
-        return classify(intent, exc, policy)
-    if deadline.cancelled_caught:  # ours, not a TimeoutError the sink raised itself
-        return classify(intent, TransientError(f"delivery timed out after {timeout:g}s"), policy)
-    return Sent()
+def unknown_kind(intent: Intent, sinks: Mapping[str, Sink]) -> Dead:
+    known = ", ".join(sorted(sinks)) or "none"
+    return Dead(f"unknown kind {intent.kind!r}: no sink or handler for it (known: {known})")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import anyio
-import asyncpg
 
 from worker.backoff import retry_delay
+from worker.db import DB_UNAVAILABLE
 from worker.intent import Intent
 from worker.logs import one_line
 
@@ -18,20 +18,6 @@ log = logging.getLogger("outbox.outcomes")
 
 _MAX_ERROR_CHARS = 2000
 _MAX_BATCH = 1000
-
-# Errors that mean "the database can't serve us right now" (down, restarting, failing
-# over to a replica that is still read-only, out of connections, cancelled by an
-# operator): retry with backoff, never crash the worker.
-DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.TransactionRollbackError,
-    asyncpg.exceptions.ReadOnlySQLTransactionError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +45,7 @@ class Released:
 
 
 Outcome = Sent | Retry | Dead | Released
+SENT = Sent()  # the common case needs no new object
 
 
 def _row(intent: Intent, outcome: Outcome) -> tuple[int, str, float, str | None, int]:
@@ -73,49 +60,64 @@ def _row(intent: Intent, outcome: Outcome) -> tuple[int, str, float, str | None,
             return intent.id, "pending", delay, None, 1
 
 
+class Fetcher(Protocol):
+    async def fetch(self, query: str, *args: Any) -> Sequence[Any]: ...
+
+
 class OutcomeWriter:
     """Writes outcomes in batches: whatever accumulated while the previous write ran goes
-    into the next statement, so throughput does not hinge on one commit per intent."""
+    into the next statement, so throughput does not hinge on one commit per intent.
+
+    ``submit`` is a list append (and, when the writer sleeps, one wake-up): deliveries pay
+    nothing per outcome beyond that.
+    """
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        conn: Fetcher,
         query: str,
         worker_id: str,
         on_written: Callable[[Sequence[tuple[Intent, Outcome]], set[int]], None],
     ) -> None:
-        self._pool = pool
+        self._conn = conn
         self._query = query
         self._worker_id = worker_id
         self._on_written = on_written
-        self._send, self._receive = anyio.create_memory_object_stream[tuple[Intent, Outcome]](
-            math.inf
-        )
+        self._pending: list[tuple[Intent, Outcome]] = []
+        self._wake: anyio.Event | None = None  # set while the writer sleeps
+        self._closed = False
 
     def submit(self, intent: Intent, outcome: Outcome) -> None:
-        self._send.send_nowait((intent, outcome))
+        self._pending.append((intent, outcome))
+        if self._wake is not None:
+            self._wake.set()
 
     def close(self) -> None:
         """No more outcomes: ``run`` returns once everything submitted is written."""
-        self._send.close()
+        self._closed = True
+        if self._wake is not None:
+            self._wake.set()
 
     async def run(self) -> None:
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await self.write(batch)
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wake = anyio.Event()
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._wake = None
+                continue
+            batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+            await self.write(batch)
 
-    async def write(self, batch: list[tuple[Intent, Outcome]]) -> None:
+    async def write(self, batch: Sequence[tuple[Intent, Outcome]]) -> None:
         columns = list(zip(*(_row(i, o) for i, o in batch), strict=True))
         attempt = 0
         while True:
             try:
-                rows = await self._pool.fetch(self._query, self._worker_id, *columns)
+                rows = await self._conn.fetch(self._query, self._worker_id, *columns)
                 break
             except DB_UNAVAILABLE as exc:
                 # Keep the outcomes and try again: losing them would mean redelivery.
@@ -129,12 +131,13 @@ class OutcomeWriter:
                 )
                 await anyio.sleep(delay)
         written = {r["id"] for r in rows}
-        for intent, outcome in batch:
-            if intent.id not in written:
-                log.warning(
-                    "intent %d: lease lost before its outcome (%s) was recorded; "
-                    "another worker owns it now, outcome discarded",
-                    intent.id,
-                    type(outcome).__name__,
-                )
+        if len(written) < len(batch):
+            for intent, outcome in batch:
+                if intent.id not in written:
+                    log.warning(
+                        "intent %d: lease lost before its outcome (%s) was recorded; "
+                        "another worker owns it now, outcome discarded",
+                        intent.id,
+                        type(outcome).__name__,
+                    )
         self._on_written(batch, written)

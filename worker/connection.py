@@ -1,0 +1,71 @@
+"""One connection kept open for one sequential user: the claim loop, the outcome writer.
+
+A pooled query pays for the pool's reset (``UNLISTEN *; RESET ALL; ...``) after every
+statement, one more round trip; a connection that only one task ever uses needs none.
+After a failure that may have left the connection unusable (network, server restart,
+timeout) it is dropped, and the next statement reconnects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from worker.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, DB_UNAVAILABLE, init_connection
+
+
+class DedicatedConnection:
+    def __init__(self, dsn: str, application_name: str) -> None:
+        self._dsn = dsn
+        self._application_name = application_name
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings={"application_name": self._application_name},
+            )
+            await init_connection(conn)
+            self._conn = conn
+        return self._conn
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self._connection()
+        try:
+            return await conn.fetch(query, *args)
+        except DB_UNAVAILABLE:
+            self._drop()
+            raise
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        conn = await self._connection()
+        try:
+            return await conn.fetchval(query, *args)
+        except DB_UNAVAILABLE:
+            self._drop()
+            raise
+
+    async def execute(self, query: str, *args: Any) -> None:
+        conn = await self._connection()
+        try:
+            await conn.execute(query, *args)
+        except DB_UNAVAILABLE:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            try:
+                await self._conn.close(timeout=2)
+            except Exception:  # closing is best effort; the server cleans up
+                self._conn.terminate()
+        self._conn = None
