@@ -20,6 +20,7 @@ from rich.console import Console
 from worker import admin, logs
 from worker.db import connect
 from worker.errors import ConfigError
+from worker.eventloop import backend_options
 from worker.migrate import migrate
 from worker.settings import Settings, default_channel
 from worker.sqlfiles import Names, migration_sql
@@ -463,7 +464,10 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
             # An embedded database is ours: always bring its schema up to date.
             run_settings = settings if settings.dsn else replace(settings, migrate=True)
-            anyio.run(partial(run_worker, run_settings, dsn, dashboard=_want_dashboard(args)))
+            anyio.run(
+                partial(run_worker, run_settings, dsn, dashboard=_want_dashboard(args)),
+                backend_options=backend_options(),
+            )
         elif args.command == "migrate":
             anyio.run(_with_conn, dsn, lambda conn: migrate(conn, names))
         elif args.command == "status":
@@ -520,7 +524,7 @@ def _demo(args: argparse.Namespace) -> int:
         schema=check_schema(args.schema or DEMO_SCHEMA),
     )
     with database(args.dsn) as dsn:
-        result = anyio.run(run_demo, dsn, options)
+        result = anyio.run(run_demo, dsn, options, backend_options=backend_options())
     where = f" --schema {options.schema}" + (" --dsn ..." if args.dsn else "")
     print(
         f"demo: {result.enqueued} intents committed; the in-process SMTP server caught "
