@@ -205,25 +205,26 @@ class Relay:
         self._writer.submit(intent, outcome)
 
     def _on_written(self, batch: Sequence[tuple[Intent, Outcome]], written: set[int]) -> None:
+        for intent, _ in batch:
+            self.leases.recorded(intent)
+        if len(written) < len(batch):
+            self.stats.on_lease_lost(len(batch) - len(written))
+            batch = [(i, o) for i, o in batch if i.id in written]
+        self.stats.on_recorded_many(batch)
         wake = False
         for intent, outcome in batch:
-            self.leases.recorded(intent)
-            if intent.id in written:
-                self.stats.on_recorded(intent, outcome)
-                if isinstance(outcome, Retry):
-                    log.info(
-                        "intent %d (%s) attempt %d failed, retry in %.1fs: %s",
-                        intent.id,
-                        intent.kind,
-                        intent.attempts,
-                        outcome.delay,
-                        outcome.error,
-                    )
-                    wake |= outcome.delay < self.settings.poll_interval
-                elif isinstance(outcome, Dead):
-                    log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
-            else:
-                self.stats.on_lease_lost(1)
+            if isinstance(outcome, Retry):
+                log.info(
+                    "intent %d (%s) attempt %d failed, retry in %.1fs: %s",
+                    intent.id,
+                    intent.kind,
+                    intent.attempts,
+                    outcome.delay,
+                    outcome.error,
+                )
+                wake |= outcome.delay < self.settings.poll_interval
+            elif isinstance(outcome, Dead):
+                log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
         if wake:  # the claim loop re-reads next_due and sleeps until the retry is due
             self.wakeup.set()
 

@@ -11,7 +11,7 @@ import math
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from worker.intent import Intent
@@ -247,17 +247,28 @@ class Stats:
     def on_delivery_end(self, slot: int) -> None:
         self.slots[slot] = None
 
+    def on_recorded_many(self, recorded: Iterable[tuple[Intent, Outcome]]) -> None:
+        """``on_recorded`` for a written batch: the clocks are read once for all of it."""
+        bucket = self.seconds.at(self.clock())
+        wall = self.wall()
+        sent, histogram = self.sent, bucket.latency
+        for intent, outcome in recorded:
+            if type(outcome) is not Sent:
+                self.on_recorded(intent, outcome)
+                continue
+            sent[intent.kind] += 1
+            bucket.sent += 1
+            # created_at is the database's clock; a skewed worker clock must not produce
+            # negative latencies.
+            latency = max(0.0, wall - intent.created_at.timestamp())
+            histogram[latency_bin(latency)] += 1
+            if latency > bucket.latency_max:
+                bucket.latency_max = latency
+
     def on_recorded(self, intent: Intent, outcome: Outcome) -> None:
         match outcome:
             case Sent():
-                self.sent[intent.kind] += 1
-                bucket = self.seconds.at(self.clock())
-                bucket.sent += 1
-                # created_at is the database's clock; a skewed worker clock must not
-                # produce negative latencies.
-                latency = max(0.0, self.wall() - intent.created_at.timestamp())
-                bucket.latency[latency_bin(latency)] += 1
-                bucket.latency_max = max(bucket.latency_max, latency)
+                self.on_recorded_many(((intent, outcome),))
             case Retry(_, error):
                 self.retried[intent.kind] += 1
                 self.seconds.at(self.clock()).retried += 1
