@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from worker.intent import Intent
 
@@ -18,3 +19,19 @@ class Sink(Protocol):
     async def deliver(self, intent: Intent) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BatchSink(Sink, Protocol):
+    """A sink that can pipeline: publish many intents, then gather their acknowledgements.
+
+    ``deliver_many`` gets up to ``max_batch`` intents of its kind (each one counts as a
+    delivery in flight) and returns one entry per intent, in order: ``None`` if that intent
+    was delivered, else the exception that ``deliver`` would have raised for it. Raising
+    instead fails every intent of the batch with that exception. Like ``deliver``, it may
+    run in several tasks at once; the relay's delivery timeout covers the whole call.
+    """
+
+    max_batch: int
+
+    async def deliver_many(self, intents: Sequence[Intent]) -> Sequence[BaseException | None]: ...
