@@ -118,6 +118,7 @@ def _event(target: Stream, n: int, **extra: Any) -> dict[str, Any]:
         ({"subject": "a", "headers": {"Nats-Msg-Id": "mine"}}, "set by the worker"),
         ({"subject": "a", "headers": {"X": "a\r\nb"}}, "without line breaks"),
         ({"subject": "a", "headers": {"X:Y": "1"}}, "not valid"),
+        ({"subject": "a", "headers": {"X(1)": "1"}}, "not valid"),  # nats-py would refuse it
         ({"subject": "a", "stream": "a.b"}, "stream name"),
     ],
 )

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 _FIELDS = frozenset({"subject", "body", "headers", "stream"})
 _TOKEN_RE = re.compile(r"^[^\s.*>]+$")  # one subject token: no wildcard, no whitespace
-_HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,100}$")  # printable ASCII without ':'
+# An HTTP token (RFC 9110), what nats-py accepts as a header name: it raises BadHeaderError,
+# a transient-looking nats error, for anything else.
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
 _BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _STREAM_RE = re.compile(r"^[^\s.*>/\\]{1,255}$")
 # JetStream API error codes that retrying cannot fix.
