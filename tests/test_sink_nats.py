@@ -6,6 +6,7 @@ A server that cannot be reached fails these tests with a message saying how to s
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -23,11 +24,16 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
-from tests.sink_helpers import assert_waiters_share_a_failed_connect
+from tests.sink_helpers import (
+    assert_outcomes,
+    assert_unreachable_batch_fails_each_intent,
+    assert_waiters_share_a_failed_connect,
+)
 from tests.tcp_proxy import TcpProxy, free_port
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
+from worker.sinks.base import BatchSink
 from worker.sinks.nats import NatsSink, build_publish, parse_nats_url
 from worker.sqlfiles import Names
 
@@ -118,6 +124,7 @@ def _event(target: Stream, n: int, **extra: Any) -> dict[str, Any]:
         ({"subject": "a", "headers": {"Nats-Msg-Id": "mine"}}, "set by the worker"),
         ({"subject": "a", "headers": {"X": "a\r\nb"}}, "without line breaks"),
         ({"subject": "a", "headers": {"X:Y": "1"}}, "not valid"),
+        ({"subject": "a", "headers": {"X(1)": "1"}}, "not valid"),  # nats-py would refuse it
         ({"subject": "a", "stream": "a.b"}, "stream name"),
     ],
 )
@@ -260,6 +267,127 @@ async def test_waiting_deliveries_share_a_failed_connect() -> None:
     await assert_waiters_share_a_failed_connect(
         nats_sink, lambda n: _intent({"subject": "a.b"}, n=n)
     )
+
+
+# --- batches (deliver_many) ------------------------------------------------------------------
+
+
+def _batch(target: Stream, ids: range) -> list[Intent]:
+    return [_intent(_event(target, n), n=n) for n in ids]
+
+
+def _msg_ids(messages: list[Any]) -> list[str]:
+    return [m.headers["Nats-Msg-Id"] for m in messages]
+
+
+def _duplicates(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("dropped the publish as a duplicate" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_full_batch_is_stored_once_in_order(
+    sink: NatsSink, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert isinstance(sink, BatchSink)
+    batch = _batch(stream, range(1, sink.max_batch + 1))
+    assert_outcomes(await sink.deliver_many(batch), [None] * len(batch))
+    messages = await stream.messages()
+    assert _msg_ids(messages) == [str(i.id) for i in batch]  # stream order = batch order
+    assert [orjson.loads(m.data)["n"] for m in messages] == [i.id for i in batch]
+    with caplog.at_level(logging.INFO, logger="worker.sinks.nats"):
+        assert_outcomes(await sink.deliver_many(batch), [None] * len(batch))  # all retried
+    assert _duplicates(caplog) == len(batch) and await stream.count() == len(batch)
+
+
+async def test_a_mixed_batch_has_one_outcome_per_intent(sink: NatsSink, stream: Stream) -> None:
+    batch = [
+        _intent(_event(stream, 1), n=1),
+        _intent({"subject": "orders.*"}, n=2),
+        _intent(_event(stream, 3, stream="SOME_OTHER_STREAM"), n=3),
+        _intent(_event(stream, 4) | {"body": "x" * 2_000_000}, n=4),
+        _intent({"subject": f"nostream_{secrets.token_hex(4)}.x"}, n=5),
+        _intent(_event(stream, 6, stream=stream.name), n=6),
+    ]
+    assert_outcomes(
+        await sink.deliver_many(batch),
+        [
+            None,
+            (PermanentError, "not valid for publishing"),
+            (PermanentError, "not in the expected stream"),
+            (PermanentError, "larger than the server's max_payload"),
+            (TransientError, "no JetStream stream answered for subject"),
+            None,
+        ],
+    )
+    assert _msg_ids(await stream.messages()) == ["1", "6"]
+
+
+async def test_a_batch_to_an_unreachable_server_fails_each_intent() -> None:
+    await assert_unreachable_batch_fails_each_intent(
+        NatsSink(f"nats://127.0.0.1:{free_port()}", timeout=0.5),
+        lambda n: _intent({"subject": "a.b"}, n=n),
+        _intent({"subject": "a b"}, n=9),
+    )
+
+
+async def _connected(nats_sink: NatsSink) -> bool:
+    client = nats_sink._client
+    return client is not None and client.is_connected
+
+
+async def test_a_batch_while_the_server_is_down_is_transient_and_the_retry_stores_each_once(
+    nats_url: str, stream: Stream
+) -> None:
+    parts = urlsplit(nats_url)
+    async with TcpProxy("127.0.0.1", parts.port or 4222) as proxy:
+        nats_sink = NatsSink(f"nats://127.0.0.1:{proxy.port}", timeout=1, reconnect_wait=0.1)
+        try:
+            assert_outcomes(await nats_sink.deliver_many(_batch(stream, range(1, 2))), [None])
+            await proxy.stop()
+            batch = _batch(stream, range(2, 22))
+            results = await nats_sink.deliver_many(batch)
+            assert_outcomes(results, [(TransientError, "no PubAck within 1s")] * len(batch))
+            await proxy.start()
+            await wait_until(lambda: _connected(nats_sink))
+            assert_outcomes(await nats_sink.deliver_many(batch), [None] * len(batch))
+        finally:
+            await nats_sink.aclose()
+    # The client may also have sent its buffered publishes on reconnect: stored once anyway.
+    assert sorted(_msg_ids(await stream.messages()), key=int) == [str(n) for n in range(1, 22)]
+
+
+async def test_lost_pubacks_of_a_batch_are_transient_and_the_retry_is_deduplicated(
+    nats_url: str, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = urlsplit(nats_url)
+    async with TcpProxy("127.0.0.1", parts.port or 4222) as proxy:
+        nats_sink = NatsSink(f"nats://127.0.0.1:{proxy.port}", timeout=2, reconnect_wait=0.1)
+        batch = _batch(stream, range(1, 51))
+        try:
+            assert_outcomes(await nats_sink.deliver_many(batch[:1]), [None])  # connected
+            proxy.hold_replies()  # the PubAcks will not reach the sink
+            results: list[BaseException | None] = []
+
+            async def publish() -> None:
+                results.extend(await nats_sink.deliver_many(batch))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(publish)
+                # JetStream has stored the whole batch; the sink has no PubAck.
+                await wait_until(lambda: _stored(stream, len(batch)))
+                proxy.cut()
+            proxy.release_replies()
+            assert_outcomes(results, [(TransientError, "no PubAck within 2s")] * len(batch))
+            await wait_until(lambda: _connected(nats_sink))
+            with caplog.at_level(logging.INFO, logger="worker.sinks.nats"):
+                assert_outcomes(await nats_sink.deliver_many(batch), [None] * len(batch))
+        finally:
+            await nats_sink.aclose()
+    assert _duplicates(caplog) == len(batch)  # every retried publish was dropped...
+    assert _msg_ids(await stream.messages()) == [str(i.id) for i in batch]  # ...stored once
+
+
+async def _stored(target: Stream, n: int) -> bool:
+    return await target.count() >= n
 
 
 @pytest.mark.slow

@@ -13,12 +13,21 @@ optional ``stream`` is checked by the server (``Nats-Expected-Stream``).
 No PubAck in time, no stream for the subject, a server error or a lost connection are
 transient; a payload the server can never take (too large, wrong expected stream) is
 permanent.
+
+``deliver_many`` (the ``BatchSink`` protocol) publishes a batch in order without waiting,
+each with its own reply subject under one inbox subscription per connection, then waits
+for the PubAcks together (one timeout for the whole batch). ``deliver`` is a batch of one.
+nats-py's own ``publish_async`` is not used: a publish that fails in the client (too large,
+buffer full while reconnecting) leaks its pending-ack slot there, for the connection's life.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import re
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -27,7 +36,8 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
-from nats.js import JetStreamContext
+from nats.aio.msg import Msg
+from nats.js.api import Header, PubAck
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
@@ -39,7 +49,9 @@ log = logging.getLogger(__name__)
 
 _FIELDS = frozenset({"subject", "body", "headers", "stream"})
 _TOKEN_RE = re.compile(r"^[^\s.*>]+$")  # one subject token: no wildcard, no whitespace
-_HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,100}$")  # printable ASCII without ':'
+# An HTTP token (RFC 9110), what nats-py accepts as a header name: it raises BadHeaderError,
+# a transient-looking nats error, for anything else.
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
 _BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _STREAM_RE = re.compile(r"^[^\s.*>/\\]{1,255}$")
 # JetStream API error codes that retrying cannot fix.
@@ -47,6 +59,10 @@ _PERMANENT_ERR_CODES = {
     10054: "message larger than the stream allows",
     10060: "the subject is not in the expected stream",
 }
+
+_EXPECTED_STREAM = Header.EXPECTED_STREAM.value
+_STATUS = Header.STATUS.value
+_NO_RESPONDERS = "503"  # no stream captures the subject
 
 
 def parse_nats_url(url: str) -> tuple[list[str], str]:
@@ -118,9 +134,24 @@ def build_publish(
     return subject, orjson.dumps(payload.get("body")), headers, stream
 
 
+def _pub_ack(reply: Msg) -> PubAck:
+    """Read JetStream's answer to a publish, as ``JetStreamContext.publish`` does."""
+    if reply.headers and reply.headers.get(_STATUS) == _NO_RESPONDERS:
+        raise nats.js.errors.NoStreamResponseError
+    answer = orjson.loads(reply.data)
+    if "error" in answer:
+        raise nats.js.errors.APIError.from_error(answer["error"])
+    return PubAck.from_response(answer)
+
+
 class NatsSink:
     """One NATS connection per worker, opened on first use; the client reconnects by itself
     after a drop (publishes in the meantime time out and are retried by the relay)."""
+
+    # A BatchSink: up to this many intents per deliver_many. Throughput levels off at 64-128
+    # per batch; more only adds to what one lost connection times out at once and to the
+    # client's 2 MiB buffer for publishes made while it reconnects.
+    max_batch: int = 128
 
     def __init__(
         self,
@@ -144,7 +175,9 @@ class NatsSink:
         self._reconnect_wait = reconnect_wait
         self._name = name
         self._client: Client | None = None
-        self._js: JetStreamContext | None = None
+        self._inbox = ""  # the client's PubAck inbox prefix, "_INBOX.<nuid>."
+        self._acks: dict[str, asyncio.Future[Msg]] = {}  # by token, until answered
+        self._tokens = itertools.count()
         self._gate = ConnectGate()
         self._closed = False
 
@@ -159,54 +192,120 @@ class NatsSink:
         return text[:300]
 
     async def deliver(self, intent: Intent) -> None:
-        subject, data, headers, stream = build_publish(intent, self._id_prefix)
-        js = await self._jetstream()
+        [error] = await self.deliver_many([intent])
+        if error is not None:
+            raise error
+
+    async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
+        """Publish every valid intent in order, then wait for all the PubAcks at once."""
+        results: list[BaseException | None] = [None] * len(intents)
+        todo: list[tuple[int, str, bytes, dict[str, str]]] = []
+        for i, intent in enumerate(intents):
+            try:
+                subject, data, headers, stream = build_publish(intent, self._id_prefix)
+            except PermanentError as exc:
+                results[i] = exc
+                continue
+            if stream is not None:
+                headers[_EXPECTED_STREAM] = stream
+            todo.append((i, subject, data, headers))
+        if not todo:
+            return results
         try:
-            ack = await js.publish(
-                subject, data, timeout=self._timeout, stream=stream, headers=headers
-            )
-        except nats.errors.MaxPayloadError:
-            raise PermanentError(
-                f"nats message of {len(data)} bytes is larger than the server's max_payload"
-            ) from None
-        except nats.js.errors.NoStreamResponseError:
-            raise TransientError(
-                f"NATS {self._where}: no JetStream stream answered for subject {subject!r} "
-                "(no stream captures it, or JetStream is unavailable)"
-            ) from None
-        except nats.js.errors.APIError as exc:
-            known = _PERMANENT_ERR_CODES.get(exc.err_code or 0)
-            if known:
-                raise PermanentError(f"JetStream refused the message: {known} ({exc})") from None
-            raise TransientError(f"JetStream error: {self._reason(exc)}") from None
-        except (nats.errors.TimeoutError, TimeoutError):
-            raise TransientError(
-                f"NATS {self._where}: no PubAck within {self._timeout:g}s"
-            ) from None
-        except (nats.errors.Error, OSError) as exc:
-            raise TransientError(f"NATS {self._where}: {self._reason(exc)}") from None
-        if ack.duplicate:
+            client, inbox = await self._connection()
+        except TransientError as exc:
+            for i, *_ in todo:
+                results[i] = TransientError(str(exc))
+            return results
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        tokens: list[str] = []
+        acks: dict[int, asyncio.Future[Msg]] = {}
+        try:
+            for i, subject, data, headers in todo:
+                token = str(next(self._tokens))
+                # Registered before the publish: the PubAck may come back before it returns.
+                acks[i] = self._acks[token] = loop.create_future()
+                tokens.append(token)
+                try:
+                    await client.publish(subject, data, reply=inbox + token, headers=headers)
+                except (nats.errors.Error, OSError) as exc:
+                    del acks[i]
+                    results[i] = self._failure(exc, subject, data)
+            if acks:
+                await asyncio.wait(acks.values(), timeout=max(deadline - loop.time(), 0))
+        finally:
+            for token in tokens:  # answered or not, nobody waits for these any more
+                future = self._acks.pop(token, None)
+                if future is not None:
+                    future.cancel()
+        for i, subject, data, _ in todo:
+            if i in acks:
+                results[i] = self._outcome(intents[i], acks[i], subject, data)
+        return results
+
+    def _outcome(
+        self, intent: Intent, ack: asyncio.Future[Msg], subject: str, data: bytes
+    ) -> BaseException | None:
+        if ack.cancelled():
+            return self._failure(TimeoutError(), subject, data)
+        try:
+            pub_ack = _pub_ack(ack.result())
+        except Exception as exc:
+            return self._failure(exc, subject, data)
+        if pub_ack.duplicate:
             log.info(
                 "intent %d: JetStream dropped the publish as a duplicate (stream %s, seq %d)",
                 intent.id,
-                ack.stream,
-                ack.seq,
+                pub_ack.stream,
+                pub_ack.seq,
             )
+        return None
 
-    async def _jetstream(self) -> JetStreamContext:
-        client, js = self._client, self._js
-        if client is not None and js is not None and not client.is_closed:
-            return js
+    def _failure(self, exc: Exception, subject: str, data: bytes) -> BaseException:
+        """The delivery error for a failed publish of ``data`` to ``subject``."""
+        if isinstance(exc, nats.errors.MaxPayloadError):
+            return PermanentError(
+                f"nats message of {len(data)} bytes is larger than the server's max_payload"
+            )
+        if isinstance(exc, nats.js.errors.NoStreamResponseError):
+            return TransientError(
+                f"NATS {self._where}: no JetStream stream answered for subject {subject!r} "
+                "(no stream captures it, or JetStream is unavailable)"
+            )
+        if isinstance(exc, nats.js.errors.APIError):
+            known = _PERMANENT_ERR_CODES.get(exc.err_code or 0)
+            if known:
+                return PermanentError(f"JetStream refused the message: {known} ({exc})")
+            return TransientError(f"JetStream error: {self._reason(exc)}")
+        if isinstance(exc, nats.errors.TimeoutError | TimeoutError):
+            return TransientError(f"NATS {self._where}: no PubAck within {self._timeout:g}s")
+        if isinstance(exc, nats.errors.Error | OSError | ValueError):
+            return TransientError(f"NATS {self._where}: {self._reason(exc)}")
+        return exc
+
+    async def _connection(self) -> tuple[Client, str]:
+        """The client, and the inbox prefix its PubAcks come back to."""
+        client, inbox = self._client, self._inbox
+        if client is not None and not client.is_closed:
+            return client, inbox
         async with self._gate.turn() as turn:  # one task connects, the others wait for it
             if self._closed:
                 raise TransientError("nats sink is closed")
-            if self._client is None or self._client.is_closed or self._js is None:
-                self._client = await turn.connect(self._connect)
-                self._js = self._client.jetstream(timeout=self._timeout)
-            return self._js
+            if self._client is not None and not self._client.is_closed:
+                return self._client, self._inbox
+            connected, self._inbox = await turn.connect(self._connect)
+            self._client = connected
+            return connected, self._inbox
 
-    async def _connect(self) -> Client:
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._acks.pop(msg.subject.rpartition(".")[2], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _connect(self) -> tuple[Client, str]:
         client = nats.NATS()
+        inbox = client.new_inbox() + "."
         try:
             # The client retries the first connect for ever (max_reconnect_attempts=-1), so
             # bound it here: the delivery fails as transient and the relay retries later.
@@ -222,6 +321,9 @@ class NatsSink:
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                 )
+                # One subscription for every PubAck of this connection (the client renews
+                # it after a reconnect); a publish's reply subject is inbox + its token.
+                await client.subscribe(inbox + "*", cb=self._on_ack)
         except BaseException as exc:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await client.close()
@@ -230,7 +332,7 @@ class NatsSink:
                 raise TransientError(f"NATS {self._where}: cannot connect: {why}") from None
             raise
         log.info("connected to NATS %s", self._where)
-        return client
+        return client, inbox
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS %s: %s", self._where, self._reason(exc))
@@ -245,6 +347,6 @@ class NatsSink:
     async def aclose(self) -> None:
         async with self._gate.lock:
             self._closed = True
-            client, self._client, self._js = self._client, None, None
+            client, self._client = self._client, None
         if client is not None:
             await client.close()
