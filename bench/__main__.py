@@ -171,7 +171,9 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _baseline(args: argparse.Namespace, names: list[str], console: Console) -> Any:
+def _baseline(
+    args: argparse.Namespace, names: list[str], console: Console
+) -> tuple[baseline.BaselineRelaySystem | None, str]:
     """The old relay for the alternatives scenario: (system or None, one line about it).
     Raises ``baseline.Unavailable`` at full size when it cannot be run."""
     if "alternatives" not in names:

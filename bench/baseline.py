@@ -67,7 +67,9 @@ def checkout(rev: str) -> tuple[str, Path]:
         if _git("rev-parse", "HEAD", cwd=path) != sha:
             raise Unavailable(f"{path} exists but is not a checkout of {sha[:12]}")
     else:
-        _git("worktree", "add", "--detach", str(path), sha)
+        # --force: a worktree of this path removed without `git worktree remove` is still
+        # registered, and git would refuse the path otherwise.
+        _git("worktree", "add", "--force", "--detach", str(path), sha)
     return sha, path
 
 
