@@ -3,11 +3,12 @@
     python -m bench                      # every scenario, full size, 3 runs each
     python -m bench drain latency        # some of them
     python -m bench --size tiny --runs 1 # a quick check that everything works
-    python -m bench sinks                # also the broker/webhook sinks (python -m bench.sinks)
+    python -m bench alternatives --baseline af30941   # the old relay's CPU per intent too
 
 Against --dsn, else DATABASE_URL, else the local server at 127.0.0.1:5432, else an embedded
 PostgreSQL. Writes RESULTS/results.json (raw per-run figures), RESULTS/latency-cdf.png and
-the worker logs; prints one table per scenario and the targets of issue 4.
+the worker logs; prints one table per scenario, the targets of issue 9 (the relay pipeline)
+and the machine they were measured on.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import anyio
 import orjson
 from rich.console import Console
 
-from bench import report
+from bench import baseline, report
 from bench.context import SIZES, Context
 from bench.figures import Row
+from bench.machine import at_start
 from bench.scenarios import SCENARIOS
 from bench.server import server_info
 from worker.embedded import any_database
@@ -45,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"which to run (default: all): {', '.join(SCENARIOS)}; "
-        "'sinks' (bench/sinks.py, needs RabbitMQ and NATS) only when named",
+        help=f"which to run (default: all): {', '.join(SCENARIOS)} "
+        "('sinks' needs RabbitMQ and NATS; skipped, saying why, without them)",
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median, min–max)")
@@ -56,6 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=_REPO / "bench" / "results",
         help="where results.json, latency-cdf.png and the worker logs go",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="the old relay whose worker CPU per intent the alternatives scenario compares "
+        f"with, run from a git worktree of REV (default: {baseline.DEFAULT_REV} at full size, "
+        "none at tiny size; 'none': skip it)",
     )
     parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
     parser.add_argument(
@@ -67,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    unknown = [s for s in args.scenarios if s not in SCENARIOS and s != "sinks"]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(
             f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
@@ -92,18 +101,6 @@ def _versions() -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         found["outbox-worker"] = metadata.version("outbox-worker")
     return found
-
-
-def _machine() -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu": model, "load_average_at_start": os.getloadavg()}
 
 
 async def run_scenarios(ctx: Context, names: list[str]) -> list[tuple[str, list[Row]]]:
@@ -131,70 +128,92 @@ def _load_rows(path: Path) -> tuple[dict[str, Any], list[Row]]:
 
 
 def _sections(rows: list[Row]) -> list[tuple[str, Any, list[Row]]]:
-    return [
-        (module.TITLE, module.METRICS, [r for r in rows if r.scenario == name])
-        for name, module in SCENARIOS.items()
-        if any(r.scenario == name for r in rows)
-    ]
+    """(title, metrics, rows) per table: one per scenario, or its ``TABLES`` (title, metrics,
+    the rows' params["test"])."""
+    out = []
+    for name, module in SCENARIOS.items():
+        mine = [r for r in rows if r.scenario == name]
+        tables = getattr(module, "TABLES", [(module.TITLE, module.METRICS, None)])
+        for title, metrics, test in tables:
+            part = [r for r in mine if test is None or r.params.get("test") == test]
+            if part:
+                out.append((title, metrics, part))
+    return out
 
 
-def _print_markdown(sections: list[tuple[str, Any, list[Row]]]) -> None:
+def _print_markdown(
+    sections: list[tuple[str, Any, list[Row]]], found: list[report.Target], meta: dict[str, Any]
+) -> None:
     for title, metrics, rows in sections:
         print(f"\n**{title}**\n\n{report.markdown_table(metrics, rows)}")
+    print(f"\n{report.markdown_targets(found)}\n\n{report.markdown_context(meta)}")
+
+
+def _subtitle(meta: dict[str, Any]) -> str:
+    info = meta["postgresql"]
+    return f"PostgreSQL {info['version']}, fsync={info['fsync']}, {meta['machine']['cpus']} CPUs"
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 150)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    """--from-json: the tables, targets and context of an earlier run; the plot again."""
+    meta, rows = _load_rows(args.from_json)
+    sections = _sections(rows)
+    found = report.targets(rows, meta.get("skipped"))
+    report.print_all(_console(), sections, found, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.plot_cdfs(args.out / "latency-cdf.png", rows, _subtitle(meta))
+    if args.markdown:
+        _print_markdown(sections, found, meta)
+    return 0
+
+
+def _baseline(
+    args: argparse.Namespace, names: list[str], console: Console
+) -> tuple[baseline.BaselineRelaySystem | None, str]:
+    """The old relay for the alternatives scenario: (system or None, one line about it).
+    Raises ``baseline.Unavailable`` at full size when it cannot be run."""
+    if "alternatives" not in names:
+        return None, "baseline: not needed (no alternatives scenario)"
+    system, line = baseline.resolve(args.baseline, tiny=args.size == "tiny")
+    console.log(line)
+    return system, line
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        meta, rows = _load_rows(args.from_json)
-        sections = _sections(rows)
-        console = Console(width=None if sys.stdout.isatty() else 150)
-        report.print_all(console, sections, report.targets(rows))
-        args.out.mkdir(parents=True, exist_ok=True)
-        info = meta["postgresql"]
-        subtitle = (
-            f"PostgreSQL {info['version']}, fsync={info['fsync']}, {meta['machine']['cpus']} CPUs"
-        )
-        report.plot_cdfs(args.out / "latency-cdf.png", rows, subtitle)
-        if args.markdown:
-            _print_markdown(sections)
-        return 0
-    names = [s for s in args.scenarios if s != "sinks"] or (
-        [] if args.scenarios else list(SCENARIOS)
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    if "sinks" in args.scenarios:
-        # The broker and webhook sinks have their own runner (it needs RabbitMQ and NATS),
-        # so they run only when asked for.
-        from bench import sinks
-
-        sink_args = ["--runs", str(args.runs)] + (
-            ["--intents", "200"] if args.size == "tiny" else []
-        )
-        if args.dsn:
-            sink_args += ["--dsn", args.dsn]
-        sinks.main([*sink_args, "--json", str(args.out / "sinks.json")])
-        if not names:
-            return 0
-    console = Console(width=None if sys.stdout.isatty() else 150)
+        return _replay(args)
+    names = args.scenarios or list(SCENARIOS)
+    console = _console()
     out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        old_relay, baseline_line = _baseline(args, names, console)
+    except baseline.Unavailable as exc:
+        console.print(f"[red]{exc}[/red]\n(--baseline REV for another commit, none to skip it)")
+        return 2
     started = time.monotonic()
-    machine = _machine()  # the load average now, before we add to it
     with any_database(args.dsn) as dsn:
+        info = anyio.run(server_info, dsn)
+        console.log(f"PostgreSQL {info['version']} at {redact_url(dsn)}: {info}")
+        machine = at_start(info["data_directory"])  # the load average before we add to it
+        console.log(f"machine: {machine}")
         ctx = Context(
             dsn=dsn,
             size=SIZES[args.size],
             runs=args.runs,
             log_dir=out / "logs",
             progress=lambda msg: console.log(msg),
+            baseline=old_relay,
         )
-        info = anyio.run(server_info, dsn)
-        console.log(f"PostgreSQL {info['version']} at {redact_url(dsn)}: {info}")
+        if old_relay is None:
+            ctx.skipped["baseline"] = baseline_line
         results = anyio.run(run_scenarios, ctx, names)
     all_rows = [row for _name, rows in results for row in rows]
-    found = report.targets(all_rows)
-    sections = _sections(all_rows)
-    report.print_all(console, sections, found)
     meta = {
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -204,15 +223,19 @@ def main(argv: list[str] | None = None) -> int:
         "postgresql": info,
         "versions": _versions(),
         "machine": {**machine, "load_average_at_end": os.getloadavg()},
+        "baseline": baseline_line,
+        "skipped": ctx.skipped,
         "workers": "one subprocess per worker (python -m bench.child); producers in the runner",
     }
+    found = report.targets(all_rows, ctx.skipped)
+    sections = _sections(all_rows)
+    report.print_all(console, sections, found, meta)
     report.write_json(out / "results.json", meta, all_rows, found)
-    subtitle = f"PostgreSQL {info['version']}, fsync={info['fsync']}, {os.cpu_count()} CPUs"
-    if report.plot_cdfs(out / "latency-cdf.png", all_rows, subtitle):
+    if report.plot_cdfs(out / "latency-cdf.png", all_rows, _subtitle(meta)):
         console.log(f"plot: {out / 'latency-cdf.png'}")
     console.log(f"raw figures: {out / 'results.json'}")
     if args.markdown:
-        _print_markdown(sections)
+        _print_markdown(sections, found, meta)
     return 0
 
 

@@ -6,9 +6,13 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import asyncpg
+
+if TYPE_CHECKING:
+    from bench.systems import System
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,9 @@ class Size:
     idle_seconds: float = 12.0
     idle_poll_interval: float = 2.0
     email_intents: int = 1000
-    email_concurrency: tuple[int, ...] = (1, 8, 32)
+    email_concurrency: tuple[int, ...] = (1, 8, 32)  # the target is at 32
+    sink_intents: int = 5000
+    sink_concurrency: tuple[int, ...] = (8, 32, 64)  # the target is at 64
     pgqueuer_intents: int = 20_000
     pgqueuer_batches: tuple[int, ...] = (10, 100, 1000)
     procrastinate_intents: int = 2000
@@ -65,7 +71,9 @@ TINY = Size(
     idle_seconds=1.0,
     idle_poll_interval=0.25,
     email_intents=40,
-    email_concurrency=(1, 8),
+    email_concurrency=(1, 32),
+    sink_intents=200,
+    sink_concurrency=(64,),
     pgqueuer_intents=200,
     pgqueuer_batches=(10,),
     procrastinate_intents=30,
@@ -83,6 +91,10 @@ class Context:
     runs: int
     log_dir: Path
     progress: Callable[[str], None] = field(default=lambda _msg: None)
+    # The old relay (bench/baseline.py) the alternatives scenario measures alongside, if any.
+    baseline: System | None = None
+    # Parts of the run left out, and why in one line ("baseline", "sinks"): for the targets.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
     async def admin(self) -> AsyncIterator[asyncpg.Connection]:

@@ -28,7 +28,11 @@ async def drain_once(
         seed = worker.pop("seed", None)
         await (seed(conn, inst, n) if seed else system.seed(conn, inst, n))
         async with worker_process(
-            kind or system.kind, ctx.log_dir, **system.worker_config(inst), **worker
+            kind or system.kind,
+            ctx.log_dir,
+            tree=system.tree,
+            **system.worker_config(inst),
+            **worker,
         ) as proc:
             meter = CpuMeter(conn, proc)
             await meter.start()
@@ -38,7 +42,13 @@ async def drain_once(
             cpu = await meter.stop()
             await proc.stop()
     elapsed = done - running["t0"]
-    return {"intents_per_s": n / elapsed, "seconds": elapsed, **cpu}
+    cpu_seconds = cpu.pop("worker_cpu_s")
+    return {
+        "intents_per_s": n / elapsed,
+        "seconds": elapsed,
+        **cpu,
+        "worker_us_per_intent": 1e6 * cpu_seconds / n,
+    }
 
 
 async def warm_up(proc: Any, produce: list[producers.Enqueue]) -> None:
@@ -66,7 +76,7 @@ async def stream_once(
             await prepare(inst)
         async with (
             worker_process(
-                system.kind, ctx.log_dir, **system.worker_config(inst), **worker
+                system.kind, ctx.log_dir, tree=system.tree, **system.worker_config(inst), **worker
             ) as proc,
             system.producers(inst, producer_count) as produce,
         ):

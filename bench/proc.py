@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
 import sys
@@ -86,9 +87,22 @@ class WorkerProcess:
         return {int(k): float(t) for k, t in reply["starts"]}
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a process that must import ``worker`` and ``bench`` from ``tree``
+    (run with ``cwd=tree`` too: ``python -m`` puts the working directory first)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *_pythonpath()])}
+
+
+def _pythonpath() -> list[str]:
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
 @contextlib.asynccontextmanager
-async def worker_process(kind: str, log_dir: Path, **cfg: Any) -> AsyncIterator[WorkerProcess]:
-    """Start ``bench.child`` and wait until it is set up (but not yet working)."""
+async def worker_process(
+    kind: str, log_dir: Path, *, tree: Path | None = None, **cfg: Any
+) -> AsyncIterator[WorkerProcess]:
+    """Start ``bench.child`` and wait until it is set up (but not yet working). ``tree`` is
+    another checkout to run it from (its own ``bench/child.py`` and ``worker`` package)."""
     tag = cfg.setdefault("tag", f"bench-{kind}-{secrets.token_hex(3)}")
     cfg["kind"] = kind
     await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -99,7 +113,8 @@ async def worker_process(kind: str, log_dir: Path, **cfg: Any) -> AsyncIterator[
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log_file.wrapped,
-            cwd=_REPO,
+            cwd=tree or _REPO,
+            env=tree_env(tree) if tree else None,
         )
     handle = WorkerProcess(process, tag, log_path)
     try:
@@ -163,7 +178,8 @@ class CpuMeter:
         self._first = await self._sample()
 
     async def stop(self) -> dict[str, float]:
-        """Percent of one core over the interval: {"worker_cpu": .., "pg_cpu": ..}."""
+        """Percent of one core over the interval, {"worker_cpu": .., "pg_cpu": ..}, and the
+        worker's CPU seconds ("worker_cpu_s")."""
         assert self._first is not None
         last = await self._sample()
         first = self._first
@@ -172,4 +188,5 @@ class CpuMeter:
         return {
             "worker_cpu": 100 * (last.worker - first.worker) / wall,
             "pg_cpu": 100 * server / wall,
+            "worker_cpu_s": last.worker - first.worker,
         }

@@ -1,10 +1,9 @@
-"""Results out: rich tables, the targets of issue 4 checked, a JSON file, a CDF plot."""
+"""Results out: rich tables, the targets of issue 9 checked, a JSON file, a CDF plot."""
 
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,12 @@ _UNITS = {
     "bound_ms": ("poll+100 ms", 0),
     "vs_no_trigger": ("× no trigger", 2),
     "vs_naive": ("× naive", 1),
+    "vs_pgqueuer_best": ("× pgqueuer best", 2),
+    "worker_us_per_intent": ("worker CPU µs/intent", 1),
+    "cpu_vs_baseline": ("CPU × baseline", 2),
+    "p50_vs_pgqueuer": ("p50 × pgqueuer", 2),
+    "p99_vs_pgqueuer": ("p99 × pgqueuer", 2),
+    "vs_sink_alone": ("× sink alone", 2),
     "notifications": ("NOTIFYs heard", 0),
     "wake_p50_ms": ("wake-up p50 ms", 1),
     "wake_p99_ms": ("wake-up p99 ms", 1),
@@ -97,153 +102,248 @@ def _find(rows: Iterable[Row], scenario: str, test: Callable[[Row], bool]) -> li
     return [r for r in rows if r.scenario == scenario and test(r)]
 
 
-def _run_ratios(a: Row, b: Row, metric: str) -> list[float]:
-    return [x[metric] / y[metric] for x, y in zip(a.runs, b.runs, strict=False)]
+def _one(rows: Iterable[Row], scenario: str, **params: Any) -> Row | None:
+    """The row of ``scenario`` whose params include ``params``."""
+    found = _find(rows, scenario, lambda r: all(r.params.get(k) == v for k, v in params.items()))
+    return found[0] if found else None
 
 
-def targets(rows: Sequence[Row]) -> list[Target]:
+def _not_measured(name: str, goal: str, why: str) -> Target:
+    return Target(name, goal, f"not measured: {why}", None)
+
+
+def targets(rows: Sequence[Row], skipped: Mapping[str, str] | None = None) -> list[Target]:
+    """The targets of issue 9 (the relay pipeline), from this run's rows. ``skipped`` says
+    why a part was not run ("baseline", "sinks"); a target whose scenario was not run at all
+    is left out."""
+    skipped = skipped or {}
+    scenarios = {r.scenario for r in rows}
     out: list[Target] = []
-    # Drain >= 3x pgqueuer's best, same run (the alternatives scenario measures both).
-    relay = _find(
-        rows,
-        "alternatives",
-        lambda r: r.params.get("test") == "drain" and r.params["system"] == "outbox-worker",
-    )
+    if "alternatives" in scenarios:
+        out += _drain_targets(rows, skipped.get("baseline", "no baseline row"))
+    if "sinks" in scenarios or "sinks" in skipped:
+        out.append(_sinks_target(rows, skipped.get("sinks", "no row at concurrency 64")))
+    if "alternatives" in scenarios:
+        out.append(_latency_target(rows))
+    if "email" in scenarios:
+        out.append(_email_target(rows))
+    if "producer-cost" in scenarios:
+        out.append(_producer_cost_target(rows))
+    if "idle" in scenarios:
+        out.append(_idle_target(rows))
+    return out
+
+
+def _drain_targets(rows: Sequence[Row], baseline_why: str) -> list[Target]:
+    relay = _one(rows, "alternatives", test="drain", system="outbox-worker", baseline=False)
+    old = _one(rows, "alternatives", test="drain", system="outbox-worker", baseline=True)
     pgq = _find(
         rows,
         "alternatives",
-        lambda r: r.params.get("test") == "drain" and r.params["system"] == "pgqueuer",
+        lambda r: r.params.get("system") == "pgqueuer" and r.params.get("test") == "drain",
     )
-    if relay and pgq:
+    name, goal = "drain, concurrency 64", "≥ 3× pgqueuer's best batch size, same round"
+    out = []
+    if relay is None or not pgq:
+        out.append(_not_measured(name, goal, "no relay or pgqueuer drain"))
+    else:
         best = max(pgq, key=lambda r: r.median("intents_per_s"))
-        ratio = statistics.median(_run_ratios(relay[0], best, "intents_per_s"))
+        ratio = relay.median("vs_pgqueuer_best")
         out.append(
             Target(
-                "drain throughput",
-                "≥ 3× pgqueuer's best (aim ≥ 20,000/s)",
-                f"{relay[0].median('intents_per_s'):,.0f}/s = {ratio:.1f}× pgqueuer "
-                f"({best.label.split(', ')[-1]})",
+                name,
+                goal,
+                f"{relay.median('intents_per_s'):,.0f}/s = {ratio:.2f}× pgqueuer's best "
+                f"(best median: {best.median('intents_per_s'):,.0f}/s, "
+                f"{best.label.split(', ')[-1]})",
                 ratio >= 3,
             )
         )
-    lat = _find(
-        rows, "latency", lambda r: r.params.get("rate") == 1000 and bool(r.params.get("listen"))
-    )
-    if lat:
-        p50, p99 = lat[0].median("p50_ms"), lat[0].median("p99_ms")
+    name, goal = "worker CPU per no-op intent", "≤ 1/4 of the old relay's, same round"
+    if relay is None or old is None:
+        out.append(_not_measured(name, goal, baseline_why))
+    else:
+        ratio = relay.median("cpu_vs_baseline")
         out.append(
             Target(
-                "latency at 1,000/s",
-                "p50 ≤ 2 ms, p99 ≤ 10 ms",
-                f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
-                p50 <= 2 and p99 <= 10,
-            )
-        )
-    alt_lat = _find(rows, "alternatives", lambda r: r.params.get("test") == "latency")
-    mine = [r for r in alt_lat if r.params["system"] == "outbox-worker"]
-    others = [r for r in alt_lat if r.params["system"] != "outbox-worker"]
-    if mine and others:
-        text = ", ".join(
-            f"{r.params['system']} p50 {r.median('p50_ms'):.1f} / p99 {r.median('p99_ms'):.1f} ms"
-            for r in others
-        )
-        met = all(mine[0].median(m) < r.median(m) for r in others for m in ("p50_ms", "p99_ms"))
-        out.append(
-            Target(
-                "latency vs alternatives",
-                "lower than pgqueuer's and procrastinate's",
-                f"outbox-worker p50 {mine[0].median('p50_ms'):.1f} / p99 "
-                f"{mine[0].median('p99_ms'):.1f} ms; {text}",
-                met,
-            )
-        )
-    lost = _find(rows, "lost-notification", lambda r: True)
-    if lost:
-        worst = max(r["max_ms"] for r in lost[0].runs)
-        bound = lost[0].runs[0]["bound_ms"]
-        out.append(
-            Target(
-                "lost notification",
-                "delivered within poll interval + 100 ms",
-                f"worst {worst:.0f} ms (bound {bound:.0f} ms)",
-                worst <= bound,
-            )
-        )
-    idle = _find(rows, "idle", lambda r: r.params.get("system") == "outbox-worker")
-    if idle:
-        # The poll is jittered (by at most ±20 %): no claim sooner than 0.8 poll intervals
-        # after the previous one means every claim was the poll's own, none extra.
-        poll = idle[0].params["poll"]
-        shortest = min(r.get("shortest_gap_s", math.nan) for r in idle[0].runs)
-        out.append(
-            Target(
-                "idle",
-                "≤ 1 claim query per poll interval per process",
-                f"{idle[0].median('claims_per_poll'):.2f} claims per poll interval; shortest "
-                f"gap between claims {shortest:.2f} s (poll {poll:g} s, jittered)",
-                shortest >= 0.8 * poll,
-            )
-        )
-    email = _find(rows, "email", lambda r: r.params.get("sink") == "email")
-    if email:
-        top_c = max(r.params["concurrency"] for r in email)
-        tops = [r for r in email if r.params["concurrency"] == top_c]
-        out.append(
-            Target(
-                f"email at concurrency {top_c}",
-                "≥ 5× the naive loop (at concurrency 32)",
-                "; ".join(
-                    f"{'STARTTLS' if r.params.get('starttls') else 'plain'} "
-                    f"{r.median('intents_per_s'):,.0f}/s = {r.median('vs_naive'):.1f}× naive"
-                    for r in tops
-                ),
-                all(r.median("vs_naive") >= 5 for r in tops),
-            )
-        )
-
-    def cost_row(variant: str, producers: int) -> Row | None:
-        found = _find(
-            rows,
-            "producer-cost",
-            lambda r: r.params.get("variant") == variant and r.params.get("producers") == producers,
-        )
-        return found[0] if found else None
-
-    counts = [r.params["producers"] for r in rows if "producers" in r.params]
-    main_row = cost_row("main", max(counts)) if counts else None
-    if main_row is not None:
-        n = main_row.params["producers"]
-        ratio = main_row.median("vs_no_trigger")
-        always = cost_row("always", n)
-        extra = f"; always-notify: {always.median('vs_no_trigger'):.2f}×" if always else ""
-        wake = _find(
-            rows,
-            "producer-cost",
-            lambda r: r.params.get("variant") == "main" and "rate" in r.params,
-        )
-        if wake:
-            extra += (
-                f"; wake-up at {wake[0].params['rate']}/s p50 "
-                f"{wake[0].median('wake_p50_ms'):.1f} ms"
-            )
-        out.append(
-            Target(
-                f"producer cost at {n} producers",
-                "≥ 90 % of the no-trigger commit rate (at 16 producers)",
-                f"main's trigger: {ratio:.2f}× no trigger{extra}",
-                ratio >= 0.9,
+                name,
+                goal,
+                f"{relay.median('worker_us_per_intent'):.0f} µs, "
+                f"{relay.median('intents_per_s'):,.0f}/s; {old.label.split(' drain')[0]}: "
+                f"{old.median('worker_us_per_intent'):.0f} µs, "
+                f"{old.median('intents_per_s'):,.0f}/s; ratio {ratio:.2f}",
+                ratio <= 0.25,
             )
         )
     return out
 
 
+def _sinks_target(rows: Sequence[Row], why: str) -> Target:
+    name, goal = "sinks through the relay at 64", "≥ 0.7× the sink alone (nats, rabbitmq, webhook)"
+    found = {
+        sink: _one(rows, "sinks", sink=sink, mode="relay", concurrency=64)
+        for sink in ("nats", "rabbitmq", "webhook")
+    }
+    measured = {sink: row for sink, row in found.items() if row is not None}
+    if not measured:
+        return _not_measured(name, goal, why)
+    ratios = {sink: row.median("vs_sink_alone") for sink, row in measured.items()}
+    text = ", ".join(f"{sink} {ratio:.2f}×" for sink, ratio in ratios.items())
+    missing = sorted(set(found) - set(measured))
+    if missing:
+        text += f" ({', '.join(missing)} not measured)"
+    return Target(name, goal, text, all(r >= 0.7 for r in ratios.values()) and not missing)
+
+
+def _latency_target(rows: Sequence[Row]) -> Target:
+    mine = _one(rows, "alternatives", test="latency", system="outbox-worker")
+    theirs = _one(rows, "alternatives", test="latency", system="pgqueuer")
+    rate = mine.params["rate"] if mine else 1000
+    name, goal = f"latency at {rate:,}/s", "p50 and p99 each ≤ 0.5× pgqueuer's, same round"
+    if mine is None or theirs is None or math.isnan(mine.median("p50_vs_pgqueuer")):
+        return _not_measured(name, goal, "no relay and pgqueuer latency rows of the same rounds")
+    parts, met = [], True
+    for p in ("p50", "p99"):
+        ratio = mine.median(f"{p}_vs_pgqueuer")
+        met = met and ratio <= 0.5
+        parts.append(
+            f"{p} {mine.median(f'{p}_ms'):.2f} ms = {ratio:.2f}× pgqueuer's "
+            f"{theirs.median(f'{p}_ms'):.2f}"
+        )
+    return Target(name, goal, "; ".join(parts), met)
+
+
+def _email_target(rows: Sequence[Row]) -> Target:
+    name, goal = "email at concurrency 32", "pooled EmailSink ≥ 5× the connect-per-mail loop"
+    tops = _find(
+        rows, "email", lambda r: r.params.get("sink") == "email" and r.params["concurrency"] == 32
+    )
+    if not tops:
+        return _not_measured(name, goal, "concurrency 32 not in this run")
+    return Target(
+        name,
+        goal,
+        "; ".join(
+            f"{'STARTTLS' if r.params.get('starttls') else 'plain'} "
+            f"{r.median('intents_per_s'):,.0f}/s = {r.median('vs_naive'):.1f}× naive"
+            for r in tops
+        ),
+        all(r.median("vs_naive") >= 5 for r in tops),
+    )
+
+
+def _producer_cost_target(rows: Sequence[Row]) -> Target:
+    counts = {
+        r.params["producers"]
+        for r in rows
+        if r.scenario == "producer-cost" and "producers" in r.params
+    }
+    n = 16 if 16 in counts else max(counts)
+    main_row = _one(rows, "producer-cost", variant="main", producers=n)
+    assert main_row is not None
+    ratio = main_row.median("vs_no_trigger")
+    always = _one(rows, "producer-cost", variant="always", producers=n)
+    extra = f"; always-notify: {always.median('vs_no_trigger'):.2f}×" if always else ""
+    wake = _find(
+        rows, "producer-cost", lambda r: r.params.get("variant") == "main" and "rate" in r.params
+    )
+    if wake:
+        extra += (
+            f"; wake-up at {wake[0].params['rate']}/s p50 {wake[0].median('wake_p50_ms'):.1f} ms"
+        )
+    return Target(
+        f"producer cost at {n} producers",
+        "≥ 0.9× the no-trigger commit rate (at 16), relay draining alongside",
+        f"main's trigger: {ratio:.2f}× no trigger{extra}",
+        ratio >= 0.9,
+    )
+
+
+def _idle_target(rows: Sequence[Row]) -> Target:
+    idle = _one(rows, "idle", system="outbox-worker")
+    name, goal = "idle", "≤ 1 claim query per poll interval per process"
+    if idle is None:
+        return _not_measured(name, goal, "no relay row")
+    # The poll is jittered (it only lengthens the interval): no claim sooner than 0.8 poll
+    # intervals after the previous one means every claim was the poll's own, none extra.
+    poll = idle.params["poll"]
+    shortest = min(r.get("shortest_gap_s", math.nan) for r in idle.runs)
+    return Target(
+        name,
+        goal,
+        f"{idle.median('claims_per_poll'):.2f} claims per poll interval; shortest "
+        f"gap between claims {shortest:.2f} s (poll {poll:g} s, jittered)",
+        shortest >= 0.8 * poll,
+    )
+
+
+TARGETS_TITLE = "Targets of issue 9 (relay pipeline)"
+_MET = {True: "yes", False: "NO", None: "–"}
+
+
 def targets_table(found: Sequence[Target]) -> Table:
-    table = Table(title="Targets of issue 4", title_justify="left")
+    table = Table(title=TARGETS_TITLE, title_justify="left")
     for column in ("target", "goal", "measured (median of runs)", "met"):
         table.add_column(column)
     for t in found:
-        table.add_row(t.name, t.goal, t.measured, {True: "yes", False: "NO", None: "–"}[t.met])
+        table.add_row(t.name, t.goal, t.measured, _MET[t.met])
     return table
+
+
+def markdown_targets(found: Sequence[Target]) -> str:
+    lines = [f"**{TARGETS_TITLE}**", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {t.name} | {t.goal} | {t.measured} | {_MET[t.met]} |" for t in found]
+    return "\n".join(lines)
+
+
+# --- the machine -------------------------------------------------------------------------
+
+
+def _load(values: Sequence[float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) + " (1 / 5 / 15 min)" if values else "?"
+
+
+def context_lines(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the figures were measured on, as (what, value) lines."""
+    machine = meta.get("machine", {})
+    pg = meta.get("postgresql", {})
+    rate = machine.get("fdatasync_per_s")
+    fsync = (
+        f"{rate:,.0f} ops/s ({1000 / rate:.2f} ms per flush), pg_test_fsync -s 1 on "
+        f"{machine.get('fdatasync_on')}"
+        if rate
+        else machine.get("fdatasync_on", "n/a")
+    )
+    versions = meta.get("versions", {})
+    return [
+        ("CPUs", f"{machine.get('cpus')} × {machine.get('cpu', '?')}"),
+        ("load average at start", _load(machine.get("load_average_at_start"))),
+        ("load average at end", _load(machine.get("load_average_at_end"))),
+        ("fdatasync", fsync),
+        (
+            "PostgreSQL",
+            f"{pg.get('version')}: fsync={pg.get('fsync')}, "
+            f"synchronous_commit={pg.get('synchronous_commit')}, "
+            f"shared_buffers={pg.get('shared_buffers')}, "
+            f"wal_sync_method={pg.get('wal_sync_method')}",
+        ),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items())),
+        ("baseline", meta.get("baseline", "–")),
+        ("size, runs", f"{meta.get('size')}, {meta.get('runs')} runs per figure"),
+    ]
+
+
+def context_table(meta: dict[str, Any]) -> Table:
+    table = Table(title="Measured on", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    for what, value in context_lines(meta):
+        table.add_row(what, value)
+    return table
+
+
+def markdown_context(meta: dict[str, Any]) -> str:
+    return "\n".join(f"- {what}: {value}" for what, value in context_lines(meta))
 
 
 # --- files -------------------------------------------------------------------------------
@@ -331,9 +431,11 @@ def print_all(
     console: Console,
     sections: Sequence[tuple[str, Sequence[str], Sequence[Row]]],
     found: Sequence[Target],
+    meta: dict[str, Any],
 ) -> None:
     for title, metrics, rows in sections:
         if rows:
             console.print(scenario_table(title, metrics, rows))
     if found:
         console.print(targets_table(found))
+    console.print(context_table(meta))

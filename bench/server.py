@@ -41,6 +41,10 @@ async def server_info(dsn: str) -> dict[str, Any]:
         info: dict[str, Any] = {"version": await conn.fetchval("SHOW server_version")}
         for name in SETTINGS_REPORTED:
             info[name] = await conn.fetchval(f"SHOW {name}")
+        try:  # superusers and pg_read_all_settings only; for the fdatasync test's file
+            info["data_directory"] = await conn.fetchval("SHOW data_directory")
+        except asyncpg.InsufficientPrivilegeError:
+            info["data_directory"] = None
         return info
     finally:
         await conn.close()

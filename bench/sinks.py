@@ -13,7 +13,9 @@ Two modes per sink and concurrency:
 
 The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
 127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222 (--rabbitmq-url, --nats-url). Each figure
-is the median of --runs runs, with min-max. Every run checks that the server got all N.
+is the median of --runs runs, with min-max; the modes alternate within each round, and
+"× sink alone" is the relay's rate over the sink's in the same round (concurrency 8, 32, 64
+by default). Every run checks that the server got all N.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
@@ -49,6 +52,8 @@ from worker.sinks.base import Sink
 from worker.sqlfiles import Names, load_queries
 
 SINKS = ("noop", "webhook", "rabbitmq", "nats")
+CONCURRENCY = (8, 32, 64)
+URLS = {"rabbitmq": "amqp://guest:guest@127.0.0.1:5672/", "nats": "nats://127.0.0.1:4222"}
 
 
 # --- the webhook receiver (child process) -----------------------------------------------------
@@ -346,41 +351,88 @@ async def _wait(
 # --- driver ----------------------------------------------------------------------------------
 
 
+async def once(target: Target, mode: str, concurrency: int, intents: int, dsn: str) -> float:
+    """Intents/s of one run of ``mode``; fails unless the server got all of them."""
+    await target.reset()
+    # A fresh id prefix per run: JetStream would drop a repeated Nats-Msg-Id as a duplicate.
+    sink = target.make_sink(concurrency, f"{mode}{concurrency}-{secrets.token_hex(4)}-")
+    try:
+        if mode == "sink":
+            elapsed = await sink_only(target, sink, intents, concurrency)
+        else:
+            elapsed = await through_relay(target, sink, intents, concurrency, dsn)
+    finally:
+        await sink.aclose()
+    got = await target.received()
+    if got < intents:
+        raise RuntimeError(f"{target.kind} {mode}: the server holds {got} of {intents}")
+    return intents / elapsed
+
+
+Record = Callable[[str, int, dict[str, float]], None]
+
+
+async def measure_rounds(
+    kinds: list[str],
+    concurrencies: list[int],
+    modes: list[str],
+    intents: int,
+    runs: int,
+    dsn: str,
+    urls: dict[str, str],
+    record: Record,
+) -> list[str]:
+    """Per sink and concurrency, ``runs`` rounds of every mode in turn, so that a ratio of
+    modes is taken within a round; ``record(kind, concurrency, {mode: intents/s})`` after
+    each round. ``urls`` holds "rabbitmq" and "nats". Returns the client/server versions."""
+    factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
+        "noop": noop_target,
+        "webhook": webhook_target,
+        "rabbitmq": lambda: rabbitmq_target(urls["rabbitmq"]),
+        "nats": lambda: nats_target(urls["nats"]),
+    }
+    versions = []
+    for kind in kinds:
+        async with factories[kind]() as target:
+            if target.version:
+                versions.append(target.version)
+            for concurrency in concurrencies:
+                for _ in range(runs):
+                    rates = {m: await once(target, m, concurrency, intents, dsn) for m in modes}
+                    record(kind, concurrency, rates)
+    return versions
+
+
+async def unreachable(urls: dict[str, str]) -> str | None:
+    """Why the brokers cannot be used (one line), or None when both accept connections."""
+    for name, url in urls.items():
+        parts = urlsplit(url)
+        try:
+            with anyio.fail_after(3):
+                stream = await anyio.connect_tcp(parts.hostname or "127.0.0.1", parts.port or 0)
+            await stream.aclose()
+        except (OSError, TimeoutError) as exc:
+            return f"{name} at {parts.hostname}:{parts.port} unreachable ({exc})"
+    return None
+
+
 @dataclass
 class Row:
     sink: str
     mode: str
     concurrency: int
     rates: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # through the relay / alone, per round
 
     def summary(self) -> dict[str, float]:
-        return {
+        out = {
             "median": statistics.median(self.rates),
             "min": min(self.rates),
             "max": max(self.rates),
         }
-
-
-async def measure(
-    target: Target, mode: str, concurrency: int, intents: int, runs: int, dsn: str
-) -> Row:
-    row = Row(target.kind, mode, concurrency)
-    for run in range(runs):
-        await target.reset()
-        # A fresh id prefix per run: JetStream would drop a repeated Nats-Msg-Id as a duplicate.
-        sink = target.make_sink(concurrency, f"{mode}{concurrency}-{run}-{secrets.token_hex(2)}-")
-        try:
-            if mode == "sink":
-                elapsed = await sink_only(target, sink, intents, concurrency)
-            else:
-                elapsed = await through_relay(target, sink, intents, concurrency, dsn)
-        finally:
-            await sink.aclose()
-        got = await target.received()
-        if got < intents:
-            raise RuntimeError(f"{target.kind} {mode}: the server holds {got} of {intents}")
-        row.rates.append(intents / elapsed)
-    return row
+        if self.ratios:
+            out["vs_sink_alone"] = statistics.median(self.ratios)
+        return out
 
 
 def table(rows: list[Row], intents: int, runs: int, versions: list[str]) -> Table:
@@ -388,51 +440,53 @@ def table(rows: list[Row], intents: int, runs: int, versions: list[str]) -> Tabl
         title=f"Sink throughput, intents/s: median of {runs} runs (min-max), {intents:,} each",
         caption="; ".join(versions),
     )
-    for column in ("sink", "mode", "concurrency", "intents/s", "min-max"):
+    columns = ("sink", "mode", "concurrency", "intents/s", "min-max", "× sink alone (min-max)")
+    for column in columns:
         out.add_column(column, justify="left" if column in ("sink", "mode") else "right")
     for row in rows:
         s = row.summary()
+        ratio = (
+            f"{s['vs_sink_alone']:.2f} ({min(row.ratios):.2f}-{max(row.ratios):.2f})"
+            if row.ratios
+            else ""
+        )
         out.add_row(
             row.sink,
             "sink alone" if row.mode == "sink" else "through relay",
             str(row.concurrency),
             f"{s['median']:,.0f}",
             f"{s['min']:,.0f}-{s['max']:,.0f}",
+            ratio,
         )
     return out
 
 
 async def run(args: argparse.Namespace) -> list[Row]:
     console = Console()
-    rows: list[Row] = []
-    versions: list[str] = []
-    factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
-        "noop": noop_target,
-        "webhook": webhook_target,
-        "rabbitmq": lambda: rabbitmq_target(args.rabbitmq_url),
-        "nats": lambda: nats_target(args.nats_url),
-    }
-    for kind in args.sinks:
-        async with factories[kind]() as target:
-            if target.version:
-                versions.append(target.version)
-            for concurrency in args.concurrency:
-                for mode in args.modes:
-                    row = await measure(
-                        target, mode, concurrency, args.intents, args.runs, args.dsn
-                    )
-                    console.log(f"{kind} {mode} c={concurrency}: {row.summary()['median']:,.0f}/s")
-                    rows.append(row)
-    console.print(table(rows, args.intents, args.runs, versions))
+    rows: dict[tuple[str, int, str], Row] = {}
+
+    def record(kind: str, concurrency: int, rates: dict[str, float]) -> None:
+        for mode, rate in rates.items():
+            row = rows.setdefault((kind, concurrency, mode), Row(kind, mode, concurrency))
+            row.rates.append(rate)
+            if mode == "relay" and "sink" in rates:
+                row.ratios.append(rate / rates["sink"])
+            console.log(f"{kind} {mode} c={concurrency}: {rate:,.0f}/s")
+
+    urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url}
+    versions = await measure_rounds(
+        args.sinks, args.concurrency, args.modes, args.intents, args.runs, args.dsn, urls, record
+    )
+    console.print(table(list(rows.values()), args.intents, args.runs, versions))
     if args.json:
         document = {
             "intents": args.intents,
             "runs": args.runs,
             "versions": versions,
-            "rows": [{**vars(r), **r.summary()} for r in rows],
+            "rows": [{**vars(r), **r.summary()} for r in rows.values()],
         }
         await anyio.Path(args.json).write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
-    return rows
+    return list(rows.values())
 
 
 def _csv(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -447,12 +501,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sinks", type=_csv(str), default=list(SINKS), help="noop,webhook,rabbitmq,nats"
     )
     parser.add_argument("--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay")
-    parser.add_argument("--concurrency", type=_csv(int), default=[8, 32], help="e.g. 8,32")
+    parser.add_argument(
+        "--concurrency", type=_csv(int), default=list(CONCURRENCY), help="e.g. 8,32,64"
+    )
     parser.add_argument("--intents", type=int, default=5000, help="per run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL", LOCAL_DSN))
-    parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--rabbitmq-url", default=URLS["rabbitmq"])
+    parser.add_argument("--nats-url", default=URLS["nats"])
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve-webhook", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -9,11 +9,12 @@ from pathlib import Path
 from worker.sqlfiles import Names
 
 _NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+OURS = Path(__file__).parent / "queries.sql"
 
 
 @cache
-def _blocks() -> dict[str, str]:
-    text = (Path(__file__).parent / "queries.sql").read_text()
+def _blocks(path: Path) -> dict[str, str]:
+    text = path.read_text()
     marks = list(_NAME_RE.finditer(text))
     return {
         mark.group(1): text[mark.end() : nxt.start() if nxt else len(text)].strip()
@@ -21,6 +22,7 @@ def _blocks() -> dict[str, str]:
     }
 
 
-def query(name: str, names: Names | None = None) -> str:
-    sql = _blocks()[name]
+def query(name: str, names: Names | None = None, *, path: Path = OURS) -> str:
+    """Query ``name``; ``path`` is another checkout's queries.sql (the baseline's)."""
+    sql = _blocks(path)[name]
     return names.render(sql) if names is not None else sql

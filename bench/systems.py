@@ -5,8 +5,10 @@ worker. The scenarios drive them all the same way."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
@@ -27,6 +29,7 @@ class Installed:
 class System(Protocol):
     name: str
     kind: str  # bench.child kind
+    tree: Path | None  # the checkout bench.child runs from (None: this one)
 
     def install(self, dsn: str) -> contextlib.AbstractAsyncContextManager[Installed]: ...
     async def seed(self, conn: asyncpg.Connection, inst: Installed, n: int) -> None: ...
@@ -40,6 +43,7 @@ class System(Protocol):
 class RelaySystem:
     name = "outbox-worker"
     kind = "relay"
+    tree: Path | None = None
 
     @contextlib.asynccontextmanager
     async def install(self, dsn: str) -> AsyncIterator[Installed]:
@@ -60,10 +64,17 @@ class RelaySystem:
     def worker_config(self, inst: Installed) -> dict[str, Any]:
         return {"dsn": inst.dsn, "schema": inst.names.schema, "channel": inst.names.channel}
 
+    def default(self, setting: str) -> Any:
+        """The relay's default for ``setting`` (a Settings field), in the checkout it runs."""
+        from worker.settings import Settings
+
+        return {f.name: f.default for f in dataclasses.fields(Settings)}[setting]
+
 
 class PgqueuerSystem:
     name = "pgqueuer"
     kind = "pgqueuer"
+    tree: Path | None = None
 
     @contextlib.asynccontextmanager
     async def install(self, dsn: str) -> AsyncIterator[Installed]:
@@ -107,6 +118,7 @@ class PgqueuerSystem:
 class ProcrastinateSystem:
     name = "procrastinate"
     kind = "procrastinate"
+    tree: Path | None = None
 
     @contextlib.asynccontextmanager
     async def install(self, dsn: str) -> AsyncIterator[Installed]:

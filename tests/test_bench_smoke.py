@@ -21,6 +21,7 @@ MUST_MEASURE = {
     "idle": "queries_per_s",
     "email": "intents_per_s",
     "alternatives": "intents_per_s",
+    "sinks": "intents_per_s",
 }
 
 
@@ -53,6 +54,33 @@ def test_every_scenario_runs_at_a_tiny_size(pg_dsn: str, tmp_path: Path) -> None
     # Latencies are joined per intent: every committed intent was delivered and matched.
     for row in by_scenario["latency"]:
         assert row["latency_cdf_ms"], row["label"]
-    assert {t["name"] for t in document["targets"]} >= {"idle", "lost notification"}
+    # Same-round ratios: the relay against pgqueuer, through the relay against the sink alone.
+    relay_rows = [
+        r for r in by_scenario["alternatives"] if r["params"]["system"] == "outbox-worker"
+    ]
+    assert {"vs_pgqueuer_best", "worker_us_per_intent", "p50_vs_pgqueuer"} <= {
+        metric for r in relay_rows for metric in r["summary"]
+    }
+    assert all(
+        "vs_sink_alone" in r["summary"]
+        for r in by_scenario["sinks"]
+        if r["params"]["mode"] == "relay"
+    )
+    targets = {t["name"]: t for t in document["targets"]}
+    assert {"drain, concurrency 64", "email at concurrency 32", "idle"} <= set(targets)
+    # The old relay is left out at the tiny size, and the target says why.
+    assert targets["worker CPU per no-op intent"]["met"] is None
+    assert "tiny" in document["meta"]["skipped"]["baseline"]
+    assert document["meta"]["machine"]["fdatasync_on"]
     png = tmp_path / "latency-cdf.png"
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_unknown_baseline_is_skipped_at_tiny_size_and_fatal_at_full_size() -> None:
+    from bench.baseline import Unavailable, resolve
+
+    system, why = resolve("no-such-rev-0f0f", tiny=True)
+    assert system is None and "no-such-rev-0f0f" in why and "skipped" in why
+    with pytest.raises(Unavailable, match="no-such-rev-0f0f"):
+        resolve("no-such-rev-0f0f", tiny=False)
+    assert resolve(None, tiny=True)[0] is None  # not even tried at the tiny size

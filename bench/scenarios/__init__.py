@@ -1,4 +1,4 @@
-"""One module per measurement of issue 4; each has ``TITLE`` and ``async run(ctx) -> rows``."""
+"""One module per measurement; each has ``TITLE``, ``METRICS`` and ``async run(ctx) -> rows``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from bench.scenarios import (
     latency,
     lost_notification,
     producer_cost,
+    sinks,
 )
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
@@ -28,4 +29,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "idle": idle,
     "email": email,
     "alternatives": alternatives,
+    "sinks": sinks,
 }

@@ -8,7 +8,7 @@ from bench.figures import Row
 from bench.systems import RelaySystem
 
 TITLE = "Drain throughput (backlog committed first, no-op handler, one worker process)"
-METRICS = ("intents_per_s", "worker_cpu", "pg_cpu")
+METRICS = ("intents_per_s", "worker_cpu", "pg_cpu", "worker_us_per_intent")
 
 
 async def run(ctx: Context) -> list[Row]:

@@ -1,0 +1,45 @@
+"""8. The webhook, RabbitMQ and NATS sinks (and a no-op one): each driven alone from C tasks,
+then through the relay with C delivery slots, in turn within each round (bench/sinks.py).
+Needs RabbitMQ and NATS on their default local ports; skipped, with the reason, without."""
+
+from __future__ import annotations
+
+from bench import sinks
+from bench.context import Context
+from bench.figures import Row
+
+TITLE = "Sinks alone and through the relay (intents/s, same round)"
+METRICS = ("intents_per_s", "vs_sink_alone")
+MODES = {"sink": "sink alone", "relay": "through the relay"}
+
+
+async def run(ctx: Context) -> list[Row]:
+    why = await sinks.unreachable(sinks.URLS)
+    if why is not None:
+        ctx.skipped["sinks"] = why
+        ctx.progress(f"sinks: skipped, {why}")
+        return []
+    rows: dict[tuple[str, int, str], Row] = {}
+    for kind in sinks.SINKS:
+        for c in ctx.size.sink_concurrency:
+            for mode, label in MODES.items():
+                params = {"sink": kind, "mode": mode, "concurrency": c}
+                rows[kind, c, mode] = Row("sinks", f"{kind}, {label}, concurrency {c}", params)
+
+    def record(kind: str, concurrency: int, rates: dict[str, float]) -> None:
+        ctx.progress(
+            f"sinks: {kind} at concurrency {concurrency}: {rates['sink']:,.0f}/s alone, "
+            f"{rates['relay']:,.0f}/s through the relay"
+        )
+        rows[kind, concurrency, "sink"].add({"intents_per_s": rates["sink"]})
+        rows[kind, concurrency, "relay"].add(
+            {"intents_per_s": rates["relay"], "vs_sink_alone": rates["relay"] / rates["sink"]}
+        )
+
+    versions = await sinks.measure_rounds(
+        list(sinks.SINKS), list(ctx.size.sink_concurrency), list(MODES),
+        ctx.size.sink_intents, ctx.runs, ctx.dsn, sinks.URLS, record,
+    )  # fmt: skip
+    for row in rows.values():
+        row.notes["versions"] = versions
+    return list(rows.values())
