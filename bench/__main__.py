@@ -36,6 +36,7 @@ from bench.machine import at_start
 from bench.scenarios import SCENARIOS
 from bench.server import server_info
 from worker.embedded import any_database
+from worker.eventloop import backend_options
 from worker.logs import redact_url
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if old_relay is None:
             ctx.skipped["baseline"] = baseline_line
-        results = anyio.run(run_scenarios, ctx, names)
+        # The loop `outbox-worker run` uses: the sinks scenario runs a relay in this process.
+        results = anyio.run(run_scenarios, ctx, names, backend_options=backend_options())
     all_rows = [row for _name, rows in results for row in rows]
     meta = {
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),

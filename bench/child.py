@@ -433,5 +433,9 @@ async def main(cfg: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    from worker.eventloop import backend_options
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    anyio.run(main, orjson.loads(sys.argv[1]))
+    # Every system on the loop `outbox-worker run` uses (uvloop where installed), so the
+    # alternatives get the same advantage; a --baseline checkout runs its own child.
+    anyio.run(main, orjson.loads(sys.argv[1]), backend_options=backend_options())

@@ -44,6 +44,7 @@ from rich.table import Table
 
 from worker.db import create_pool
 from worker.embedded import LOCAL_DSN
+from worker.eventloop import backend_options
 from worker.intent import Intent
 from worker.migrate import migrate
 from worker.relay import Relay
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_webhook:
         asyncio.run(_serve_webhook())
         return 0
-    anyio.run(run, args)
+    anyio.run(run, args, backend_options=backend_options())
     return 0
 
 
