@@ -3,14 +3,14 @@
 Three layers, each testable alone:
 
 * ``parse_smtp_url`` turns the operator's URL into a ``SmtpConfig`` (``ConfigError`` if bad);
-* ``build_message`` / ``serialize_message`` turn a payload into bytes, pure functions that
-  raise ``PermanentError`` for anything that could not be sent safely;
+* ``build_message`` turns a payload into message bytes and the envelope, a pure function
+  that raises ``PermanentError`` for anything that could not be sent safely;
 * ``EmailSink`` keeps a small pool of connected clients and maps SMTP outcomes to
   ``TransientError`` / ``PermanentError``.
 """
 
 from worker.sinks.email.config import SmtpConfig, TlsMode, parse_smtp_url
-from worker.sinks.email.message import build_message, serialize_message
+from worker.sinks.email.message import build_message
 from worker.sinks.email.sink import EmailSink, classify_smtp_error
 
 __all__ = [
@@ -20,5 +20,4 @@ __all__ = [
     "build_message",
     "classify_smtp_error",
     "parse_smtp_url",
-    "serialize_message",
 ]

@@ -24,12 +24,7 @@ from aiosmtplib import (
 from worker.errors import ConfigError, DeliveryError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.email.config import SmtpConfig
-from worker.sinks.email.message import (
-    build_message,
-    parse_address,
-    serialize_message,
-    short_text,
-)
+from worker.sinks.email.message import build_message, parse_address, short_text
 
 log = logging.getLogger("outbox.email")
 
@@ -134,9 +129,9 @@ class EmailSink:
 
     async def deliver(self, intent: Intent) -> None:
         # Validation and serialization happen before any I/O: a bad payload never reaches
-        # the server and never costs a connection.
-        msg, sender, recipients = build_message(intent, self._mail_from)
-        data = serialize_message(msg)
+        # the server and never costs a connection. The bytes go to DATA as they are
+        # (aiosmtplib only dot-stuffs them; a Message object would be serialized again).
+        data, sender, recipients = build_message(intent, self._mail_from)
         async with self._slots:
             conn = await self._checkout()
             try:
