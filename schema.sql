@@ -20,6 +20,16 @@ CREATE TABLE IF NOT EXISTS {{schema}}.intent (
     created_at    timestamptz NOT NULL DEFAULT now(),
     sent_at       timestamptz,
     dedupe_key    text,
+    -- Intents that share an ordering key are delivered one at a time, in id order (see the
+    -- claim in worker/sql/relay.sql). NULL: unordered.
+    ordering_key  text CONSTRAINT intent_ordering_key_not_empty CHECK (ordering_key <> ''),
+    -- A dead intent that no longer holds up its key (discarded by an operator, or written
+    -- by a worker running with --ordering-on-dead continue).
+    ordering_skipped boolean NOT NULL DEFAULT false,
+    -- A hint, never a rule: this pending row is known not to be its key's head, so claims
+    -- need not look at it (kept out of intent_pending_free). Set by workers (hold_backlog),
+    -- cleared by the release trigger when the row before it stops blocking.
+    ordering_held boolean NOT NULL DEFAULT false,
     -- The state machine, enforced by the database rather than trusted to every writer.
     CONSTRAINT intent_sent_at_iff_sent CHECK ((status = 'sent') = (sent_at IS NOT NULL)),
     CONSTRAINT intent_lease_iff_processing
@@ -28,10 +38,31 @@ CREATE TABLE IF NOT EXISTS {{schema}}.intent (
     CONSTRAINT intent_dead_has_reason CHECK (status <> 'dead' OR last_error IS NOT NULL)
 );
 
+-- Tables created before ordering keys get the columns too.
+ALTER TABLE {{schema}}.intent
+    ADD COLUMN IF NOT EXISTS ordering_key text
+        CONSTRAINT intent_ordering_key_not_empty CHECK (ordering_key <> ''),
+    ADD COLUMN IF NOT EXISTS ordering_skipped boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS ordering_held boolean NOT NULL DEFAULT false;
+
 -- Partial indexes cover only the rows the worker scans, so claiming stays an index scan
 -- however many sent rows the table holds.
-CREATE INDEX IF NOT EXISTS intent_pending_run_at
-    ON {{schema}}.intent (run_at, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS intent_pending_free
+    ON {{schema}}.intent (run_at, id) WHERE status = 'pending' AND NOT ordering_held;
+DROP INDEX IF EXISTS {{schema}}.intent_pending_run_at;  -- replaced by intent_pending_free
+-- The rows that hold up their key: pending, in flight, or dead and not skipped. The claim
+-- probes it for a lower id of the same key.
+CREATE INDEX IF NOT EXISTS intent_ordering_blocking
+    ON {{schema}}.intent (ordering_key, id)
+    WHERE ordering_key IS NOT NULL
+      AND (status IN ('pending', 'processing') OR (status = 'dead' AND NOT ordering_skipped));
+-- At most one intent per key in flight, enforced by the database itself.
+CREATE UNIQUE INDEX IF NOT EXISTS intent_ordering_in_flight
+    ON {{schema}}.intent (ordering_key) WHERE ordering_key IS NOT NULL AND status = 'processing';
+-- Dead intents that halt their key (status, the dashboard).
+CREATE INDEX IF NOT EXISTS intent_ordering_halted
+    ON {{schema}}.intent (ordering_key, id)
+    WHERE ordering_key IS NOT NULL AND status = 'dead' AND NOT ordering_skipped;
 CREATE INDEX IF NOT EXISTS intent_processing_lease
     ON {{schema}}.intent (locked_until) WHERE status = 'processing';
 CREATE INDEX IF NOT EXISTS intent_dead_kind
@@ -41,21 +72,26 @@ CREATE UNIQUE INDEX IF NOT EXISTS intent_dedupe_key
 
 -- One SQL call for producers in any language, inside their own transaction.
 -- A second call with the same dedupe_key inserts nothing and returns the first id.
+-- The signature without ordering_key goes first: beside the new one, a call that leaves out
+-- trailing arguments would be ambiguous.
+DROP FUNCTION IF EXISTS {{schema}}.enqueue(text, jsonb, timestamptz, text, integer);
 CREATE OR REPLACE FUNCTION {{schema}}.enqueue(
     kind         text,
     payload      jsonb,
     run_at       timestamptz DEFAULT NULL,
     dedupe_key   text        DEFAULT NULL,
-    max_attempts integer     DEFAULT NULL
+    max_attempts integer     DEFAULT NULL,
+    ordering_key text        DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     new_id bigint;
 BEGIN
-    INSERT INTO {{schema}}.intent AS i (kind, payload, run_at, dedupe_key, max_attempts)
+    INSERT INTO {{schema}}.intent AS i
+        (kind, payload, run_at, dedupe_key, max_attempts, ordering_key)
     VALUES (enqueue.kind, enqueue.payload, COALESCE(enqueue.run_at, now()),
-            enqueue.dedupe_key, enqueue.max_attempts)
+            enqueue.dedupe_key, enqueue.max_attempts, enqueue.ordering_key)
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING i.id INTO new_id;
     IF new_id IS NULL THEN

@@ -1,4 +1,4 @@
-"""Operator commands: status, retry-dead, enqueue."""
+"""Operator commands: status, retry-dead, skip-dead, purge, enqueue."""
 
 from __future__ import annotations
 
@@ -21,11 +21,26 @@ async def status(conn: asyncpg.Connection, names: Names) -> dict[str, Any]:
         counts.setdefault(r["kind"], {})[r["status"]] = r["n"]
     oldest = await conn.fetchval(q["status_oldest_pending"])
     dead = sum(c.get("dead", 0) for c in counts.values())
+    halted = await conn.fetchrow(q["halted_keys"])
+    assert halted is not None  # one row, always
     return {
         "schema": names.schema,
         "by_kind": counts,
         "oldest_pending_seconds": oldest,
         "dead": dead,
+        "ordering": {
+            "halted_keys": halted["halted_keys"],
+            "held_intents": halted["held_intents"],
+            "oldest_halted": None
+            if halted["oldest_id"] is None
+            else {
+                "key": halted["oldest_key"],
+                "dead_intent": halted["oldest_id"],
+                "kind": halted["oldest_kind"],
+                "error": halted["oldest_error"],
+                "age_seconds": halted["oldest_age"],
+            },
+        },
     }
 
 
@@ -43,17 +58,43 @@ def print_status(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"dead: {report['dead']}" + ("  (see `outbox-worker retry-dead`)" if report["dead"] else "")
     )
+    ordering = report["ordering"]
+    if ordering["halted_keys"]:
+        oldest = ordering["oldest_halted"]
+        console.print(
+            f"ordering keys halted by a dead intent: {ordering['halted_keys']}, holding "
+            f"{ordering['held_intents']} intents; oldest: key {oldest['key']!r}, intent "
+            f"{oldest['dead_intent']} ({oldest['kind']}): {oldest['error']}\n"
+            "  re-run it: outbox-worker retry-dead --key KEY; move on without it: "
+            "outbox-worker skip-dead KEY",
+            markup=False,
+        )
 
 
 async def retry_dead(
-    conn: asyncpg.Connection, names: Names, *, kind: str | None, intent_id: int | None
+    conn: asyncpg.Connection,
+    names: Names,
+    *,
+    kind: str | None,
+    intent_id: int | None,
+    key: str | None = None,
 ) -> list[int]:
     q = load_queries(names)
     async with conn.transaction():
-        rows = await conn.fetch(q["retry_dead"], kind, intent_id)
+        rows = await conn.fetch(q["retry_dead"], kind, intent_id, key)
         if rows:  # an UPDATE fires no insert trigger: wake the workers ourselves
             await conn.execute(q["notify"])
     return [r["id"] for r in rows]
+
+
+async def skip_dead(conn: asyncpg.Connection, names: Names, key: str) -> int | None:
+    """The dead intent that halted ``key`` stays dead; the key's next intent may run."""
+    q = load_queries(names)
+    async with conn.transaction():
+        skipped = await conn.fetchval(q["skip_dead"], key)
+        if skipped is not None:
+            await conn.execute(q["notify"])
+    return int(skipped) if skipped is not None else None
 
 
 async def purge(
@@ -81,6 +122,7 @@ async def enqueue(
     run_at: datetime | None,
     dedupe_key: str | None,
     max_attempts: int | None,
+    ordering_key: str | None = None,
 ) -> int:
     return await producer_enqueue(
         conn,
@@ -89,5 +131,6 @@ async def enqueue(
         run_at=run_at,
         dedupe_key=dedupe_key,
         max_attempts=max_attempts,
+        ordering_key=ordering_key,
         schema=names.schema,
     )

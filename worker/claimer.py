@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 
 import anyio
+import asyncpg
 
 from worker.backoff import jittered, retry_delay
 from worker.connection import DedicatedConnection
@@ -103,6 +104,11 @@ class Claimer:
                         continue
                 await self._wait_for_work()
                 failures = 0
+            except asyncpg.UniqueViolationError:
+                # Two intents of one ordering key would have been in flight (a lower id that
+                # committed late); the database refused the whole claim. Claim again.
+                log.info("claim refused by intent_ordering_in_flight; claiming again")
+                await self._wakeup.wait(0.01)
             except DB_UNAVAILABLE as exc:
                 failures += 1
                 delay = retry_delay(failures, base=0.5, cap=30.0)
@@ -150,6 +156,7 @@ class Claimer:
                 r["max_attempts"] or default_max,
                 r["created_at"],
                 r["run_at"],
+                r["ordering_key"],
             )
             for r in rows
         ]
@@ -199,5 +206,10 @@ class Claimer:
             # due. Rows that are due already but were skipped are being claimed by another
             # worker right now; look again shortly rather than spin.
             timeout = min(timeout, max(due_in, 0.05))
+            # Due rows we could not claim: other workers hold them, or they wait behind the
+            # head of their ordering key. Mark the latter out of the claim's way; if any were,
+            # claim again at once (a long backlog behind one key takes a pass per 1,000).
+            if due_in <= 0 and await self._conn.fetchval(self._q["hold_backlog"], 1000):
+                return
         if not await self._wakeup.wait(timeout):
             self._stats.on_poll()

@@ -25,7 +25,17 @@ from worker.migrate import migrate
 from worker.settings import Settings, default_channel
 from worker.sqlfiles import Names, migration_sql
 
-COMMANDS = ("run", "migrate", "schema", "status", "retry-dead", "purge", "enqueue", "demo")
+COMMANDS = (
+    "run",
+    "migrate",
+    "schema",
+    "status",
+    "retry-dead",
+    "skip-dead",
+    "purge",
+    "enqueue",
+    "demo",
+)
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 
@@ -58,6 +68,13 @@ def _duration(text: str) -> float:
     return _positive_float(number) * units[unit]
 
 
+def _on_dead(text: str) -> str:
+    if text not in ("halt", "continue"):
+        raise ValueError
+    return text
+
+
+_on_dead.__name__ = "halt or continue"
 _duration.__name__ = "duration (30d, 12h, 90m, 600s)"
 _positive_int.__name__ = "positive integer"
 _positive_float.__name__ = "positive number"
@@ -237,6 +254,14 @@ RUN_OPTIONS = [
         "e.g. 'email:rate=10/s;webhook:concurrency=4'",
     ),
     Option(
+        "--ordering-on-dead",
+        "ordering_on_dead",
+        "OUTBOX_ORDERING_ON_DEAD",
+        _on_dead,
+        "when an intent with an ordering key ends dead: halt the key's later intents until "
+        "an operator runs retry-dead or skip-dead, or continue with the next one",
+    ),
+    Option(
         "--migrate",
         "migrate",
         "OUTBOX_MIGRATE",
@@ -351,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(retry)
     retry.add_argument("--kind", help="only this kind")
     retry.add_argument("--id", type=_positive_int, help="only this intent")
+    retry.add_argument("--key", help="only this ordering key (its dead head runs again first)")
+    skip = sub.add_parser(
+        "skip-dead",
+        help="let an ordering key halted by a dead intent move on (the intent stays dead)",
+    )
+    _add_common(skip)
+    skip.add_argument("key", help="the ordering key")
     purge = sub.add_parser("purge", help="delete finished intents older than a given age")
     _add_common(purge)
     purge.add_argument(
@@ -368,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--run-at", type=datetime.fromisoformat, help="ISO 8601 time, not before")
     enq.add_argument("--dedupe-key")
     enq.add_argument("--max-attempts", type=_positive_int)
+    enq.add_argument("--ordering-key", help="delivered after the key's earlier intents")
     return parser
 
 
@@ -480,9 +513,18 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
             ids = anyio.run(
                 _with_conn,
                 dsn,
-                lambda conn: admin.retry_dead(conn, names, kind=args.kind, intent_id=args.id),
+                lambda conn: admin.retry_dead(
+                    conn, names, kind=args.kind, intent_id=args.id, key=args.key
+                ),
             )
             console.print(f"{len(ids)} dead intents back to pending")
+        elif args.command == "skip-dead":
+            skipped = anyio.run(
+                _with_conn, dsn, lambda conn: admin.skip_dead(conn, names, args.key)
+            )
+            if skipped is None:
+                raise ConfigError(f"ordering key {args.key!r} is not halted by a dead intent")
+            console.print(f"intent {skipped} stays dead; key {args.key!r} moves on")
         elif args.command == "purge":
             statuses = sorted(set(args.status or ["sent"]))
             deleted = anyio.run(
@@ -505,6 +547,7 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
                     run_at=args.run_at,
                     dedupe_key=args.dedupe_key,
                     max_attempts=args.max_attempts,
+                    ordering_key=args.ordering_key,
                 ),
             )
             print(new_id)

@@ -324,6 +324,18 @@ def queue_line(snap: Snapshot) -> Parts:
             f"scheduled {fmt_count(db.pending_later, db.count_cap)}",
             f"processing {fmt_count(db.processing, db.count_cap)}",
             _styled(f"dead {fmt_count(db.dead, db.count_cap)}", WARN if db.dead else OK),
+            *(
+                [
+                    _styled(
+                        f"keys halted {fmt_count(db.halted_keys, db.count_cap)} "
+                        f"(oldest {db.oldest_halted_key!r}, "
+                        f"{fmt_duration(db.oldest_halted_seconds)})",
+                        BAD,
+                    )
+                ]
+                if db.halted_keys
+                else []
+            ),
         ]
     )
 

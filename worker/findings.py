@@ -101,6 +101,8 @@ def assess(snap: Snapshot) -> list[Finding]:
             found.append(Finding(behind, f"behind: due {fmt_duration(db.oldest_due_seconds)}"))
     if snap.dead_minute:
         found.append(Finding(BAD, f"{snap.dead_minute:,} dead/min"))
+    if db is not None and db.halted_keys:
+        found.append(Finding(BAD, f"{fmt_count(db.halted_keys, db.count_cap)} keys halted"))
     if snap.listen and not snap.listener_connected:
         found.append(Finding(WARN, "LISTEN down, polling"))
     busy = [s for s in snap.slots if s is not None]

@@ -43,6 +43,9 @@ async def read_db_health(
         oldest_xact_seconds=row["oldest_xact_age"],
         oldest_xact_pid=row["oldest_xact_pid"],
         oldest_xact_application=row["oldest_xact_application"] or None,
+        halted_keys=row["halted_keys"],
+        oldest_halted_key=row["oldest_halted_key"],
+        oldest_halted_seconds=row["oldest_halted_age"],
     )
 
 

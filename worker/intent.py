@@ -16,3 +16,4 @@ class Intent:
     max_attempts: int
     created_at: datetime
     run_at: datetime
+    ordering_key: str | None = None  # intents of one key are delivered one at a time, in order

@@ -26,6 +26,7 @@ class Leases:
         *,
         lease: float,
         max_attempts: int,
+        skip_dead: bool = False,  # --ordering-on-dead continue
     ) -> None:
         # Rows this worker holds a lease on, from claim until their outcome is recorded.
         self.held: dict[int, Intent] = {}
@@ -37,6 +38,7 @@ class Leases:
         self._worker_id = worker_id
         self._lease = lease
         self._max_attempts = max_attempts
+        self._skip_dead = skip_dead
 
     def claimed(self, intents: Iterable[Intent]) -> None:
         for intent in intents:
@@ -75,7 +77,9 @@ class Leases:
 
     async def rescue_expired(self, conn: Fetcher) -> None:
         """Expired leases of any worker back to pending (or dead: a rescue is an attempt)."""
-        rows = await conn.fetch(self._q["rescue_expired"], self._max_attempts, list(self.held))
+        rows = await conn.fetch(
+            self._q["rescue_expired"], self._max_attempts, list(self.held), self._skip_dead
+        )
         if rows:
             dead = sum(1 for r in rows if r["status"] == "dead")
             log.warning(

@@ -78,10 +78,13 @@ class OutcomeWriter:
         query: str,
         worker_id: str,
         on_written: Callable[[Sequence[tuple[Intent, Outcome]], set[int]], None],
+        *,
+        skip_dead: bool = False,  # --ordering-on-dead continue
     ) -> None:
         self._conn = conn
         self._query = query
         self._worker_id = worker_id
+        self._skip_dead = skip_dead
         self._on_written = on_written
         self._pending: list[tuple[Intent, Outcome]] = []
         self._wake: anyio.Event | None = None  # set while the writer sleeps
@@ -117,7 +120,9 @@ class OutcomeWriter:
         attempt = 0
         while True:
             try:
-                rows = await self._conn.fetch(self._query, self._worker_id, *columns)
+                rows = await self._conn.fetch(
+                    self._query, self._worker_id, *columns, self._skip_dead
+                )
                 break
             except DB_UNAVAILABLE as exc:
                 # Keep the outcomes and try again: losing them would mean redelivery.

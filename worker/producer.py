@@ -27,14 +27,16 @@ async def enqueue(
     run_at: datetime | None = None,
     dedupe_key: str | None = None,
     max_attempts: int | None = None,
+    ordering_key: str | None = None,
     schema: str = "outbox",
 ) -> int:
     """Insert an intent and return its id (the first one's, for a repeated ``dedupe_key``).
 
     Call it inside the transaction that writes your business rows: both commit or neither.
+    Intents that share an ``ordering_key`` are delivered one at a time, in id order.
     """
     payload_text = orjson.dumps(payload).decode()
     intent_id = await conn.fetchval(
-        _enqueue_sql(schema), kind, payload_text, run_at, dedupe_key, max_attempts
+        _enqueue_sql(schema), kind, payload_text, run_at, dedupe_key, max_attempts, ordering_key
     )
     return int(intent_id)

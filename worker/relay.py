@@ -25,7 +25,7 @@ from worker.dispatch import Dispatcher
 from worker.intent import Intent
 from worker.leases import Leases
 from worker.listener import Listener
-from worker.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry
+from worker.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry, Sent
 from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.stats import Stats
@@ -62,6 +62,7 @@ class Relay:
         self._hard_stopped = False
         self._delivery_scope: anyio.CancelScope | None = None
         name = f"outbox-worker {self.worker_id}"
+        skip_dead = settings.ordering_on_dead == "continue"
         self._claim_conn = DedicatedConnection(dsn, f"{name} claims")
         self._write_conn = DedicatedConnection(dsn, f"{name} outcomes")
         self.leases = Leases(
@@ -70,9 +71,14 @@ class Relay:
             self.worker_id,
             lease=settings.lease,
             max_attempts=settings.max_attempts,
+            skip_dead=skip_dead,
         )
         self._writer = OutcomeWriter(
-            self._write_conn, queries["record_outcomes"], self.worker_id, self._on_written
+            self._write_conn,
+            queries["record_outcomes"],
+            self.worker_id,
+            self._on_written,
+            skip_dead=skip_dead,
         )
         self._dispatcher = Dispatcher(
             concurrency=settings.concurrency,
@@ -213,6 +219,8 @@ class Relay:
         self.stats.on_recorded_many(batch)
         wake = False
         for intent, outcome in batch:
+            # The key's next intent may be claimable now: ours to claim, not the poll's.
+            wake |= intent.ordering_key is not None and isinstance(outcome, Sent | Dead)
             if isinstance(outcome, Retry):
                 log.info(
                     "intent %d (%s) attempt %d failed, retry in %.1fs: %s",
@@ -225,7 +233,7 @@ class Relay:
                 wake |= outcome.delay < self.settings.poll_interval
             elif isinstance(outcome, Dead):
                 log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
-        if wake:  # the claim loop re-reads next_due and sleeps until the retry is due
+        if wake:  # the claim loop claims again, or re-reads next_due (a retry soon)
             self.wakeup.set()
 
     async def _release_unfinished(self) -> None:

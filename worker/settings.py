@@ -71,6 +71,9 @@ class Settings:
     nats_url: str | None = field(default=None, repr=False)
     message_id_prefix: str = ""
     limits: str | None = None  # per-kind limits, parsed by worker.sinks.limits
+    # What a dead intent does to the later intents of its ordering key: "halt" them until an
+    # operator acts (retry-dead, skip-dead), or "continue" with the next one.
+    ordering_on_dead: str = "halt"
     migrate: bool = False
     heartbeat: bool = True  # off only in tests that prove the fence
 
@@ -81,5 +84,7 @@ class Settings:
             raise ConfigError(f"--lease ({self.lease}s) must be longer than --ping-interval")
         if self.linger < 0 or self.linger >= self.poll_interval:
             raise ConfigError("--linger must be at least 0 and shorter than --poll-interval")
+        if self.ordering_on_dead not in ("halt", "continue"):
+            raise ConfigError("--ordering-on-dead must be halt or continue")
         if self.delivery_timeout <= 0 or self.poll_interval <= 0:
             raise ConfigError("--delivery-timeout and --poll-interval must be positive")

@@ -80,6 +80,9 @@ class DbHealth:
     oldest_xact_seconds: float | None  # oldest open transaction holding back the xmin horizon
     oldest_xact_pid: int | None
     oldest_xact_application: str | None
+    halted_keys: int = 0  # ordering keys held up by a dead intent (capped like the counts)
+    oldest_halted_key: str | None = None
+    oldest_halted_seconds: float | None = None  # since that dead head was created
 
 
 @dataclass(slots=True)

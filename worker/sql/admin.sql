@@ -16,12 +16,45 @@ WHERE status = 'pending' AND run_at <= now()
 
 -- name: retry_dead
 -- Dead intents back to pending with a fresh attempt budget; last_error stays for context.
+-- One with an ordering key blocks its key again, in its own place: its later intents wait.
 UPDATE {{schema}}.intent
-SET status = 'pending', attempts = 0, run_at = now()
+SET status = 'pending', attempts = 0, run_at = now(), ordering_skipped = false
 WHERE status = 'dead'
   AND ($1::text IS NULL OR kind = $1)
   AND ($2::bigint IS NULL OR id = $2)
+  AND ($3::text IS NULL OR ordering_key = $3)
 RETURNING id
+
+-- name: skip_dead
+-- Let key $1 move on past the dead intent that halts it: the row stays dead with its error
+-- (evidence), and the release trigger frees the next intent of the key.
+UPDATE {{schema}}.intent SET ordering_skipped = true
+WHERE id = (SELECT id FROM {{schema}}.intent
+            WHERE ordering_key = $1 AND status = 'dead' AND NOT ordering_skipped
+            ORDER BY id LIMIT 1)
+RETURNING id
+
+-- name: halted_keys
+-- Keys halted by a dead intent (the lowest blocking row of its key is dead and not skipped):
+-- how many, how many intents wait behind them, and the oldest. Index work only: the halted
+-- index, one probe of the blocking index per dead row, the waiting rows of halted keys.
+WITH halted AS (
+    SELECT d.id, d.ordering_key FROM {{schema}}.intent AS d
+    WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skipped
+      AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
+                      WHERE b.ordering_key = d.ordering_key AND b.id < d.id
+                        AND (b.status IN ('pending', 'processing')
+                             OR (b.status = 'dead' AND NOT b.ordering_skipped)))
+)
+SELECT (SELECT count(*) FROM halted) AS halted_keys,
+       (SELECT count(*) FROM {{schema}}.intent AS w JOIN halted AS h
+            ON w.ordering_key = h.ordering_key AND w.id > h.id
+        WHERE w.status = 'pending') AS held_intents,
+       i.id AS oldest_id, i.ordering_key AS oldest_key, i.kind AS oldest_kind,
+       i.last_error AS oldest_error,
+       extract(epoch FROM now() - i.created_at)::float8 AS oldest_age
+FROM (SELECT 1) AS one
+LEFT JOIN {{schema}}.intent AS i ON i.id = (SELECT min(id) FROM halted)
 
 -- name: purge
 -- One batch of finished intents older than $1 seconds (sent: since sent_at; dead: since

@@ -22,6 +22,21 @@ SELECT
     -- and if that one is not due yet, nothing is.
     (SELECT extract(epoch FROM now() - min(run_at))::float8 FROM {{schema}}.intent
      WHERE status = 'pending') AS oldest_pending_run_at_age,
+    -- Ordering keys halted by a dead head: the halted index, one probe of the blocking index
+    -- each (the anti-join), capped like the counts above.
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent AS d
+                           WHERE d.ordering_key IS NOT NULL AND d.status = 'dead'
+                             AND NOT d.ordering_skipped
+                             AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
+                                             WHERE b.ordering_key = d.ordering_key
+                                               AND b.id < d.id
+                                               AND (b.status IN ('pending', 'processing')
+                                                    OR (b.status = 'dead'
+                                                        AND NOT b.ordering_skipped)))
+                           LIMIT $1) AS h)
+        AS halted_keys,
+    oldest_halted.ordering_key AS oldest_halted_key,
+    extract(epoch FROM now() - oldest_halted.created_at)::float8 AS oldest_halted_age,
     pg_notification_queue_usage() AS notify_queue_usage,
     (SELECT count(*) FROM {{schema}}.idle_worker) AS idle_workers,
     t.n_live_tup AS live_tuples,
@@ -34,6 +49,17 @@ SELECT
     x.application_name AS oldest_xact_application
 FROM (SELECT 1) AS one
 LEFT JOIN pg_stat_user_tables AS t ON t.schemaname = $2 AND t.relname = 'intent'
+-- The halting dead intent with the lowest id (the first halted of all).
+LEFT JOIN LATERAL (
+    SELECT d.ordering_key, d.created_at FROM {{schema}}.intent AS d
+    WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skipped
+      AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
+                      WHERE b.ordering_key = d.ordering_key AND b.id < d.id
+                        AND (b.status IN ('pending', 'processing')
+                             OR (b.status = 'dead' AND NOT b.ordering_skipped)))
+    ORDER BY d.id
+    LIMIT 1
+) AS oldest_halted ON true
 -- The oldest transaction in this database that holds back the xmin horizon (by a snapshot or
 -- a transaction id): VACUUM cannot remove rows it might still see. Vacuums themselves don't.
 LEFT JOIN LATERAL (

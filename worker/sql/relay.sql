@@ -7,30 +7,81 @@
 -- Kinds in $4 are at their --limits right now and are left for later.
 -- `id = ANY(ARRAY(...))` keeps the plan an index scan on large limits, where the usual
 -- CTE + UPDATE ... FROM join was seen to turn into a hash join over the whole table.
+--
+-- Ordering keys: a keyed row is taken only if it is its key's head, i.e. no lower id of the
+-- key still blocks (pending, processing, or dead and not skipped), and no row of the key is
+-- in flight. Under READ COMMITTED two claimers cannot both take rows of one key: in any one
+-- snapshot only the head passes; if a concurrent claim took the head, it is locked (skipped)
+-- or already processing (re-checked after the lock), and the second row still sees the head
+-- blocking. A retry or a rescue leaves the head pending, so it keeps its place. The unique
+-- index intent_ordering_in_flight backs this up in the database itself (a lower id that
+-- commits late): then this statement fails, and the claim loop simply claims again.
+-- Rows marked ordering_held (known non-heads, see hold_backlog) are not even in the index.
 UPDATE {{schema}}.intent
 SET status = 'processing',
     attempts = attempts + 1,
     locked_by = $1,
     locked_until = now() + make_interval(secs => $2)
 WHERE id = ANY(ARRAY(
-    SELECT id FROM {{schema}}.intent
-    WHERE status = 'pending' AND run_at <= now() AND kind <> ALL($4::text[])
-    ORDER BY run_at, id
+    SELECT r.id FROM {{schema}}.intent AS r
+    WHERE r.status = 'pending' AND NOT r.ordering_held
+      AND r.run_at <= now() AND r.kind <> ALL($4::text[])
+      AND (r.ordering_key IS NULL OR (
+          NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
+                      WHERE b.ordering_key = r.ordering_key AND b.id < r.id
+                        AND (b.status IN ('pending', 'processing')
+                             OR (b.status = 'dead' AND NOT b.ordering_skipped)))
+          AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS f
+                          WHERE f.ordering_key = r.ordering_key AND f.status = 'processing')))
+    ORDER BY r.run_at, r.id
     LIMIT $3
     FOR UPDATE SKIP LOCKED))
-RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at
+RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at, ordering_key
+
+-- name: hold_backlog
+-- Keep blocked rows out of the claim's way: among the first $1 due rows a claim would walk,
+-- mark ordering_held the keyed ones that are not their key's head. Without it, a key with a
+-- long backlog behind a failing head costs every claim a walk over that whole backlog.
+-- A mark is written only while this statement holds a share lock on the head itself (SKIP
+-- LOCKED: a head being claimed or written is left for the next pass), so the head's freeing
+-- write waits for the mark to commit and its trigger then clears it
+-- (triggers/020_ordering_release.sql). Returns how many rows it marked.
+WITH held AS (
+    UPDATE {{schema}}.intent AS i SET ordering_held = true
+    WHERE i.id = ANY(ARRAY(
+        SELECT w.id
+        FROM (SELECT id, ordering_key FROM {{schema}}.intent
+              WHERE status = 'pending' AND NOT ordering_held AND run_at <= now()
+              ORDER BY run_at, id LIMIT $1) AS w
+        WHERE w.ordering_key IS NOT NULL
+          AND EXISTS (SELECT 1 FROM {{schema}}.intent AS h
+                      WHERE h.id = (SELECT b.id FROM {{schema}}.intent AS b
+                                    WHERE b.ordering_key = w.ordering_key
+                                      AND (b.status IN ('pending', 'processing')
+                                           OR (b.status = 'dead' AND NOT b.ordering_skipped))
+                                    ORDER BY b.id LIMIT 1)
+                        AND h.id < w.id
+                        AND (h.status IN ('pending', 'processing')
+                             OR (h.status = 'dead' AND NOT h.ordering_skipped))
+                      FOR SHARE SKIP LOCKED)))
+      AND i.status = 'pending' AND NOT i.ordering_held
+    RETURNING 1
+)
+SELECT count(*) FROM held
 
 -- name: next_due
 -- Seconds until the next pending intent falls due, by the database's clock (a probe of
 -- the pending index); NULL when nothing is pending.
 SELECT extract(epoch FROM min(run_at) - now())::float8
-FROM {{schema}}.intent WHERE status = 'pending'
+FROM {{schema}}.intent WHERE status = 'pending' AND NOT ordering_held
 
 -- name: record_outcomes
 -- One fenced write for a batch of outcomes. A row whose lease this worker lost (expired and
 -- rescued, or taken by another worker) is left alone and missing from the result.
 -- status: 'sent' | 'pending' (retry after delay seconds) | 'dead'; refund: 1 gives back the
--- attempt (released at shutdown, not the intent's fault).
+-- attempt (released at shutdown, not the intent's fault). $7: --ordering-on-dead continue:
+-- a dead keyed intent is written skipped, so its key moves on (the release trigger frees the
+-- next one); otherwise it halts its key.
 UPDATE {{schema}}.intent AS i
 SET status = o.status,
     sent_at = CASE WHEN o.status = 'sent' THEN now() END,
@@ -38,6 +89,7 @@ SET status = o.status,
                   ELSE i.run_at END,
     attempts = i.attempts - o.refund,
     last_error = COALESCE(o.error, i.last_error),
+    ordering_skipped = (o.status = 'dead' AND $7::boolean AND i.ordering_key IS NOT NULL),
     locked_by = NULL,
     locked_until = NULL
 FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::text[], $6::int[])
@@ -70,12 +122,16 @@ WHERE id = ANY($2::bigint[]) AND (locked_by IS DISTINCT FROM $1 OR status <> 'pr
 -- looping; $1 is the worker's default max_attempts. Not the rows this worker is still
 -- delivering ($2): after a network partition longer than the lease their outcome write still
 -- lands. Rows it holds without knowing (a claim whose answer was lost) are rescued.
+-- A rescued keyed intent stays its key's head (pending keeps its place); $3 is
+-- --ordering-on-dead continue, for one that ends dead here.
 UPDATE {{schema}}.intent
 SET status = CASE WHEN attempts >= COALESCE(max_attempts, $1) THEN 'dead' ELSE 'pending' END,
     last_error = CASE WHEN attempts >= COALESCE(max_attempts, $1)
                       THEN 'attempts exhausted; last one: ' ELSE '' END
                  || 'lease expired while held by ' || locked_by
                  || ' (worker crashed, hung or lost its database connection)',
+    ordering_skipped = (attempts >= COALESCE(max_attempts, $1) AND $3::boolean
+                        AND ordering_key IS NOT NULL),
     run_at = now(),
     locked_by = NULL,
     locked_until = NULL
