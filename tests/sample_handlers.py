@@ -5,12 +5,16 @@ Use with `--handlers tests.sample_handlers:handlers`.
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 import signal
+import time
 
 import anyio
+import orjson
 
-from worker import Handlers, Intent, PermanentError
+from worker import Handlers, Intent, PermanentError, TransientError
 
 handlers = Handlers()
 
@@ -41,3 +45,26 @@ async def boom(intent: Intent) -> None:
 async def crash(_intent: Intent) -> None:
     """Poison that takes its worker down: the process dies at once, as by the OOM killer."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@handlers.register("ordered")
+async def ordered(intent: Intent) -> None:
+    """Records every attempt in the file $OUTBOX_TEST_ATTEMPTS (one JSON line at its start,
+    one at its end; O_APPEND, so processes can share the file), takes 0-3 ms, and fails its
+    first attempt when the payload says ``fail_first``. tests/fault/test_ordering_faults.py
+    reads the file back."""
+    fd = _attempts_file()
+    os.write(fd, orjson.dumps({"id": intent.id, "start": time.monotonic()}) + b"\n")
+    ok = False
+    try:
+        await anyio.sleep(random.Random(intent.id * 7 + intent.attempts).uniform(0, 0.003))
+        if intent.payload.get("fail_first") and intent.attempts == 1:
+            raise TransientError("first attempt fails, as told")
+        ok = True
+    finally:
+        os.write(fd, orjson.dumps({"id": intent.id, "end": time.monotonic(), "ok": ok}) + b"\n")
+
+
+@functools.cache
+def _attempts_file() -> int:
+    return os.open(os.environ["OUTBOX_TEST_ATTEMPTS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)

@@ -107,6 +107,39 @@ async def test_migrate_enqueue_status_retry_dead(pg_dsn: str, schema: str, db, n
     assert await count_by_status(db, names) == {"pending": 1}
 
 
+async def test_ordering_key_commands(pg_dsn: str, schema: str, db, names: Names):
+    common = ("--dsn", pg_dsn, "--schema", schema)
+    ids = [
+        int(cli("enqueue", *common, "noop", "{}", "--ordering-key", "order-7").stdout)
+        for _ in range(3)
+    ]
+    table = f'"{schema}".intent'
+    assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE ordering_key = 'order-7'") == 3
+    await db.execute(
+        f"UPDATE {table} SET status = 'dead', last_error = 'refused' WHERE id = $1", ids[0]
+    )
+    report = orjson.loads(cli("status", *common, "--json").stdout)["ordering"]
+    assert (report["halted_keys"], report["held_intents"]) == (1, 2)
+    assert report["oldest_halted"]["key"] == "order-7"
+    assert report["oldest_halted"]["dead_intent"] == ids[0]
+    human = cli("status", *common).stdout
+    assert "halted by a dead intent: 1" in human and "skip-dead" in human
+    skipped = cli("skip-dead", *common, "order-7")
+    assert skipped.returncode == 0 and f"intent {ids[0]} stays dead" in skipped.stdout
+    again = cli("skip-dead", *common, "order-7")
+    assert again.returncode == 2 and "is not halted by a dead intent" in again.stderr
+    assert orjson.loads(cli("status", *common, "--json").stdout)["ordering"]["halted_keys"] == 0
+    retried = cli("retry-dead", *common, "--key", "order-7")
+    assert "1 dead intents back to pending" in retried.stdout
+    assert await db.fetchval(f"SELECT ordering_skipped FROM {table} WHERE id = $1", ids[0]) is False
+
+
+def test_bad_ordering_on_dead_is_one_clear_error():
+    result = cli("--ordering-on-dead", "skip", "--dsn", "postgresql://x@127.0.0.1:1/x")
+    assert result.returncode == 2
+    assert "--ordering-on-dead: invalid halt or continue value: 'skip'" in result.stderr
+
+
 def worker_argv(pg_dsn: str, schema: str, *extra: str) -> list[str]:
     """``python -m worker`` on the test schema with tests/sample_handlers.py, polling fast."""
     return [

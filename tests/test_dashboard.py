@@ -311,6 +311,30 @@ async def test_health_query_counts_by_state_and_stops_at_the_cap(pg_dsn: str, db
     assert (capped.pending_due, capped.count_cap) == (3, 3)
 
 
+async def test_health_query_and_dashboard_show_halted_ordering_keys(pg_dsn: str, db, names: Names):
+    table = f'"{names.schema}".intent'
+    # Key a: dead head, 2 waiting (halted). Key b: its dead intent was skipped (moves on).
+    # Key c: a dead intent behind a pending one (not the head: not halted yet).
+    await db.execute(
+        f"INSERT INTO {table} (kind, payload, status, last_error, ordering_key, ordering_skipped) "
+        "VALUES ('k', '{}', 'dead', 'x', 'a', false), ('k', '{}', 'pending', NULL, 'a', false), "
+        "('k', '{}', 'pending', NULL, 'a', false), ('k', '{}', 'dead', 'x', 'b', true), "
+        "('k', '{}', 'pending', NULL, 'c', false), ('k', '{}', 'dead', 'x', 'c', false)"
+    )
+    pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
+    try:
+        health = await read_db_health(pool, load_queries(names)["db_health"], names.schema)
+    finally:
+        await pool.close()
+    assert (health.halted_keys, health.oldest_halted_key) == (1, "a")
+    assert health.oldest_halted_seconds is not None and health.oldest_halted_seconds >= 0
+    stats = Stats(4)
+    stats.on_db_health(health)
+    text = screen(stats.snapshot(), 120, 30)
+    assert "1 keys halted" in text.splitlines()[0]
+    assert "keys halted 1 (oldest 'a'," in text
+
+
 async def test_nothing_due_when_the_earliest_pending_is_scheduled(pg_dsn: str, db, names: Names):
     await db.execute(
         f'INSERT INTO "{names.schema}".intent (kind, payload, run_at) '

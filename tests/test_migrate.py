@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import asyncpg
+import pytest
 
 from worker.migrate import migrate, schema_exists
 from worker.sqlfiles import Names, migration_files
@@ -64,3 +65,51 @@ def test_wheel_carries_the_sql(tmp_path: Path):
     for trigger in (REPO / "triggers").glob("*.sql"):
         assert f"worker/_sql/triggers/{trigger.name}" in names
     assert "worker/sql/relay.sql" in names
+
+
+# The intent table and enqueue() as the first release created them (before ordering keys).
+_BEFORE_ORDERING_KEYS = """
+CREATE SCHEMA {s};
+CREATE TABLE {s}.intent (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, kind text NOT NULL, payload jsonb NOT NULL,
+    status text NOT NULL DEFAULT 'pending', attempts integer NOT NULL DEFAULT 0,
+    max_attempts integer, run_at timestamptz NOT NULL DEFAULT now(), locked_by text,
+    locked_until timestamptz, last_error text, created_at timestamptz NOT NULL DEFAULT now(),
+    sent_at timestamptz, dedupe_key text);
+CREATE INDEX intent_pending_run_at ON {s}.intent (run_at, id) WHERE status = 'pending';
+CREATE FUNCTION {s}.enqueue(kind text, payload jsonb, run_at timestamptz DEFAULT NULL,
+    dedupe_key text DEFAULT NULL, max_attempts integer DEFAULT NULL) RETURNS bigint
+LANGUAGE sql AS $$ INSERT INTO {s}.intent (kind, payload) VALUES (kind, payload) RETURNING id $$;
+INSERT INTO {s}.intent (kind, payload) VALUES ('email', '{{}}');
+"""
+
+
+async def test_migrate_upgrades_a_table_from_before_ordering_keys(pg_dsn: str, names: Names):
+    conn = await asyncpg.connect(pg_dsn)
+    s = f'"{names.schema}"'
+    try:
+        await conn.execute(_BEFORE_ORDERING_KEYS.format(s=s))
+        await migrate(conn, names)
+        row = await conn.fetchrow(
+            f"SELECT ordering_key, ordering_skipped, ordering_held FROM {s}.intent"
+        )
+        assert tuple(row) == (None, False, False)
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = $1", names.schema
+            )
+        }
+        assert "intent_pending_run_at" not in indexes
+        assert {"intent_pending_free", "intent_ordering_in_flight"} <= indexes
+        # Both call forms work: positional as before, and the new named argument.
+        await conn.fetchval(f"SELECT {s}.enqueue('email', '{{}}')")
+        keyed = await conn.fetchval(f"SELECT {s}.enqueue('email', '{{}}', ordering_key => 'k')")
+        assert (
+            await conn.fetchval(f"SELECT ordering_key FROM {s}.intent WHERE id = $1", keyed) == "k"
+        )
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(f"SELECT {s}.enqueue('email', '{{}}', ordering_key => '')")
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+        await conn.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -13,6 +14,7 @@ from tests.fault.ledger import Outbox
 from tests.fault.pgcluster import Cluster, throwaway_cluster
 from tests.fault.workers import WorkerProcess, run_args
 from tests.smtp_server import SmtpTestServer
+from tests.tcp_proxy import TcpProxy
 
 Spawn = Callable[..., Awaitable[WorkerProcess]]
 
@@ -51,6 +53,16 @@ async def spawn(pg_dsn: str, schema: str, db: asyncpg.Connection) -> AsyncIterat
     finally:
         for proc in started:
             await proc.aclose()
+
+
+@pytest.fixture
+async def pg_proxy(pg_dsn: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the test database, to freeze or cut the workers' network."""
+    parts = urlsplit(pg_dsn)
+    if not parts.hostname or parts.hostname.startswith("/"):
+        pytest.skip("the proxy needs PostgreSQL on TCP")
+    async with TcpProxy(parts.hostname, parts.port or 5432) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")

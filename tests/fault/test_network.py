@@ -12,8 +12,6 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
@@ -46,15 +44,6 @@ async def latencies(outbox: Outbox, ids: list[int]) -> list[float]:
         ids,
     )
     return sorted(r["s"] for r in rows)
-
-
-@pytest.fixture
-async def pg_proxy(pg_dsn: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(pg_dsn)
-    if not parts.hostname or parts.hostname.startswith("/"):
-        pytest.skip("the proxy needs PostgreSQL on TCP")
-    async with TcpProxy(parts.hostname, parts.port or 5432) as proxy:
-        yield proxy
 
 
 async def test_listen_backend_killed_repeatedly_during_a_burst(db, outbox, smtp, spawn, pg_dsn):
