@@ -50,6 +50,10 @@ class Size:
     # pgqueuer's insert trigger notifies on every enqueue, so its producers need more
     # connections to offer 1,000/s at all; every system gets the same number.
     alt_latency_producers: int = 16
+    ordering_keys: int = 1000  # the drain over keys (the target: >= 0.7x unordered)
+    ordering_one_key_intents: int = 2000
+    ordering_rate: int = 1000
+    ordering_latency_keys: int = 100
 
 
 FULL = Size()
@@ -76,6 +80,10 @@ TINY = Size(
     sink_concurrency=(64,),
     pgqueuer_intents=200,
     pgqueuer_batches=(10,),
+    ordering_keys=30,
+    ordering_one_key_intents=50,
+    ordering_rate=100,
+    ordering_latency_keys=10,
     procrastinate_intents=30,
     procrastinate_concurrency=(10,),
     alt_latency_rate=50,

@@ -36,12 +36,17 @@ async def _one_connection_each(
 
 
 @contextlib.asynccontextmanager
-async def relay_producers(dsn: str, names: Names, n: int) -> AsyncIterator[list[Enqueue]]:
+async def relay_producers(
+    dsn: str, names: Names, n: int, *, keys: int = 0
+) -> AsyncIterator[list[Enqueue]]:
+    """``keys``: intent k goes on ordering key ``k{k % keys}`` (0: unordered)."""
+
     def bind(conn: asyncpg.Connection) -> Enqueue:
         # One autocommitted statement: a transaction of its own, in one round trip, so the
         # producer's client overhead hides as little of the server's commit cost as possible.
         async def one(k: int) -> None:
-            await enqueue(conn, "bench", {"k": k}, schema=names.schema)
+            key = f"k{k % keys}" if keys else None
+            await enqueue(conn, "bench", {"k": k}, ordering_key=key, schema=names.schema)
 
         return one
 

@@ -6,6 +6,11 @@
 INSERT INTO {{schema}}.intent (kind, payload)
 SELECT $2, jsonb_build_object('k', g) FROM generate_series(0, $1 - 1) AS g
 
+-- name: seed_keyed
+-- The same on $3 ordering keys, interleaved: intent g on key 'k' || (g % $3).
+INSERT INTO {{schema}}.intent (kind, payload, ordering_key)
+SELECT $2, jsonb_build_object('k', g), 'k' || (g % $3) FROM generate_series(0, $1 - 1) AS g
+
 -- name: seed_email
 INSERT INTO {{schema}}.intent (kind, payload)
 SELECT 'email', jsonb_build_object('to', 'rcpt' || g || '@example.com',

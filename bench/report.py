@@ -33,6 +33,7 @@ _UNITS = {
     "p50_vs_pgqueuer": ("p50 × pgqueuer", 2),
     "p99_vs_pgqueuer": ("p99 × pgqueuer", 2),
     "vs_sink_alone": ("× sink alone", 2),
+    "vs_unordered": ("× unordered", 2),
     "notifications": ("NOTIFYs heard", 0),
     "wake_p50_ms": ("wake-up p50 ms", 1),
     "wake_p99_ms": ("wake-up p99 ms", 1),
@@ -131,7 +132,25 @@ def targets(rows: Sequence[Row], skipped: Mapping[str, str] | None = None) -> li
         out.append(_producer_cost_target(rows))
     if "idle" in scenarios:
         out.append(_idle_target(rows))
+    if "ordering" in scenarios:
+        out.append(_ordering_target(rows))
     return out
+
+
+def _ordering_target(rows: Sequence[Row]) -> Target:
+    keyed = [r for r in _find(rows, "ordering", lambda r: r.params.get("keys", 0) > 1)]
+    drain = next((r for r in keyed if r.params["test"] == "drain"), None)
+    name, goal = "ordering keys: drain", "≥ 0.7× the unordered drain, same round (issue 10)"
+    if drain is None:
+        return _not_measured(name, goal, "no keyed drain row")
+    ratio = drain.median("vs_unordered")
+    return Target(
+        name,
+        goal,
+        f"{drain.median('intents_per_s'):,.0f}/s over {drain.params['keys']:,} keys = "
+        f"{ratio:.2f}× unordered",
+        ratio >= 0.7,
+    )
 
 
 def _drain_targets(rows: Sequence[Row], baseline_why: str) -> list[Target]:
@@ -277,7 +296,7 @@ def _idle_target(rows: Sequence[Row]) -> Target:
     )
 
 
-TARGETS_TITLE = "Targets of issue 9 (relay pipeline)"
+TARGETS_TITLE = "Targets of issues 9 (relay pipeline) and 10 (ordering keys)"
 _MET = {True: "yes", False: "NO", None: "–"}
 
 

@@ -71,6 +71,22 @@ class RelaySystem:
         return {f.name: f.default for f in dataclasses.fields(Settings)}[setting]
 
 
+@dataclasses.dataclass
+class KeyedRelaySystem(RelaySystem):
+    """The relay with every intent on one of ``keys`` ordering keys (intent k on key k mod
+    keys): the backlog interleaves the keys, as many aggregates writing at once do."""
+
+    keys: int = 1
+
+    async def seed(self, conn: asyncpg.Connection, inst: Installed, n: int) -> None:
+        await conn.execute(query("seed_keyed", inst.names), n, "bench", self.keys)
+
+    def producers(
+        self, inst: Installed, n: int
+    ) -> contextlib.AbstractAsyncContextManager[list[producers.Enqueue]]:
+        return producers.relay_producers(inst.dsn, inst.names, n, keys=self.keys)
+
+
 class PgqueuerSystem:
     name = "pgqueuer"
     kind = "pgqueuer"

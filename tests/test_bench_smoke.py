@@ -22,6 +22,7 @@ MUST_MEASURE = {
     "email": "intents_per_s",
     "alternatives": "intents_per_s",
     "sinks": "intents_per_s",
+    "ordering": "intents_per_s",
 }
 
 

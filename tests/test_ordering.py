@@ -8,6 +8,7 @@ import itertools
 import random
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -268,3 +269,22 @@ async def _statuses(db: asyncpg.Connection, names: Names, ids: list[int], want: 
         f'SELECT DISTINCT status FROM "{names.schema}".intent WHERE id = ANY($1)', ids
     )
     return {r["status"] for r in rows} == want
+
+
+def _readme_sql(heading: str) -> str:
+    """The first ```sql block after ``heading`` in the README."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index(heading) :]
+    start = section.index("```sql") + len("```sql")
+    return section[start : section.index("```", start)]
+
+
+README_ORDERING_SQL = _readme_sql("### Ordering keys")
+
+
+async def test_the_readme_ordering_snippet_runs(db, names: Names):
+    intent_id = await db.fetchval(README_ORDERING_SQL.replace("outbox.", f'"{names.schema}".'))
+    row = await db.fetchrow(
+        f'SELECT kind, ordering_key FROM "{names.schema}".intent WHERE id = $1', intent_id
+    )
+    assert tuple(row) == ("order_event", "order-42")

@@ -14,6 +14,7 @@ from bench.scenarios import (
     idle,
     latency,
     lost_notification,
+    ordering,
     producer_cost,
     sinks,
 )
@@ -30,4 +31,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "email": email,
     "alternatives": alternatives,
     "sinks": sinks,
+    "ordering": ordering,
 }
