@@ -16,9 +16,11 @@ from worker.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, DB_UNAVAILABLE, init_con
 
 
 class DedicatedConnection:
-    def __init__(self, dsn: str, application_name: str) -> None:
+    def __init__(
+        self, dsn: str, application_name: str, settings: dict[str, str] | None = None
+    ) -> None:
         self._dsn = dsn
-        self._application_name = application_name
+        self._server_settings = {"application_name": application_name, **(settings or {})}
         self._conn: asyncpg.Connection | None = None
 
     async def _connection(self) -> asyncpg.Connection:
@@ -27,7 +29,7 @@ class DedicatedConnection:
                 self._dsn,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": self._application_name},
+                server_settings=self._server_settings,
             )
             await init_connection(conn)
             self._conn = conn
