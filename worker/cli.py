@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -22,6 +22,7 @@ from worker.db import connect
 from worker.errors import ConfigError
 from worker.eventloop import backend_options
 from worker.migrate import migrate
+from worker.options import RUN_OPTIONS, Option, duration, positive_float, positive_int
 from worker.settings import Settings, default_channel
 from worker.sqlfiles import Names, migration_sql
 
@@ -37,239 +38,6 @@ COMMANDS = (
     "demo",
 )
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError
-    return value
-
-
-def _flag(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError
-
-
-def _duration(text: str) -> float:
-    """``30d``, ``12h``, ``90m``, ``600s`` (or plain seconds) -> seconds."""
-    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
-    return _positive_float(number) * units[unit]
-
-
-def _on_dead(text: str) -> str:
-    if text not in ("halt", "continue"):
-        raise ValueError
-    return text
-
-
-_on_dead.__name__ = "halt or continue"
-_duration.__name__ = "duration (30d, 12h, 90m, 600s)"
-_positive_int.__name__ = "positive integer"
-_positive_float.__name__ = "positive number"
-_flag.__name__ = "boolean (1/0, true/false)"
-
-
-@dataclass(frozen=True)
-class Option:
-    flag: str
-    field: str
-    env: str
-    convert: Callable[[str], Any]
-    help: str
-    switch: bool = False  # a --flag with no value
-
-
-RUN_OPTIONS = [
-    Option(
-        "--concurrency",
-        "concurrency",
-        "OUTBOX_CONCURRENCY",
-        _positive_int,
-        "deliveries in flight at once in this process",
-    ),
-    Option(
-        "--batch-size",
-        "batch_size",
-        "OUTBOX_BATCH_SIZE",
-        _positive_int,
-        "most rows taken by one claim (never more than the idle slots)",
-    ),
-    Option(
-        "--poll-interval",
-        "poll_interval",
-        "OUTBOX_POLL_INTERVAL",
-        _positive_float,
-        "seconds between fallback polls (plus up to 20%% jitter)",
-    ),
-    Option(
-        "--linger",
-        "linger",
-        "OUTBOX_LINGER",
-        float,
-        "seconds a worker that has just drained the queue keeps claiming before it asks "
-        "producers to notify it (0: never linger)",
-    ),
-    Option(
-        "--lease",
-        "lease",
-        "OUTBOX_LEASE",
-        _positive_float,
-        "seconds a claimed row stays ours without a heartbeat; then any worker may retake it",
-    ),
-    Option(
-        "--grace",
-        "grace",
-        "OUTBOX_GRACE",
-        _positive_float,
-        "on SIGTERM/SIGINT, seconds in-flight deliveries get to finish before they are "
-        "cancelled and released",
-    ),
-    Option(
-        "--max-attempts",
-        "max_attempts",
-        "OUTBOX_MAX_ATTEMPTS",
-        _positive_int,
-        "attempts before an intent is dead (a row's own max_attempts wins)",
-    ),
-    Option(
-        "--delivery-timeout",
-        "delivery_timeout",
-        "OUTBOX_DELIVERY_TIMEOUT",
-        _positive_float,
-        "seconds one delivery may take; then it counts as a transient failure",
-    ),
-    Option(
-        "--backoff-base",
-        "backoff_base",
-        "OUTBOX_BACKOFF_BASE",
-        _positive_float,
-        "first retry delay in seconds; doubles each attempt, with jitter",
-    ),
-    Option(
-        "--backoff-max",
-        "backoff_max",
-        "OUTBOX_BACKOFF_MAX",
-        _positive_float,
-        "longest retry delay in seconds",
-    ),
-    Option(
-        "--no-listen",
-        "listen",
-        "OUTBOX_NO_LISTEN",
-        _flag,
-        "poll only, no LISTEN (for PgBouncer in transaction pooling mode)",
-        switch=True,
-    ),
-    Option(
-        "--ping-interval",
-        "ping_interval",
-        "OUTBOX_PING_INTERVAL",
-        _positive_float,
-        "seconds between health pings of the LISTEN connection",
-    ),
-    Option(
-        "--ping-timeout",
-        "ping_timeout",
-        "OUTBOX_PING_TIMEOUT",
-        _positive_float,
-        "seconds a ping may take before the LISTEN connection is declared dead",
-    ),
-    Option(
-        "--smtp-url",
-        "smtp_url",
-        "OUTBOX_SMTP_URL",
-        str,
-        "SMTP server for the email kind: smtp[s]://[user:pass@]host[:port][?tls=starttls|none"
-        "&cafile=PATH]",
-    ),
-    Option(
-        "--mail-from",
-        "mail_from",
-        "OUTBOX_MAIL_FROM",
-        str,
-        "sender address when a payload has no 'from'",
-    ),
-    Option(
-        "--handlers",
-        "handlers",
-        "OUTBOX_HANDLERS",
-        str,
-        "MODULE:ATTRIBUTE, a mapping of kind -> async handler(intent)",
-    ),
-    Option(
-        "--webhook-secret",
-        "webhook_secret",
-        "OUTBOX_WEBHOOK_SECRET",
-        str,
-        "key for the Outbox-Signature (HMAC-SHA256) of webhook requests; prefer the "
-        "environment variable, flags show in ps",
-    ),
-    Option(
-        "--webhook-allow-hosts",
-        "webhook_allow_hosts",
-        "OUTBOX_WEBHOOK_ALLOW_HOSTS",
-        str,
-        "comma-separated hosts webhooks may call (*.example.com for subdomains); unset: any host",
-    ),
-    Option(
-        "--rabbitmq-url",
-        "rabbitmq_url",
-        "OUTBOX_RABBITMQ_URL",
-        str,
-        "broker for the rabbitmq kind: amqp[s]://user:pass@host[:port][/vhost]",
-    ),
-    Option(
-        "--nats-url",
-        "nats_url",
-        "OUTBOX_NATS_URL",
-        str,
-        "server(s) for the nats kind (JetStream): nats://[user:pass@]host[:port][,...]",
-    ),
-    Option(
-        "--message-id-prefix",
-        "message_id_prefix",
-        "OUTBOX_MESSAGE_ID_PREFIX",
-        str,
-        "prefix of the intent id in Idempotency-Key, AMQP message_id and Nats-Msg-Id; set "
-        "one per database when several outboxes publish to the same place",
-    ),
-    Option(
-        "--limits",
-        "limits",
-        "OUTBOX_LIMITS",
-        str,
-        "per-kind limits, per process: 'KIND:concurrency=N,rate=N/s,timeout=S;KIND:...', "
-        "e.g. 'email:rate=10/s;webhook:concurrency=4'",
-    ),
-    Option(
-        "--ordering-on-dead",
-        "ordering_on_dead",
-        "OUTBOX_ORDERING_ON_DEAD",
-        _on_dead,
-        "when an intent with an ordering key ends dead: halt the key's later intents until "
-        "an operator runs retry-dead or skip-dead, or continue with the next one",
-    ),
-    Option(
-        "--migrate",
-        "migrate",
-        "OUTBOX_MIGRATE",
-        _flag,
-        "apply the schema before starting (idempotent)",
-        switch=True,
-    ),
-]
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -312,11 +80,11 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument(
         "--schema", help="schema to use (emptied at start; must start with outbox_demo)"
     )
-    demo.add_argument("--concurrency", type=_positive_int, default=8, help="delivery slots")
+    demo.add_argument("--concurrency", type=positive_int, default=8, help="delivery slots")
     demo.add_argument(
-        "--rate", type=_positive_float, default=20.0, help="sample intents per second, on average"
+        "--rate", type=positive_float, default=20.0, help="sample intents per second, on average"
     )
-    demo.add_argument("--duration", type=_positive_float, help="stop after this many seconds")
+    demo.add_argument("--duration", type=positive_float, help="stop after this many seconds")
     demo.add_argument(
         "--log-format", choices=("text", "json"), help="log lines as text or JSON (no dashboard)"
     )
@@ -375,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry-dead", help="send dead intents back to pending")
     _add_common(retry)
     retry.add_argument("--kind", help="only this kind")
-    retry.add_argument("--id", type=_positive_int, help="only this intent")
+    retry.add_argument("--id", type=positive_int, help="only this intent")
     retry.add_argument("--key", help="only this ordering key (its dead head runs again first)")
     skip = sub.add_parser(
         "skip-dead",
@@ -386,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge = sub.add_parser("purge", help="delete finished intents older than a given age")
     _add_common(purge)
     purge.add_argument(
-        "--older-than", type=_duration, required=True, metavar="AGE",
+        "--older-than", type=duration, required=True, metavar="AGE",
         help="finished (sent, or created for dead ones) longer ago than this: 30d, 12h, 90m, 600s",
     )  # fmt: skip
     purge.add_argument(
@@ -399,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("payload", help="the payload as JSON")
     enq.add_argument("--run-at", type=datetime.fromisoformat, help="ISO 8601 time, not before")
     enq.add_argument("--dedupe-key")
-    enq.add_argument("--max-attempts", type=_positive_int)
+    enq.add_argument("--max-attempts", type=positive_int)
     enq.add_argument("--ordering-key", help="delivered after the key's earlier intents")
     return parser
 

@@ -1,0 +1,241 @@
+"""The `run` flags: each one's name, environment variable, converter and help, in one list
+(cli.py builds the parser from it; the README's configuration table mirrors it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError
+
+
+def duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``600s`` (or plain seconds) -> seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    return positive_float(number) * units[unit]
+
+
+def _on_dead(text: str) -> str:
+    if text not in ("halt", "continue"):
+        raise ValueError
+    return text
+
+
+_on_dead.__name__ = "halt or continue"
+duration.__name__ = "duration (30d, 12h, 90m, 600s)"
+positive_int.__name__ = "positive integer"
+positive_float.__name__ = "positive number"
+boolean.__name__ = "boolean (1/0, true/false)"
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    field: str
+    env: str
+    convert: Callable[[str], Any]
+    help: str
+    switch: bool = False  # a --flag with no value
+
+
+RUN_OPTIONS = [
+    Option(
+        "--concurrency",
+        "concurrency",
+        "OUTBOX_CONCURRENCY",
+        positive_int,
+        "deliveries in flight at once in this process",
+    ),
+    Option(
+        "--batch-size",
+        "batch_size",
+        "OUTBOX_BATCH_SIZE",
+        positive_int,
+        "most rows taken by one claim (never more than the idle slots)",
+    ),
+    Option(
+        "--poll-interval",
+        "poll_interval",
+        "OUTBOX_POLL_INTERVAL",
+        positive_float,
+        "seconds between fallback polls (plus up to 20%% jitter)",
+    ),
+    Option(
+        "--linger",
+        "linger",
+        "OUTBOX_LINGER",
+        float,
+        "seconds a worker that has just drained the queue keeps claiming before it asks "
+        "producers to notify it (0: never linger)",
+    ),
+    Option(
+        "--lease",
+        "lease",
+        "OUTBOX_LEASE",
+        positive_float,
+        "seconds a claimed row stays ours without a heartbeat; then any worker may retake it",
+    ),
+    Option(
+        "--grace",
+        "grace",
+        "OUTBOX_GRACE",
+        positive_float,
+        "on SIGTERM/SIGINT, seconds in-flight deliveries get to finish before they are "
+        "cancelled and released",
+    ),
+    Option(
+        "--max-attempts",
+        "max_attempts",
+        "OUTBOX_MAX_ATTEMPTS",
+        positive_int,
+        "attempts before an intent is dead (a row's own max_attempts wins)",
+    ),
+    Option(
+        "--delivery-timeout",
+        "delivery_timeout",
+        "OUTBOX_DELIVERY_TIMEOUT",
+        positive_float,
+        "seconds one delivery may take; then it counts as a transient failure",
+    ),
+    Option(
+        "--backoff-base",
+        "backoff_base",
+        "OUTBOX_BACKOFF_BASE",
+        positive_float,
+        "first retry delay in seconds; doubles each attempt, with jitter",
+    ),
+    Option(
+        "--backoff-max",
+        "backoff_max",
+        "OUTBOX_BACKOFF_MAX",
+        positive_float,
+        "longest retry delay in seconds",
+    ),
+    Option(
+        "--no-listen",
+        "listen",
+        "OUTBOX_NO_LISTEN",
+        boolean,
+        "poll only, no LISTEN (for PgBouncer in transaction pooling mode)",
+        switch=True,
+    ),
+    Option(
+        "--ping-interval",
+        "ping_interval",
+        "OUTBOX_PING_INTERVAL",
+        positive_float,
+        "seconds between health pings of the LISTEN connection",
+    ),
+    Option(
+        "--ping-timeout",
+        "ping_timeout",
+        "OUTBOX_PING_TIMEOUT",
+        positive_float,
+        "seconds a ping may take before the LISTEN connection is declared dead",
+    ),
+    Option(
+        "--smtp-url",
+        "smtp_url",
+        "OUTBOX_SMTP_URL",
+        str,
+        "SMTP server for the email kind: smtp[s]://[user:pass@]host[:port][?tls=starttls|none"
+        "&cafile=PATH]",
+    ),
+    Option(
+        "--mail-from",
+        "mail_from",
+        "OUTBOX_MAIL_FROM",
+        str,
+        "sender address when a payload has no 'from'",
+    ),
+    Option(
+        "--handlers",
+        "handlers",
+        "OUTBOX_HANDLERS",
+        str,
+        "MODULE:ATTRIBUTE, a mapping of kind -> async handler(intent)",
+    ),
+    Option(
+        "--webhook-secret",
+        "webhook_secret",
+        "OUTBOX_WEBHOOK_SECRET",
+        str,
+        "key for the Outbox-Signature (HMAC-SHA256) of webhook requests; prefer the "
+        "environment variable, flags show in ps",
+    ),
+    Option(
+        "--webhook-allow-hosts",
+        "webhook_allow_hosts",
+        "OUTBOX_WEBHOOK_ALLOW_HOSTS",
+        str,
+        "comma-separated hosts webhooks may call (*.example.com for subdomains); unset: any host",
+    ),
+    Option(
+        "--rabbitmq-url",
+        "rabbitmq_url",
+        "OUTBOX_RABBITMQ_URL",
+        str,
+        "broker for the rabbitmq kind: amqp[s]://user:pass@host[:port][/vhost]",
+    ),
+    Option(
+        "--nats-url",
+        "nats_url",
+        "OUTBOX_NATS_URL",
+        str,
+        "server(s) for the nats kind (JetStream): nats://[user:pass@]host[:port][,...]",
+    ),
+    Option(
+        "--message-id-prefix",
+        "message_id_prefix",
+        "OUTBOX_MESSAGE_ID_PREFIX",
+        str,
+        "prefix of the intent id in Idempotency-Key, AMQP message_id and Nats-Msg-Id; set "
+        "one per database when several outboxes publish to the same place",
+    ),
+    Option(
+        "--limits",
+        "limits",
+        "OUTBOX_LIMITS",
+        str,
+        "per-kind limits, per process: 'KIND:concurrency=N,rate=N/s,timeout=S;KIND:...', "
+        "e.g. 'email:rate=10/s;webhook:concurrency=4'",
+    ),
+    Option(
+        "--ordering-on-dead",
+        "ordering_on_dead",
+        "OUTBOX_ORDERING_ON_DEAD",
+        _on_dead,
+        "when an intent with an ordering key ends dead: halt the key's later intents until "
+        "an operator runs retry-dead or skip-dead, or continue with the next one",
+    ),
+    Option(
+        "--migrate",
+        "migrate",
+        "OUTBOX_MIGRATE",
+        boolean,
+        "apply the schema before starting (idempotent)",
+        switch=True,
+    ),
+]
