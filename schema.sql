@@ -70,6 +70,17 @@ CREATE INDEX IF NOT EXISTS intent_dead_kind
 CREATE UNIQUE INDEX IF NOT EXISTS intent_dedupe_key
     ON {{schema}}.intent (dedupe_key) WHERE dedupe_key IS NOT NULL;
 
+-- The dead intents that halt their ordering key: the lowest row of the key that still blocks
+-- it is dead and not skipped. `outbox-worker status` and the dashboard read this; so can you.
+CREATE OR REPLACE VIEW {{schema}}.halted_key AS
+SELECT d.ordering_key, d.id, d.kind, d.last_error, d.created_at
+FROM {{schema}}.intent AS d
+WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skipped
+  AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
+                  WHERE b.ordering_key = d.ordering_key AND b.id < d.id
+                    AND (b.status IN ('pending', 'processing')
+                         OR (b.status = 'dead' AND NOT b.ordering_skipped)));
+
 -- One SQL call for producers in any language, inside their own transaction.
 -- A second call with the same dedupe_key inserts nothing and returns the first id.
 -- The signature without ordering_key goes first: beside the new one, a call that leaves out

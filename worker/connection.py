@@ -36,25 +36,18 @@ class DedicatedConnection:
         return self._conn
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self._connection()
-        try:
-            return await conn.fetch(query, *args)
-        except DB_UNAVAILABLE:
-            self._drop()
-            raise
+        return await self._run("fetch", query, args)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        conn = await self._connection()
-        try:
-            return await conn.fetchval(query, *args)
-        except DB_UNAVAILABLE:
-            self._drop()
-            raise
+        return await self._run("fetchval", query, args)
 
     async def execute(self, query: str, *args: Any) -> None:
+        await self._run("execute", query, args)
+
+    async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         conn = await self._connection()
         try:
-            await conn.execute(query, *args)
+            return await getattr(conn, method)(query, *args)
         except DB_UNAVAILABLE:
             self._drop()
             raise

@@ -7,10 +7,12 @@
 -- $1: count cap; $2: the schema name (a value here, to look the table up in the catalog).
 SELECT
     (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
-                           WHERE status = 'pending' AND run_at <= now() LIMIT $1) AS d)
+                           WHERE status = 'pending' AND NOT ordering_held
+                             AND run_at <= now() LIMIT $1) AS d)
         AS pending_due,
     (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
-                           WHERE status = 'pending' AND run_at > now() LIMIT $1) AS l)
+                           WHERE status = 'pending' AND NOT ordering_held
+                             AND run_at > now() LIMIT $1) AS l)
         AS pending_later,
     (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
                            WHERE status = 'processing' LIMIT $1) AS p)
@@ -19,21 +21,12 @@ SELECT
                            WHERE status = 'dead' LIMIT $1) AS x)
         AS dead,
     -- The pending index is ordered by run_at: its first entry is the longest-waiting one,
-    -- and if that one is not due yet, nothing is.
+    -- and if that one is not due yet, nothing is. (Rows held behind the head of their
+    -- ordering key are not in it: they wait for their key, not for the relay.)
     (SELECT extract(epoch FROM now() - min(run_at))::float8 FROM {{schema}}.intent
-     WHERE status = 'pending') AS oldest_pending_run_at_age,
-    -- Ordering keys halted by a dead head: the halted index, one probe of the blocking index
-    -- each (the anti-join), capped like the counts above.
-    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent AS d
-                           WHERE d.ordering_key IS NOT NULL AND d.status = 'dead'
-                             AND NOT d.ordering_skipped
-                             AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
-                                             WHERE b.ordering_key = d.ordering_key
-                                               AND b.id < d.id
-                                               AND (b.status IN ('pending', 'processing')
-                                                    OR (b.status = 'dead'
-                                                        AND NOT b.ordering_skipped)))
-                           LIMIT $1) AS h)
+     WHERE status = 'pending' AND NOT ordering_held) AS oldest_pending_run_at_age,
+    -- Ordering keys halted by a dead head (the halted_key view), capped like the counts.
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.halted_key LIMIT $1) AS h)
         AS halted_keys,
     oldest_halted.ordering_key AS oldest_halted_key,
     extract(epoch FROM now() - oldest_halted.created_at)::float8 AS oldest_halted_age,
@@ -49,17 +42,10 @@ SELECT
     x.application_name AS oldest_xact_application
 FROM (SELECT 1) AS one
 LEFT JOIN pg_stat_user_tables AS t ON t.schemaname = $2 AND t.relname = 'intent'
--- The halting dead intent with the lowest id (the first halted of all).
-LEFT JOIN LATERAL (
-    SELECT d.ordering_key, d.created_at FROM {{schema}}.intent AS d
-    WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skipped
-      AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
-                      WHERE b.ordering_key = d.ordering_key AND b.id < d.id
-                        AND (b.status IN ('pending', 'processing')
-                             OR (b.status = 'dead' AND NOT b.ordering_skipped)))
-    ORDER BY d.id
-    LIMIT 1
-) AS oldest_halted ON true
+-- The halting dead intent with the lowest id (the first halted of all); min(id), not ORDER BY
+-- id LIMIT 1, which the planner was seen to answer by walking the whole primary key.
+LEFT JOIN {{schema}}.intent AS oldest_halted
+    ON oldest_halted.id = (SELECT min(id) FROM {{schema}}.halted_key)
 -- The oldest transaction in this database that holds back the xmin horizon (by a snapshot or
 -- a transaction id): VACUUM cannot remove rows it might still see. Vacuums themselves don't.
 LEFT JOIN LATERAL (
