@@ -311,6 +311,15 @@ async def test_health_query_counts_by_state_and_stops_at_the_cap(pg_dsn: str, db
     assert (capped.pending_due, capped.count_cap) == (3, 3)
 
 
+async def _read_health(pg_dsn: str, names: Names) -> DbHealth:
+    """One read of the health query, as the dashboard does it."""
+    pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
+    try:
+        return await read_db_health(pool, load_queries(names)["db_health"], names.schema)
+    finally:
+        await pool.close()
+
+
 async def test_health_query_and_dashboard_show_halted_ordering_keys(pg_dsn: str, db, names: Names):
     table = f'"{names.schema}".intent'
     # Key a: dead head, 2 waiting (halted). Key b: its dead intent was skipped (moves on).
@@ -321,11 +330,7 @@ async def test_health_query_and_dashboard_show_halted_ordering_keys(pg_dsn: str,
         "('k', '{}', 'pending', NULL, 'a', false), ('k', '{}', 'dead', 'x', 'b', true), "
         "('k', '{}', 'pending', NULL, 'c', false), ('k', '{}', 'dead', 'x', 'c', false)"
     )
-    pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
-    try:
-        health = await read_db_health(pool, load_queries(names)["db_health"], names.schema)
-    finally:
-        await pool.close()
+    health = await _read_health(pg_dsn, names)
     assert (health.halted_keys, health.oldest_halted_key) == (1, "a")
     assert health.oldest_halted_seconds is not None and health.oldest_halted_seconds >= 0
     stats = Stats(4)
@@ -340,11 +345,7 @@ async def test_nothing_due_when_the_earliest_pending_is_scheduled(pg_dsn: str, d
         f'INSERT INTO "{names.schema}".intent (kind, payload, run_at) '
         "VALUES ('k', '{}', now() + interval '1h')"
     )
-    pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
-    try:
-        health = await read_db_health(pool, load_queries(names)["db_health"], names.schema)
-    finally:
-        await pool.close()
+    health = await _read_health(pg_dsn, names)
     assert health.oldest_due_seconds is None and health.pending_later == 1
 
 
