@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tests.smtp_server import DROP, STALL, Script, SmtpTestServer, Step, reply
@@ -471,6 +471,11 @@ def _header_fields(data: bytes) -> dict[bytes, list[bytes]]:
     header=st.sampled_from(["X-Custom", "List-Unsubscribe", "X-" + "a" * 74]),
     text=st.one_of(st.none(), _TEXTS), html=st.one_of(st.none(), _TEXTS), n_to=st.integers(1, 12),
 )  # fmt: skip
+# Found by a fresh CI run: an ASCII display name with a tab inside goes out as an encoded word.
+@example(
+    subject="", custom="", names=["", "", "", "0\t0"], header="X-Custom", text=None, html=None,
+    n_to=1,
+)  # fmt: skip
 def test_built_bytes_are_exactly_the_validated_fields(
     subject: str, custom: str, names: list[str], header: str, text: str | None,
     html: str | None, n_to: int,
@@ -518,7 +523,10 @@ def test_built_bytes_are_exactly_the_validated_fields(
         expected = _display_name(name)
         got = parsed[field].addresses
         assert [a.addr_spec for a in got] == specs, field
-        if expected.isascii():  # an atom phrase or a quoted string: read back exactly
+        # Printable ASCII goes out as an atom phrase or a quoted string: read back exactly.
+        # A tab inside the name cannot be quoted (qtext has no WSP but space), so such a
+        # name is an encoded word too, like non-ASCII.
+        if expected.isascii() and "\t" not in expected:
             assert all(a.display_name == expected for a in got), field
             return
         # Encoded words. policy.default collapses white space in a decoded display name and
