@@ -100,7 +100,7 @@ def _versions() -> dict[str, str]:
         ).stdout.strip()
         found["outbox-worker"] = rev
     except (OSError, subprocess.CalledProcessError):
-        found["outbox-worker"] = metadata.version("outbox-worker")
+        found["outbox-worker"] = metadata.version("pg-outbox-relay")
     return found
 
 

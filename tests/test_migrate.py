@@ -59,7 +59,7 @@ def test_wheel_carries_the_sql(tmp_path: Path):
         check=True,
         timeout=300,
     )
-    (wheel,) = tmp_path.glob("outbox_worker-*.whl")
+    (wheel,) = tmp_path.glob("pg_outbox_relay-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "worker/_sql/schema.sql" in names
     for trigger in (REPO / "triggers").glob("*.sql"):

@@ -57,7 +57,7 @@ def test_configured_kind_with_missing_extra_stops_the_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _without(monkeypatch, "aio_pika", "worker.sinks.rabbitmq")
-    with pytest.raises(ConfigError, match=r"pip install 'outbox-worker\[rabbitmq\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[rabbitmq\]'"):
         build_sinks(Settings(rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/"))
     _without(monkeypatch, "aiohttp", "worker.sinks.webhook")
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra \(aiohttp is not"):
@@ -80,7 +80,7 @@ async def test_unconfigured_kind_with_missing_extra_is_a_dead_intent(
     )
     assert error == (
         "the webhook kind needs the 'webhook' extra (aiohttp is not installed): "
-        "pip install 'outbox-worker[webhook]'"
+        "pip install 'pg-outbox-relay[webhook]'"
     )
     for sink in sinks.values():
         await sink.aclose()

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from worker.distribution import pip_install
 from worker.errors import ConfigError, PermanentError
 from worker.intent import Intent
 from worker.settings import Settings
@@ -45,7 +46,7 @@ class UnavailableSink:
 def missing_extra(kind: str, exc: ImportError) -> str:
     return (
         f"the {kind} kind needs the '{kind}' extra ({exc.name or 'a package'} is not "
-        f"installed): pip install 'outbox-worker[{kind}]'"
+        f"installed): {pip_install(kind)}"
     )
 
 
