@@ -176,7 +176,20 @@ async def test_kill9_mid_run_redelivers_the_heads_first(tmp_path, outbox, spawn,
     in_flight: set[int] = set()
 
     async def kill_one(workers: list[WorkerProcess], env: dict[str, str]) -> None:
-        in_flight.update(await outbox.processing(workers[0].pid))
+        # Freeze the worker, then look: the rows it holds cannot finish between the look and
+        # the kill. Deliveries take ms, so the first look may catch no keyed head; thaw, retry.
+        for _ in range(200):
+            workers[0].pause()
+            held = await outbox.processing(workers[0].pid)
+            if await outbox.conn.fetchval(
+                f"SELECT count(*) FROM {outbox.table} "
+                "WHERE id = ANY($1) AND ordering_key IS NOT NULL",
+                list(held),
+            ):
+                break
+            workers[0].resume()
+            await anyio.sleep(0.01)
+        in_flight.update(held)
         workers[0].kill()
         await spawn(concurrency=16, env=env, lease=LEASE)  # a replacement
 
