@@ -44,12 +44,12 @@ def _sections() -> dict[str, list[tuple[str, Snippet]]]:
     return sections
 
 
-def readme_snippets(heading: str, lang: str) -> list[Snippet]:
-    """The ```lang blocks of the section titled ``heading``, as written after its #s
-    ("Enqueueing from your stack", "The `email` kind")."""
+def readme_snippets(heading: str, lang: str | None = None) -> list[Snippet]:
+    """The ```lang blocks (all blocks if None) of the section titled ``heading``, as written
+    after its #s ("Enqueueing from your stack", "The `email` kind")."""
     if heading not in _sections():
         raise LookupError(f"README.md has no section {heading!r}")
-    return [snippet for info, snippet in _sections()[heading] if info == lang]
+    return [s for info, s in _sections()[heading] if lang is None or info == lang]
 
 
 def readme_snippet(heading: str, lang: str, first_line: str = "") -> Snippet:
