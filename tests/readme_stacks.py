@@ -83,8 +83,7 @@ def _django_order_model() -> Any:
 
     settings.configure(
         DATABASES={"default": {"ENGINE": "django.db.backends.postgresql"}},
-        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-        USE_TZ=True,
+        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",  # orders.id is a bigint
     )
     django.setup()
 
