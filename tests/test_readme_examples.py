@@ -1,0 +1,74 @@
+"""The README's code outside the producer snippets that runs against the worker's own code:
+the webhook receiver's ``verify`` and the handlers example, read from README.md as written."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from tests.conftest import statuses_are, wait_until
+from tests.readme import readme_snippet
+from worker import enqueue
+from worker.sinks.webhook import SIGNATURE_HEADER, sign
+from worker.sqlfiles import Names
+
+WEBHOOK = "`webhook`"
+
+
+def _run(heading: str, **given: Any) -> dict[str, Any]:
+    """Run the section's ```python block with ``given`` defined; return what it defined."""
+    namespace = dict(given)
+    exec(readme_snippet(heading, "python").compile(), namespace)
+    return namespace
+
+
+def test_readme_verify_accepts_what_the_worker_signs_and_nothing_else() -> None:
+    verify: Callable[..., bool] = _run(WEBHOOK)["verify"]
+    body = orjson.dumps({"order_id": 42})  # as the sink serialises a payload's body
+    now = int(time.time())
+    header = sign("s3cret", now, body)
+
+    assert verify("s3cret", header, body)
+    assert not verify("s3cret", header, body + b" ")
+    assert not verify("another", header, body)
+    assert not verify("s3cret", sign("s3cret", now - 301, body), body)  # a replay
+    assert not verify("s3cret", "v1=abc", body)
+
+
+def test_readme_signature_example_is_what_the_worker_sends() -> None:
+    """The README's example header, for the secret, body and time its text names."""
+    example = readme_snippet(WEBHOOK, "", SIGNATURE_HEADER).text.strip()
+    body = orjson.dumps({"order_id": 42})
+    assert example == f"{SIGNATURE_HEADER}: {sign('s3cret', 1718000000, body)}"
+    verify = _run(WEBHOOK)["verify"]
+    value = example.removeprefix(f"{SIGNATURE_HEADER}: ")
+    assert verify("s3cret", value, body, tolerance=time.time())  # old, but genuine
+
+
+class Billing:
+    """The application's own API that the README's handler calls: keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[Any, str]] = []
+
+    async def publish(self, payload: Any, *, idempotency_key: str) -> None:
+        self.published.append((payload, idempotency_key))
+
+
+async def test_readme_handler_publishes_an_order_and_kills_a_payload_without_one(
+    db, names: Names, start_relay
+) -> None:
+    billing = Billing()
+    handlers = _run("Your own handlers", billing=billing)["handlers"]
+    order = {"order_id": 42, "total_cents": 1999}
+    async with start_relay(handlers):
+        good = await enqueue(db, "order_created", order, schema=names.schema)
+        bad = await enqueue(db, "order_created", {"total_cents": 5}, schema=names.schema)
+        await wait_until(lambda: statuses_are(db, names, {"sent": 1, "dead": 1}))
+
+    assert billing.published == [(order, str(good))]
+    reason = await db.fetchval(f'SELECT last_error FROM "{names.schema}".intent WHERE id = $1', bad)
+    assert "payload needs an order_id" in reason

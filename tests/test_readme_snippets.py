@@ -1,0 +1,143 @@
+"""Every producer snippet of the README's "Enqueueing from your stack" runs here as written
+(tests/readme.py reads it from README.md), against a real PostgreSQL.
+
+The snippets name the schema ``outbox``, so each test gets a database of its own with
+``outbox`` migrated into it, the tables the snippets write (users, orders), and nothing shared
+with other tests. A run whose commit succeeds must leave one order and one intent that carries
+that order's real id; a run whose commit fails (the order's user does not exist: the foreign
+key is checked at COMMIT, after the snippet's enqueue) must leave neither.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from tests.readme import readme_snippet, readme_snippets
+from tests.readme_stacks import SECTION, STACKS, AppDb, run_snippet
+from worker.intent import Intent
+from worker.migrate import migrate
+from worker.settings import Settings, default_channel
+from worker.sinks.email.message import build_message
+from worker.sinks.nats import build_publish
+from worker.sinks.rabbitmq import build_message as build_amqp_message
+from worker.sinks.webhook import build_request
+from worker.sqlfiles import Names
+
+FOREIGN_KEY_VIOLATION = "23503"
+
+APP_TABLES = """
+CREATE TABLE users (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, email text);
+CREATE TABLE orders (
+    id          bigint GENERATED ALWAYS AS IDENTITY (START WITH 1001) PRIMARY KEY,
+    -- Checked at COMMIT, after the snippet's enqueue: an order for a missing user makes the
+    -- whole transaction fail where it matters.
+    user_id     bigint NOT NULL REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED,
+    total_cents integer NOT NULL
+);
+"""
+
+
+@pytest.fixture
+async def app_db(pg_dsn: str) -> AsyncIterator[AppDb]:
+    name = f"t_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(pg_dsn, database=name)
+        try:
+            await migrate(conn, Names("outbox", default_channel("outbox")))
+            await conn.execute(APP_TABLES)
+            yield AppDb(pg_dsn, {**conninfo_to_dict(pg_dsn), "dbname": name}, conn)
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def test_every_producer_snippet_has_a_runner() -> None:
+    """A snippet added to the section without a runner here would never run."""
+    first_lines = [s.first_line for s in readme_snippets(SECTION)]
+    assert len(first_lines) == len(STACKS), first_lines
+    for marker in STACKS:
+        assert sum(line.startswith(marker) for line in first_lines) == 1, (marker, first_lines)
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=lambda marker: marker.removeprefix("# "))
+async def test_snippet_commits_the_order_and_its_intent(app_db: AppDb, stack: str) -> None:
+    user_id = await app_db.conn.fetchval(
+        "INSERT INTO users (email) VALUES ('a@example.com') RETURNING id"
+    )
+    await run_snippet(stack, app_db, user_id)
+
+    (order,) = await app_db.conn.fetch("SELECT id, user_id FROM orders")
+    assert order["user_id"] == user_id
+    intents = await app_db.conn.fetch("SELECT kind, payload FROM outbox.intent")
+    assert [(r["kind"], json.loads(r["payload"])) for r in intents] == [
+        ("order_created", {"order_id": order["id"]})
+    ]
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=lambda marker: marker.removeprefix("# "))
+async def test_snippet_whose_commit_fails_leaves_no_intent(app_db: AppDb, stack: str) -> None:
+    missing_user = 404
+    with pytest.raises(Exception) as failed:  # each stack wraps the error its own way
+        await run_snippet(stack, app_db, missing_user)
+    assert _sqlstate(failed.value) == FOREIGN_KEY_VIOLATION, failed.value
+
+    # The enqueue did run (the identity sequence moved on), and the rollback took it back.
+    sequence = await app_db.conn.fetchval("SELECT pg_get_serial_sequence('outbox.intent', 'id')")
+    assert await app_db.conn.fetchval(f"SELECT is_called FROM {sequence}")
+    assert await app_db.conn.fetchval("SELECT count(*) FROM outbox.intent") == 0
+    assert await app_db.conn.fetchval("SELECT count(*) FROM orders") == 0
+
+
+def _sqlstate(error: BaseException | None) -> str | None:
+    """PostgreSQL's error code, from the driver's exception however deep a library wrapped it."""
+    while error is not None:
+        if isinstance(getattr(error, "sqlstate", None), str):
+            return str(error.sqlstate)  # type: ignore[attr-defined]
+        error = error.__cause__
+    return None
+
+
+async def test_quick_start_sql_commits_the_user_and_an_email_the_sink_accepts(
+    app_db: AppDb,
+) -> None:
+    await app_db.conn.execute(readme_snippet("Quick start", "sql").text)
+
+    emails = await app_db.conn.fetch("SELECT email FROM users")
+    (intent,) = await app_db.conn.fetch("SELECT * FROM outbox.intent")
+    assert intent["kind"] == "email"
+    _, _, recipients = build_message(intent_from_row(intent), "app@example.com")
+    assert recipients == [r["email"] for r in emails]
+
+
+async def test_kinds_sql_enqueues_payloads_their_sinks_accept(app_db: AppDb) -> None:
+    await app_db.conn.execute(readme_snippet("Kinds", "sql").text)
+
+    builders = {"webhook": build_request, "rabbitmq": build_amqp_message, "nats": build_publish}
+    intents = [intent_from_row(r) for r in await app_db.conn.fetch("SELECT * FROM outbox.intent")]
+    assert sorted(i.kind for i in intents) == sorted(builders)
+    for intent in intents:
+        builders[intent.kind](intent)  # raises PermanentError for a payload it cannot send
+
+
+def intent_from_row(row: asyncpg.Record) -> Intent:
+    """The intent as a delivery sees it (the payload decoded, as the worker's pool does)."""
+    return Intent(
+        row["id"],
+        row["kind"],
+        json.loads(row["payload"]),
+        row["attempts"],
+        row["max_attempts"] or Settings().max_attempts,
+        row["created_at"],
+        row["run_at"],
+        row["ordering_key"],
+    )
