@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
@@ -101,6 +103,32 @@ async def queues() -> AsyncIterator[Queues]:
         if mine:
             await client.srem("queues", *mine)
         await client.aclose()
+
+
+@dataclass
+class RedisDb:
+    url: str
+    client: redis.Redis
+
+
+@pytest.fixture
+async def redis_db() -> AsyncIterator[RedisDb]:
+    """An empty Redis database (1-15) of this test's own, for a whole Sidekiq app's fixed key
+    names (the "default" queue, the schedule set, Sidekiq's stats); emptied afterwards."""
+    parts = urlsplit(redis_or_skip())
+    for db in random.sample(range(1, 16), 15):
+        url = urlunsplit(parts._replace(path=f"/{db}"))
+        client = redis.Redis.from_url(url)
+        # SETNX on an empty database: two tests cannot both take it.
+        if await client.dbsize() == 0 and await client.setnx("outbox-test:taken", 1):
+            try:
+                yield RedisDb(url, client)
+            finally:
+                await client.flushdb()
+                await client.aclose()
+            return
+        await client.aclose()
+    pytest.fail("no empty Redis database among 1-15 for this test")
 
 
 @pytest.fixture
@@ -359,3 +387,49 @@ async def test_relay_redis_down_then_back_loses_nothing(
     # Nothing reached Redis while it was down, so each job is there exactly once.
     assert sorted(j["jid"] for j in jobs) == sorted(job_id(i) for i in ids)
     assert sorted(j["args"][0] for j in jobs) == list(range(20))
+
+
+def readme_section(heading: str, after: str = "") -> str:
+    """The README's text from ``heading`` (the first one after ``after``) to the next heading
+    of the same level."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index(heading, readme.index(after) if after else 0)
+    level = heading.split(" ")[0] + " "
+    end = readme.find("\n" + level, start + len(heading))
+    return readme[start : end if end >= 0 else len(readme)]
+
+
+def code_blocks(section: str, language: str) -> list[str]:
+    parts = section.split(f"```{language}\n")[1:]
+    return [part[: part.index("```")] for part in parts]
+
+
+async def test_the_readme_sql_snippet_pushes_both_jobs(
+    db, names: Names, start_relay, redis_db: RedisDb
+) -> None:
+    [sql] = code_blocks(readme_section("### `sidekiq`"), "sql")
+    await db.execute(sql.replace("outbox.", f'"{names.schema}".'))
+    sidekiq_sink = SidekiqSink(redis_db.url)
+    try:
+        async with start_relay({"sidekiq": sidekiq_sink}):
+            await wait_until(lambda: statuses_are(db, names, {"sent": 2}))
+    finally:
+        await sidekiq_sink.aclose()
+    ids = [r["id"] for r in await db.fetch(f'SELECT id FROM "{names.schema}".intent ORDER BY id')]
+    [welcome] = [orjson.loads(j) for j in await redis_db.client.lrange("queue:default", 0, -1)]
+    assert (welcome["class"], welcome["args"], welcome["jid"]) == (
+        "WelcomeEmailJob",
+        [42],
+        job_id(ids[0]),
+    )
+    # The second one is scheduled, unless its time has come already.
+    mailers = await redis_db.client.lrange("queue:mailers", 0, -1)
+    scheduled = await redis_db.client.zrange("schedule", 0, -1)
+    [trial] = [orjson.loads(j) for j in mailers + scheduled]
+    assert (trial["class"], trial["retry"], trial["jid"]) == (
+        "Billing::TrialEndsJob",
+        5,
+        job_id(ids[1]),
+    )
+    registered = {b"default", b"mailers"} if mailers else {b"default"}
+    assert await redis_db.client.smembers("queues") == registered
