@@ -28,16 +28,16 @@ import asyncpg
 import orjson
 import pytest
 
-from tests import test_sink_sidekiq
+from tests import sidekiq_helpers
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.sidekiq_helpers import RedisDb, code_blocks, readme_section
 from tests.tcp_proxy import TcpProxy
-from tests.test_sink_sidekiq import RedisDb, code_blocks, readme_section
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.sinks.sidekiq import SidekiqSink, job_id
 from worker.sqlfiles import Names
 
-redis_db = test_sink_sidekiq.redis_db  # the fixture: an empty Redis database of the test's own
+redis_db = sidekiq_helpers.redis_db  # the fixture: an empty Redis database of the test's own
 APP = Path(__file__).resolve().parent / "sidekiq_app"
 PACKAGES = "ruby-sidekiq ruby-activerecord ruby-pg"
 

@@ -8,23 +8,21 @@ tests with a real Sidekiq server are in test_sidekiq_e2e.py.
 from __future__ import annotations
 
 import hashlib
-import os
-import random
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
 import redis.asyncio as redis
 
+from tests import sidekiq_helpers
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.sidekiq_helpers import REDIS_URL, RedisDb, code_blocks, readme_section, redis_or_skip
 from tests.sink_helpers import (
     assert_outcomes,
     assert_unreachable_batch_fails_each_intent,
@@ -42,23 +40,7 @@ from worker.sinks.extras import UnavailableSink
 from worker.sinks.sidekiq import SidekiqSink, build_job, job_id, parse_redis_url
 from worker.sqlfiles import Names
 
-REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def redis_or_skip(url: str = REDIS_URL) -> str:
-    """``url`` if Redis answers there; else skip in one line (fail in CI)."""
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or 6379), timeout=5).close()
-    except OSError as exc:
-        message = (
-            f"Redis is not reachable at {parts.hostname}:{parts.port or 6379} ({exc}); start "
-            "redis-server or set OUTBOX_TEST_REDIS_URL"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return url
+redis_db = sidekiq_helpers.redis_db  # the fixture: an empty Redis database of the test's own
 
 
 @dataclass
@@ -103,32 +85,6 @@ async def queues() -> AsyncIterator[Queues]:
         if mine:
             await client.srem("queues", *mine)
         await client.aclose()
-
-
-@dataclass
-class RedisDb:
-    url: str
-    client: redis.Redis
-
-
-@pytest.fixture
-async def redis_db() -> AsyncIterator[RedisDb]:
-    """An empty Redis database (1-15) of this test's own, for a whole Sidekiq app's fixed key
-    names (the "default" queue, the schedule set, Sidekiq's stats); emptied afterwards."""
-    parts = urlsplit(redis_or_skip())
-    for db in random.sample(range(1, 16), 15):
-        url = urlunsplit(parts._replace(path=f"/{db}"))
-        client = redis.Redis.from_url(url)
-        # SETNX on an empty database: two tests cannot both take it.
-        if await client.dbsize() == 0 and await client.setnx("outbox-test:taken", 1):
-            try:
-                yield RedisDb(url, client)
-            finally:
-                await client.flushdb()
-                await client.aclose()
-            return
-        await client.aclose()
-    pytest.fail("no empty Redis database among 1-15 for this test")
 
 
 @pytest.fixture
@@ -327,6 +283,19 @@ async def test_unreachable_redis_is_transient_and_the_password_is_never_shown() 
     assert "sekrit-pw" not in str(e.value)
 
 
+async def test_a_refused_login_is_transient_and_the_password_is_not_shown() -> None:
+    parts = urlsplit(redis_or_skip())
+    # No such ACL user: Redis answers WRONGPASS whether or not it has a password set.
+    url = f"redis://outbox-nobody:sekrit-pw@{parts.hostname}:{parts.port or 6379}/0"
+    sidekiq_sink = SidekiqSink(url, timeout=2)
+    try:
+        with pytest.raises(TransientError, match="cannot connect: AuthenticationError") as e:
+            await sidekiq_sink.deliver(_intent({"class": "A", "args": []}))
+    finally:
+        await sidekiq_sink.aclose()
+    assert "sekrit-pw" not in str(e.value)
+
+
 async def test_waiting_deliveries_share_a_failed_connect() -> None:
     sidekiq_sink = SidekiqSink(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
     await assert_waiters_share_a_failed_connect(
@@ -387,21 +356,6 @@ async def test_relay_redis_down_then_back_loses_nothing(
     # Nothing reached Redis while it was down, so each job is there exactly once.
     assert sorted(j["jid"] for j in jobs) == sorted(job_id(i) for i in ids)
     assert sorted(j["args"][0] for j in jobs) == list(range(20))
-
-
-def readme_section(heading: str, after: str = "") -> str:
-    """The README's text from ``heading`` (the first one after ``after``) to the next heading
-    of the same level."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = readme.index(heading, readme.index(after) if after else 0)
-    level = heading.split(" ")[0] + " "
-    end = readme.find("\n" + level, start + len(heading))
-    return readme[start : end if end >= 0 else len(readme)]
-
-
-def code_blocks(section: str, language: str) -> list[str]:
-    parts = section.split(f"```{language}\n")[1:]
-    return [part[: part.index("```")] for part in parts]
 
 
 async def test_the_readme_sql_snippet_pushes_both_jobs(
