@@ -30,6 +30,7 @@ from tests.sink_helpers import (
 )
 from tests.tcp_proxy import TcpProxy, free_port
 from tests.test_cli import cli
+from tests.test_sink_extras import _without as without_extra
 from worker.app import build_sinks
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
@@ -190,6 +191,12 @@ def test_wiring_configured_or_not() -> None:
     sidekiq_sink = build_sinks(Settings(sidekiq_redis_url=url))["sidekiq"]
     assert isinstance(sidekiq_sink, SidekiqSink)
     assert "hunter2" not in repr(sidekiq_sink) + repr(Settings(sidekiq_redis_url=url))
+
+
+def test_configured_without_the_extra_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    without_extra(monkeypatch, "redis", "worker.sinks.sidekiq")
+    with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[sidekiq\]'"):
+        build_sinks(Settings(sidekiq_redis_url="redis://127.0.0.1:6379/0"))
 
 
 def test_cli_reports_a_bad_url_in_one_line_without_the_password() -> None:

@@ -312,14 +312,19 @@ class SidekiqSink:
             return self._client
 
     async def _connect(self) -> Redis:
-        client = self._client or Redis.from_url(
-            self._url,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=min(self._timeout, 5.0),
-            # No retries inside redis-py: a transaction retried after its EXEC went out would
-            # push the jobs twice. The relay retries, with backoff, and counts attempts.
-            retry=Retry(NoBackoff(), 0),
-        )
+        """Ping Redis with the worker's one client (made on first use). Its pool replaces a
+        dropped connection by itself; the ping only makes a Redis that is down cost one
+        timeout for all waiting deliveries, not one each."""
+        if self._client is None:
+            self._client = Redis.from_url(
+                self._url,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=min(self._timeout, 5.0),
+                # No retries inside redis-py: a transaction retried after its EXEC went out
+                # would push the jobs twice. The relay retries, with backoff, and counts them.
+                retry=Retry(NoBackoff(), 0),
+            )
+        client = self._client
         try:
             with anyio.fail_after(self._timeout):
                 await client.ping()
