@@ -79,8 +79,9 @@ async def queues() -> AsyncIterator[Queues]:
     finally:
         async for key in client.scan_iter(f"queue:{target.prefix}*"):
             await client.delete(key)
-        for job, _ in await target.scheduled():
-            await client.zrem("schedule", orjson.dumps(job))
+        for member in await client.zrange("schedule", 0, -1):
+            if orjson.loads(member)["queue"].startswith(target.prefix):
+                await client.zrem("schedule", member)
         names = [q.decode() for q in await client.smembers("queues")]
         mine = [q for q in names if q.startswith(target.prefix)]
         if mine:
