@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import asyncpg
 import orjson
 import pytest
@@ -75,17 +76,17 @@ class App:
     """The Ruby app, with the README's "before" or "after" User model."""
 
     env: dict[str, str]
-    snippets: Path
     db: asyncpg.Connection
     schema: str
 
-    def sign_up(self, *emails: str) -> dict[str, int]:
-        """Run sign_up.rb: {email: user id} (rolled-back users included)."""
-        done = subprocess.run(
-            ["ruby", str(APP / "sign_up.rb"), *emails],
-            env=self.env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+    async def sign_up(self, *emails: str) -> dict[str, int]:
+        """Run sign_up.rb: {email: user id} (rolled-back users included). A process of its
+        own, awaited: the relay in this event loop keeps running meanwhile."""
+        with anyio.fail_after(120):
+            done = await anyio.run_process(
+                ["ruby", str(APP / "sign_up.rb"), *emails], env=self.env, check=False
+            )
+        assert done.returncode == 0, done.stderr.decode()
         return {k: int(v) for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
 
     async def emails(self) -> list[dict[str, Any]]:
@@ -117,7 +118,7 @@ def _app(tmp_path: Path, pg_dsn: str, db: asyncpg.Connection, names: Names, redi
         "REDIS_URL": redis_url,
         "OUTBOX_SNIPPETS": str(snippets),
     }
-    return App(env, snippets, db, names.schema)
+    return App(env, db, names.schema)
 
 
 @pytest.fixture
@@ -185,14 +186,14 @@ async def test_committed_users_get_their_job_rolled_back_ones_never_across_a_red
         sink = SidekiqSink(proxy.rewrite(redis_db.url), timeout=2)
         try:
             async with start_relay({"sidekiq": sink}, backoff_base=0.1, backoff_max=0.5):
-                first = app.sign_up("alice@example.com", "rollback:mallory@example.com",
+                first = await app.sign_up("alice@example.com", "rollback:mallory@example.com",
                                     "bob@example.com", "carol@example.com")  # fmt: skip
                 committed = [first[e] for e in ("alice", "bob", "carol")
                              for e in [f"{e}@example.com"]]  # fmt: skip
                 await wait_until(lambda: _all_ran(app, committed, sidekiq), timeout=60)
 
                 await proxy.stop()  # Redis unreachable for the relay (Sidekiq still sees it)
-                second = app.sign_up("dave@example.com", "rollback:eve@example.com",
+                second = await app.sign_up("dave@example.com", "rollback:eve@example.com",
                                      "frank@example.com")  # fmt: skip
                 committed += [second["dave@example.com"], second["frank@example.com"]]
                 await wait_until(lambda: failed_at_least_once(db, names, 2))
@@ -220,7 +221,7 @@ async def test_a_scheduled_job_waits_in_the_schedule_set_then_runs(
     db,
     names: Names,
 ) -> None:
-    [user_id] = app.sign_up("grace@example.com").values()
+    [user_id] = (await app.sign_up("grace@example.com")).values()
     at = time.time() + 10
     scheduled = await enqueue(
         db, "sidekiq", {"class": "WelcomeEmailJob", "args": [user_id], "at": at},
@@ -251,7 +252,7 @@ async def test_payload_errors_are_dead_with_the_reason_and_the_others_run(
     db,
     names: Names,
 ) -> None:
-    users = app.sign_up("heidi@example.com", "ivan@example.com")
+    users = await app.sign_up("heidi@example.com", "ivan@example.com")
     bad = {
         await enqueue(db, "sidekiq", {"args": [1]}, schema=names.schema): "needs 'class'",
         await enqueue(
@@ -285,7 +286,7 @@ async def test_the_before_snippet_pushes_the_same_job_the_worker_pushes(
     """No server: Sidekiq's own client (the README's "before") and the sink each push one job;
     the two hashes have the same fields, of the same JSON types."""
     before = _app(tmp_path, pg_dsn, db, names, redis_db.url, BEFORE)
-    [user_id] = before.sign_up("judy@example.com").values()
+    [user_id] = (await before.sign_up("judy@example.com")).values()
     [theirs] = await redis_db.client.lrange("queue:default", 0, -1)
     intent = await enqueue(
         db, "sidekiq", {"class": "WelcomeEmailJob", "args": [user_id]}, schema=names.schema
