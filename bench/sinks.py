@@ -1,5 +1,5 @@
-"""``python -m bench.sinks``: throughput of the webhook, rabbitmq and nats sinks against the
-local servers, alone and through the relay (and of a no-op sink, as the relay's baseline).
+"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats and sidekiq sinks against
+the local servers, alone and through the relay (and of a no-op sink, as the relay's baseline).
 
     python -m bench.sinks                            # every sink, 5,000 intents, 3 runs
     python -m bench.sinks --sinks nats --intents 20000 --concurrency 8,64
@@ -12,7 +12,8 @@ Two modes per sink and concurrency:
   the clock runs from the commit to the last ``sent`` outcome recorded.
 
 The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
-127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222 (--rabbitmq-url, --nats-url). Each figure
+127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222, Redis 127.0.0.1:6379 for Sidekiq (a queue of
+the run's own; --rabbitmq-url, --nats-url, --sidekiq-redis-url). Each figure
 is the median of --runs runs, with min-max; the modes alternate within each round, and
 "× sink alone" is the relay's rate over the sink's in the same round (concurrency 8, 32, 64
 by default). Every run checks that the server got all N.
@@ -52,9 +53,13 @@ from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sqlfiles import Names, load_queries
 
-SINKS = ("noop", "webhook", "rabbitmq", "nats")
+SINKS = ("noop", "webhook", "rabbitmq", "nats", "sidekiq")
 CONCURRENCY = (8, 32, 64)
-URLS = {"rabbitmq": "amqp://guest:guest@127.0.0.1:5672/", "nats": "nats://127.0.0.1:4222"}
+URLS = {
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+    "nats": "nats://127.0.0.1:4222",
+    "sidekiq": "redis://127.0.0.1:6379/0",
+}
 
 
 # --- the webhook receiver (child process) -----------------------------------------------------
@@ -225,6 +230,37 @@ async def nats_target(url: str) -> AsyncIterator[Target]:
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def sidekiq_target(url: str) -> AsyncIterator[Target]:
+    import redis.asyncio as redis
+
+    from worker.sinks.sidekiq import SidekiqSink
+
+    queue = f"outbox_bench_{secrets.token_hex(4)}"
+    client = redis.Redis.from_url(url)
+    try:
+
+        async def received() -> int:
+            return int(await client.llen(f"queue:{queue}"))
+
+        async def reset() -> None:
+            await client.delete(f"queue:{queue}")
+
+        server = (await client.info("server"))["redis_version"]
+        yield Target(
+            "sidekiq",
+            {"class": "BenchJob", "args": [42], "queue": queue},
+            lambda c, prefix: SidekiqSink(url, id_prefix=prefix),
+            received,
+            reset,
+            f"redis-py {metadata.version('redis')}, Redis {server}",
+        )
+    finally:
+        await client.delete(f"queue:{queue}")
+        await client.srem("queues", queue)
+        await client.aclose()
+
+
 def _broker_version(connection: Any) -> str:
     properties = connection.transport.connection.server_properties if connection.transport else {}
     version = properties.get("version", "?")
@@ -385,12 +421,14 @@ async def measure_rounds(
 ) -> list[str]:
     """Per sink and concurrency, ``runs`` rounds of every mode in turn, so that a ratio of
     modes is taken within a round; ``record(kind, concurrency, {mode: intents/s})`` after
-    each round. ``urls`` holds "rabbitmq" and "nats". Returns the client/server versions."""
+    each round. ``urls`` holds "rabbitmq", "nats" and "sidekiq". Returns the client/server
+    versions."""
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
         "noop": noop_target,
         "webhook": webhook_target,
         "rabbitmq": lambda: rabbitmq_target(urls["rabbitmq"]),
         "nats": lambda: nats_target(urls["nats"]),
+        "sidekiq": lambda: sidekiq_target(urls["sidekiq"]),
     }
     versions = []
     for kind in kinds:
@@ -474,7 +512,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 row.ratios.append(rate / rates["sink"])
             console.log(f"{kind} {mode} c={concurrency}: {rate:,.0f}/s")
 
-    urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url}
+    urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url, "sidekiq": args.sidekiq_redis_url}
     versions = await measure_rounds(
         args.sinks, args.concurrency, args.modes, args.intents, args.runs, args.dsn, urls, record
     )
@@ -499,7 +537,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.sinks", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--sinks", type=_csv(str), default=list(SINKS), help="noop,webhook,rabbitmq,nats"
+        "--sinks", type=_csv(str), default=list(SINKS), help="noop,webhook,rabbitmq,nats,sidekiq"
     )
     parser.add_argument("--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay")
     parser.add_argument(
@@ -510,6 +548,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL", LOCAL_DSN))
     parser.add_argument("--rabbitmq-url", default=URLS["rabbitmq"])
     parser.add_argument("--nats-url", default=URLS["nats"])
+    parser.add_argument("--sidekiq-redis-url", default=URLS["sidekiq"])
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve-webhook", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

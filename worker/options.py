@@ -207,12 +207,19 @@ RUN_OPTIONS = [
         "server(s) for the nats kind (JetStream): nats://[user:pass@]host[:port][,...]",
     ),
     Option(
+        "--sidekiq-redis-url",
+        "sidekiq_redis_url",
+        "OUTBOX_SIDEKIQ_REDIS_URL",
+        str,
+        "Sidekiq's Redis for the sidekiq kind: redis[s]://[:pass@]host[:port][/db]",
+    ),
+    Option(
         "--message-id-prefix",
         "message_id_prefix",
         "OUTBOX_MESSAGE_ID_PREFIX",
         str,
-        "prefix of the intent id in Idempotency-Key, AMQP message_id and Nats-Msg-Id; set "
-        "one per database when several outboxes publish to the same place",
+        "prefix of the intent id in Idempotency-Key, AMQP message_id, Nats-Msg-Id and the Sidekiq "
+        "jid; set one per database when several outboxes publish to the same place",
     ),
     Option(
         "--limits",

@@ -1,5 +1,5 @@
-"""The built-in sinks that need a pip extra (webhook, rabbitmq, nats): build each one, or
-say exactly what is missing.
+"""The built-in sinks that need a pip extra (webhook, rabbitmq, nats, sidekiq): build each
+one, or say exactly what is missing.
 
 A kind that is configured (its URL, secret or allow-list is set) but whose extra is not
 installed stops the worker at start-up. A kind that is not configured, or whose extra is
@@ -23,7 +23,7 @@ from worker.sinks.limits import KindLimits
 __all__ = ["UnavailableSink", "extra_sinks", "missing_extra"]
 
 # The sinks' own timeouts, when neither --limits nor --delivery-timeout is shorter.
-_DEFAULT_TIMEOUT = {"webhook": 30.0, "rabbitmq": 30.0, "nats": 10.0}
+_DEFAULT_TIMEOUT = {"webhook": 30.0, "rabbitmq": 30.0, "nats": 10.0, "sidekiq": 10.0}
 
 
 class UnavailableSink:
@@ -101,6 +101,18 @@ def _nats(settings: Settings) -> Callable[[float], Sink]:
     return build
 
 
+def _sidekiq(settings: Settings) -> Callable[[float], Sink]:
+    def build(timeout: float) -> Sink:
+        from worker.sinks.sidekiq import SidekiqSink
+
+        assert settings.sidekiq_redis_url is not None
+        return SidekiqSink(
+            settings.sidekiq_redis_url, timeout=timeout, id_prefix=settings.message_id_prefix
+        )
+
+    return build
+
+
 def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, Sink]:
     builtins = [
         # A webhook needs no URL of its own (it comes with each intent): always on.
@@ -114,11 +126,18 @@ def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, 
         _Builtin(
             "nats", settings.nats_url is not None, "--nats-url or OUTBOX_NATS_URL", _nats(settings)
         ),
+        _Builtin(
+            "sidekiq",
+            settings.sidekiq_redis_url is not None,
+            "--sidekiq-redis-url or OUTBOX_SIDEKIQ_REDIS_URL",
+            _sidekiq(settings),
+        ),
     ]
     explicit = {
         "webhook": settings.webhook_secret is not None or bool(settings.webhook_allow_hosts),
         "rabbitmq": settings.rabbitmq_url is not None,
         "nats": settings.nats_url is not None,
+        "sidekiq": settings.sidekiq_redis_url is not None,
     }
     sinks: dict[str, Sink] = {}
     for builtin in builtins:

@@ -1,0 +1,74 @@
+"""Redis for the sidekiq tests: the server (or a one-line skip), an empty database of a
+test's own, and the README's snippets they run."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis.asyncio as redis
+
+REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_or_skip(url: str = REDIS_URL) -> str:
+    """``url`` if Redis answers there; else skip in one line (fail in CI)."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 6379), timeout=5).close()
+    except OSError as exc:
+        message = (
+            f"Redis is not reachable at {parts.hostname}:{parts.port or 6379} ({exc}); start "
+            "redis-server or set OUTBOX_TEST_REDIS_URL"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return url
+
+
+@dataclass
+class RedisDb:
+    url: str
+    client: redis.Redis
+
+
+@pytest.fixture
+async def redis_db() -> AsyncIterator[RedisDb]:
+    """An empty Redis database (1-15) of this test's own, for a whole Sidekiq app's fixed key
+    names (the "default" queue, the schedule set, Sidekiq's stats); emptied afterwards."""
+    parts = urlsplit(redis_or_skip())
+    for db in random.sample(range(1, 16), 15):
+        url = urlunsplit(parts._replace(path=f"/{db}"))
+        client = redis.Redis.from_url(url)
+        # SETNX on an empty database: two tests cannot both take it.
+        if await client.dbsize() == 0 and await client.setnx("outbox-test:taken", 1):
+            try:
+                yield RedisDb(url, client)
+            finally:
+                await client.flushdb()
+                await client.aclose()
+            return
+        await client.aclose()
+    pytest.fail("no empty Redis database among 1-15 for this test")
+
+
+def readme_section(heading: str, after: str = "") -> str:
+    """The README's text from ``heading`` (the first one after ``after``) to the next heading
+    of the same level."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index(heading, readme.index(after) if after else 0)
+    level = heading.split(" ")[0] + " "
+    end = readme.find("\n" + level, start + len(heading))
+    return readme[start : end if end >= 0 else len(readme)]
+
+
+def code_blocks(section: str, language: str) -> list[str]:
+    parts = section.split(f"```{language}\n")[1:]
+    return [part[: part.index("```")] for part in parts]
