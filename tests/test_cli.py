@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.conftest import count_by_status, wait_until
+from worker.arguments import COMMANDS, build_parser
 from worker.producer import enqueue
 from worker.sqlfiles import Names
 
@@ -40,17 +41,76 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def test_bad_flag_is_one_clear_error():
-    result = cli("--concurrency", "0", "--dsn", "postgresql://x@127.0.0.1:1/x")
-    assert result.returncode == 2
-    assert "--concurrency: invalid positive integer value: '0'" in result.stderr
-    assert "Traceback" not in result.stderr
+NOWHERE = ("--dsn", "postgresql://x@127.0.0.1:1/x")  # never reached: the error comes first
 
 
-def test_bad_environment_value_is_one_clear_error():
-    result = cli("--dsn", "postgresql://x@127.0.0.1:1/x", env={"OUTBOX_POLL_INTERVAL": "soon"})
-    assert result.returncode == 2
-    assert "OUTBOX_POLL_INTERVAL='soon': expected a positive number" in result.stderr
+def _only_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused command line prints (exit status 2, as argparse's)."""
+    assert (result.returncode, result.stdout) == (2, ""), result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0].removeprefix("outbox-worker: error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--concurrency", "0"), "--concurrency: expected a positive integer, got '0'"),
+        (("run", "--concurrency", "abc"), "--concurrency: expected a positive integer, got 'abc'"),
+        (("--lease", "-3"), "--lease: expected a positive number, got '-3'"),
+        (("--linger", "soon"), "--linger: expected a number, 0 or more, got 'soon'"),
+        (("--concurency", "8"), "unknown flag --concurency; did you mean --concurrency?"),
+        (("--concurency=8",), "unknown flag --concurency; did you mean --concurrency?"),
+        (("--frobnicate",), "unknown flag --frobnicate (`outbox-worker run --help` lists the flags)"),
+        (("status", "--concurrency", "8"), "--concurrency is a flag of run and demo, not of status"),
+        (("stauts",), "unknown command 'stauts'; did you mean status?"),
+        (("--json", "status"), "'status' is a command and comes first: outbox-worker status [options]"),
+        (("purge", "--older-than", "soon"),
+         "--older-than: expected a duration such as 30d, 12h, 90m or 600s, got 'soon'"),
+        (("--ordering-on-dead", "skip"), "--ordering-on-dead: expected halt or continue, got 'skip'"),
+        (("enqueue", "email"),
+         "the following arguments are required: payload (see `outbox-worker enqueue --help`)"),
+        (("--linger", "5"),
+         "--linger (5 s) must be at least 0 and shorter than --poll-interval (2 s)"),
+    ],
+)  # fmt: skip
+def test_a_bad_command_line_is_one_line_that_names_the_fix(args: tuple[str, ...], error: str):
+    assert _only_error(cli(*args, *NOWHERE)) == error
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "error"),
+    [
+        ("OUTBOX_CONCURRENCY", "abc", "OUTBOX_CONCURRENCY: expected a positive integer, got 'abc'"),
+        ("OUTBOX_POLL_INTERVAL", "soon", "OUTBOX_POLL_INTERVAL: expected a positive number, got 'soon'"),
+        ("OUTBOX_NO_LISTEN", "maybe",
+         "OUTBOX_NO_LISTEN: expected a boolean (1/0, true/false, yes/no, on/off), got 'maybe'"),
+        ("OUTBOX_LOG_FORMAT", "xml", "OUTBOX_LOG_FORMAT: expected text or json, got 'xml'"),
+    ],
+)  # fmt: skip
+def test_a_bad_environment_value_is_one_line(variable: str, value: str, error: str):
+    assert _only_error(cli(*NOWHERE, env={variable: value})) == error
+
+
+def test_help_shows_the_commands_and_every_worker_flag():
+    result = cli("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    run = build_parser().commands["run"]
+    flags = [flag for action in run._actions for flag in action.option_strings]
+    assert "--concurrency" in flags and "--lease" in flags
+    for flag in flags:
+        assert f" {flag}" in result.stdout, flag
+    for command in COMMANDS:
+        assert f"\n    {command} " in result.stdout, command
+    assert "OUTBOX_CONCURRENCY" in result.stdout
+    assert "`outbox-worker COMMAND --help` lists the options of the other commands" in result.stdout
+
+
+def test_a_bad_payload_is_refused_before_any_database_is_started():
+    # Unreachable --dsn: had the command connected first, it would say so instead.
+    assert _only_error(cli("enqueue", "email", "notjson", *NOWHERE)) == (
+        "payload: expected JSON, got 'notjson'"
+    )
 
 
 @pytest.mark.parametrize("schema", ['out"box', "a;drop table x", "9lives", "x" * 64])
@@ -88,8 +148,6 @@ def test_run_refuses_a_database_without_the_schema(pg_dsn: str, schema: str):
 async def test_migrate_enqueue_status_retry_dead(pg_dsn: str, schema: str, db, names: Names):
     common = ("--dsn", pg_dsn, "--schema", schema)
     assert cli("migrate", *common).returncode == 0  # again, on a migrated schema
-    bad = cli("enqueue", *common, "email", "{not json")
-    assert bad.returncode == 2 and "payload is not valid JSON" in bad.stderr
     made = cli("enqueue", *common, "email", '{"to": "a@example.com"}', "--dedupe-key", "k1")
     assert made.returncode == 0
     again = cli("enqueue", *common, "email", '{"to": "b@example.com"}', "--dedupe-key", "k1")
@@ -132,12 +190,6 @@ async def test_ordering_key_commands(pg_dsn: str, schema: str, db, names: Names)
     retried = cli("retry-dead", *common, "--key", "order-7")
     assert "1 dead intents back to pending" in retried.stdout
     assert await db.fetchval(f"SELECT ordering_skipped FROM {table} WHERE id = $1", ids[0]) is False
-
-
-def test_bad_ordering_on_dead_is_one_clear_error():
-    result = cli("--ordering-on-dead", "skip", "--dsn", "postgresql://x@127.0.0.1:1/x")
-    assert result.returncode == 2
-    assert "--ordering-on-dead: invalid halt or continue value: 'skip'" in result.stderr
 
 
 def worker_argv(pg_dsn: str, schema: str, *extra: str) -> list[str]:
@@ -239,8 +291,6 @@ async def test_purge_deletes_only_old_finished_intents(pg_dsn: str, schema: str,
         f"UPDATE {table} SET created_at = now() - interval '40 days' WHERE id = $1", old_pending
     )
     common = ("--dsn", pg_dsn, "--schema", schema)
-    bad = cli("purge", *common, "--older-than", "soon")
-    assert bad.returncode == 2 and "invalid duration" in bad.stderr
     result = cli("purge", *common, "--older-than", "30d")
     assert result.returncode == 0 and "deleted 1 sent intents" in result.stdout
     result = cli("purge", *common, "--older-than", "30d", "--status", "dead")
