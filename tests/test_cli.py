@@ -6,14 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import asyncpg
 import orjson
 import pytest
 
 from tests.conftest import count_by_status, wait_until
 from worker.arguments import COMMANDS, build_parser
+from worker.migrate import schema_exists
 from worker.producer import enqueue
 from worker.sqlfiles import Names
 
@@ -61,13 +65,17 @@ def _only_error(result: subprocess.CompletedProcess[str]) -> str:
         (("--linger", "soon"), "--linger: expected a number, 0 or more, got 'soon'"),
         (("--concurency", "8"), "unknown flag --concurency; did you mean --concurrency?"),
         (("--concurency=8",), "unknown flag --concurency; did you mean --concurrency?"),
-        (("--frobnicate",), "unknown flag --frobnicate (`outbox-worker run --help` lists the flags)"),
-        (("status", "--concurrency", "8"), "--concurrency is a flag of run and demo, not of status"),
+        (("--frobnicate",),
+         "unknown flag --frobnicate (`outbox-worker run --help` lists the flags)"),
+        (("status", "--concurrency", "8"),
+         "--concurrency is a flag of run and demo, not of status"),
         (("stauts",), "unknown command 'stauts'; did you mean status?"),
-        (("--json", "status"), "'status' is a command and comes first: outbox-worker status [options]"),
+        (("--json", "status"),
+         "'status' is a command and comes first: outbox-worker status [options]"),
         (("purge", "--older-than", "soon"),
          "--older-than: expected a duration such as 30d, 12h, 90m or 600s, got 'soon'"),
-        (("--ordering-on-dead", "skip"), "--ordering-on-dead: expected halt or continue, got 'skip'"),
+        (("--ordering-on-dead", "skip"),
+         "--ordering-on-dead: expected halt or continue, got 'skip'"),
         (("enqueue", "email"),
          "the following arguments are required: payload (see `outbox-worker enqueue --help`)"),
         (("--linger", "5"),
@@ -82,7 +90,8 @@ def test_a_bad_command_line_is_one_line_that_names_the_fix(args: tuple[str, ...]
     ("variable", "value", "error"),
     [
         ("OUTBOX_CONCURRENCY", "abc", "OUTBOX_CONCURRENCY: expected a positive integer, got 'abc'"),
-        ("OUTBOX_POLL_INTERVAL", "soon", "OUTBOX_POLL_INTERVAL: expected a positive number, got 'soon'"),
+        ("OUTBOX_POLL_INTERVAL", "soon",
+         "OUTBOX_POLL_INTERVAL: expected a positive number, got 'soon'"),
         ("OUTBOX_NO_LISTEN", "maybe",
          "OUTBOX_NO_LISTEN: expected a boolean (1/0, true/false, yes/no, on/off), got 'maybe'"),
         ("OUTBOX_LOG_FORMAT", "xml", "OUTBOX_LOG_FORMAT: expected text or json, got 'xml'"),
@@ -145,11 +154,70 @@ def test_run_refuses_a_database_without_the_schema(pg_dsn: str, schema: str):
     assert f"table {schema}.intent does not exist: run `outbox-worker migrate`" in result.stderr
 
 
+def test_migrate_says_whether_it_created_the_schema(pg_dsn: str, schema: str):
+    common = ("--dsn", pg_dsn, "--schema", schema)
+    first, again = cli("migrate", *common), cli("migrate", *common)
+    # Only the result on stdout: a one-shot command logs warnings, not its INFO lines.
+    assert (first.returncode, first.stdout, first.stderr) == (0, f"schema {schema} created\n", "")
+    assert (again.returncode, again.stdout, again.stderr) == (
+        0,
+        f"schema {schema} is up to date\n",
+        "",
+    )
+
+
+@pytest.mark.parametrize("command", [("status",), ("enqueue", "email", "{}"), ("skip-dead", "k")])
+def test_an_operator_command_on_a_database_without_the_schema_is_one_line(
+    pg_dsn: str, schema: str, command: tuple[str, ...]
+):
+    result = cli(*command, "--dsn", pg_dsn, "--schema", schema)
+    assert _only_error(result) == (
+        f"table {schema}.intent does not exist: run `outbox-worker migrate` "
+        "(or start the worker with --migrate)"
+    )
+
+
+# `python -m worker` with the embedded server in the given data directory, not the user's.
+EMBEDDED_MAIN = """
+import sys
+from pathlib import Path
+import worker.embedded
+worker.embedded.default_data_dir = lambda: Path(sys.argv[1])
+from worker.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def pgdata() -> Iterator[Path]:
+    # Not under pytest's tmp_path: a concurrent pytest session makes /tmp/pytest-of-USER
+    # private again, which the embedded server's own OS user (when run as root) cannot cross.
+    with tempfile.TemporaryDirectory(prefix="outbox-cli-") as tmp:
+        yield Path(tmp) / "pgdata"
+
+
+def test_one_shot_commands_on_the_embedded_database_print_only_their_result(pgdata: Path):
+    def embedded(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-c", EMBEDDED_MAIN, str(pgdata), *args]
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=180, env=_env(), cwd=REPO
+        )
+
+    # A fresh data directory: the command starts the server and creates the schema, quietly.
+    made = embedded("enqueue", "email", '{"to": "a@example.com"}')
+    assert made.returncode == 0 and made.stdout.strip().isdigit() and made.stderr == "", made
+    verbose = embedded("status", "--json", "-v")
+    assert verbose.returncode == 0, verbose
+    assert orjson.loads(verbose.stdout)["by_kind"] == {"email": {"pending": 1}}
+    assert "starting an embedded PostgreSQL" in verbose.stderr
+    assert "embedded PostgreSQL ready in" in verbose.stderr
+
+
 async def test_migrate_enqueue_status_retry_dead(pg_dsn: str, schema: str, db, names: Names):
     common = ("--dsn", pg_dsn, "--schema", schema)
     assert cli("migrate", *common).returncode == 0  # again, on a migrated schema
     made = cli("enqueue", *common, "email", '{"to": "a@example.com"}', "--dedupe-key", "k1")
-    assert made.returncode == 0
+    assert made.returncode == 0 and made.stdout.strip().isdigit() and made.stderr == ""
     again = cli("enqueue", *common, "email", '{"to": "b@example.com"}', "--dedupe-key", "k1")
     assert made.stdout.strip() == again.stdout.strip()
     await db.execute(
@@ -271,6 +339,36 @@ async def _any(db, schema: str, status: str) -> bool:
 async def _count(db, schema: str, status: str, n: int) -> bool:
     got = await db.fetchval(f'SELECT count(*) FROM "{schema}".intent WHERE status = $1', status)
     return bool(got == n)
+
+
+async def test_a_lease_shorter_than_the_ping_interval_is_kept_alive_by_the_heartbeat(
+    pg_dsn: str, schema: str, names: Names
+):
+    """`--lease 3` under the default 5 s --ping-interval (once refused): a delivery of 8 s,
+    well past the lease, stays with its worker; the other worker never rescues it."""
+    workers = [_start_worker(pg_dsn, schema, "--migrate", "--lease", "3") for _ in range(2)]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await wait_until(lambda: schema_exists(conn, names), timeout=60)
+        intent_id = await enqueue(conn, "slow", {"seconds": 8}, schema=schema)
+        await wait_until(lambda: _count(conn, schema, "sent", 1), timeout=60)
+        attempts = await conn.fetchval(
+            f'SELECT attempts FROM "{schema}".intent WHERE id = $1', intent_id
+        )
+        for proc in workers:
+            await _sigterm_and_wait(proc)
+    finally:
+        await conn.close()
+        for proc in workers:
+            proc.kill()
+    logs = [proc.stdout.read() if proc.stdout else "" for proc in workers]
+    assert [proc.returncode for proc in workers] == [0, 0], logs
+    assert attempts == 1, logs  # a rescue would have counted as an attempt
+    # The long-running worker logs at INFO; the two raced to migrate, one of them created.
+    both = "".join(logs)
+    assert "rescued" not in both and "lost the lease" not in both
+    assert both.count(f"schema {schema} created") == 1
+    assert both.count(f"schema {schema} is up to date") == 1
 
 
 async def test_purge_deletes_only_old_finished_intents(pg_dsn: str, schema: str, db, names):

@@ -71,7 +71,7 @@ def test_settings_validate_their_relations():
     assert Settings(lease=1.0, ping_interval=5.0).lease == 1.0
     with pytest.raises(ConfigError, match=r"^--linger \(5 s\) .* --poll-interval \(2 s\)$"):
         Settings(linger=5.0, poll_interval=2.0)
-    with pytest.raises(ConfigError, match="^--lease must be positive, got 0$"):
+    with pytest.raises(ConfigError, match=r"^--lease must be positive, got 0$"):
         Settings(lease=0)
 
 
