@@ -7,7 +7,7 @@ import logging
 import asyncpg
 
 from worker.errors import ConfigError
-from worker.sqlfiles import Names, migration_sql, quote_ident
+from worker.sqlfiles import Names, migration_sql
 
 log = logging.getLogger("outbox.migrate")
 
@@ -28,8 +28,17 @@ async def migrate(conn: asyncpg.Connection, names: Names) -> bool:
 
 
 async def schema_exists(conn: asyncpg.Connection | asyncpg.Pool, names: Names) -> bool:
-    table = f"{quote_ident(names.schema)}.intent"
-    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table))
+    # A query on the catalog, not to_regclass(): a session's name lookups are cached, and a
+    # cached "no such table" survives the wait for migrate's advisory lock (invalidations
+    # are read when a relation is locked), so a second migrator would think it created it.
+    return bool(await conn.fetchval(_TABLE_EXISTS, names.schema))
+
+
+_TABLE_EXISTS = """
+SELECT EXISTS (SELECT FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = $1 AND c.relname = 'intent')
+"""
 
 
 async def ensure_schema(conn: asyncpg.Connection, names: Names, *, apply: bool) -> None:
