@@ -183,10 +183,10 @@ async def test_a_rescued_head_is_delivered_again_before_its_successors(db, names
 
     head = await _put(db, names, "k")
     rest = [await _put(db, names, "k") for _ in range(3)]
-    async with start_relay({"ordered": hangs_once}, lease=1.0, heartbeat=False, ping_interval=0.5):
+    async with start_relay({"ordered": hangs_once}, lease=1.0, heartbeat=False):
         await started.wait()
         # A second relay rescues the expired lease; the head goes first, then the rest.
-        async with start_relay({"ordered": rec}, lease=1.0, ping_interval=0.5):
+        async with start_relay({"ordered": rec}, lease=1.0):
             await wait_until(lambda: _statuses(db, names, [head, *rest], {"sent"}), timeout=30)
         release.set()
     rec.check_order({"k": [head, *rest]})

@@ -67,10 +67,12 @@ def test_invalid_names_are_refused(name: str):
 
 
 def test_settings_validate_their_relations():
-    with pytest.raises(ConfigError, match="--lease"):
-        Settings(lease=1.0, ping_interval=5.0)
-    with pytest.raises(ConfigError, match="--linger"):
+    # The lease is renewed by the heartbeat (every lease/3), not by the LISTEN ping.
+    assert Settings(lease=1.0, ping_interval=5.0).lease == 1.0
+    with pytest.raises(ConfigError, match=r"^--linger \(5 s\) .* --poll-interval \(2 s\)$"):
         Settings(linger=5.0, poll_interval=2.0)
+    with pytest.raises(ConfigError, match=r"^--lease must be positive, got 0$"):
+        Settings(lease=0)
 
 
 def test_settings_repr_hides_secrets():

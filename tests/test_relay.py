@@ -145,12 +145,12 @@ async def test_expired_lease_is_reclaimed_and_the_stale_ack_is_fenced(
     rec = Recorder(slow_first_time)
     # Worker A holds the row past its lease (no heartbeat), so it is rescued and delivered
     # again, by B or by one of A's own idle slots: any worker may take it over.
-    async with start_relay({"slow": rec}, lease=1.5, ping_interval=0.5, heartbeat=False) as a:
+    async with start_relay({"slow": rec}, lease=1.5, heartbeat=False) as a:
         async with db.transaction():
             intent_id = await enqueue(db, "slow", {}, schema=names.schema)
         with anyio.fail_after(20):
             await first_started.wait()
-        async with start_relay({"slow": rec}, lease=1.5, ping_interval=0.5):
+        async with start_relay({"slow": rec}, lease=1.5):
             await wait_until(lambda: _status(db, names, intent_id, "sent"))
         release_first.set()
         await wait_until(lambda: a.stats.lease_lost == 1)
@@ -166,8 +166,8 @@ async def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(db, names: 
 
     rec = Recorder(slow)
     async with (
-        start_relay({"slow": rec}, lease=1.5, ping_interval=0.5) as a,
-        start_relay({"slow": rec}, lease=1.5, ping_interval=0.5),
+        start_relay({"slow": rec}, lease=1.5) as a,
+        start_relay({"slow": rec}, lease=1.5),
     ):
         async with db.transaction():
             intent_id = await enqueue(db, "slow", {}, schema=names.schema)

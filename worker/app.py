@@ -11,9 +11,8 @@ import anyio
 
 from worker.dashboard import run_dashboard
 from worker.db import connect, create_pool
-from worker.errors import ConfigError
 from worker.health import HealthMonitor
-from worker.migrate import migrate, schema_exists
+from worker.migrate import ensure_schema
 from worker.relay import Relay
 from worker.settings import Settings
 from worker.sinks.base import Sink
@@ -48,13 +47,7 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
 async def prepare_schema(dsn: str, settings: Settings, names: Names) -> None:
     conn = await connect(dsn)
     try:
-        if settings.migrate:
-            await migrate(conn, names)
-        elif not await schema_exists(conn, names):
-            raise ConfigError(
-                f"table {names.schema}.intent does not exist: run `outbox-worker migrate` "
-                "(or start with --migrate)"
-            )
+        await ensure_schema(conn, names, apply=settings.migrate)
     finally:
         await conn.close()
 

@@ -45,7 +45,7 @@ from worker.errors import ConfigError
 
 __all__ = ["LOCAL_DSN", "EmbeddedPostgres", "any_database", "default_data_dir", "start_embedded"]
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("outbox.embedded")
 
 _APP_DIR = "outbox-worker"
 _PIDS_FILE = ".handle_pids.json"  # pgserver's holder list; same name and format
@@ -129,7 +129,7 @@ def start_embedded(data_dir: Path | None = None) -> EmbeddedPostgres:
             # safety net for a normal interpreter exit; a SIGTERM handler must still call stop()
             atexit.register(_release_all)
             _atexit_registered = True
-    _log.info("embedded PostgreSQL ready in %.2f s: %s", time.monotonic() - started, pgdata)
+    _log.info("embedded PostgreSQL ready in %.2f s: %s", time.monotonic() - started, dsn)
     return EmbeddedPostgres(pgdata, dsn, pgdata / "log")
 
 

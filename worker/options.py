@@ -1,13 +1,40 @@
 """The `run` flags: each one's name, environment variable, converter and help, in one list
-(cli.py builds the parser from it; the README's configuration table mirrors it)."""
+(worker/arguments.py builds the parser from it; the README's configuration table mirrors it)."""
 
 from __future__ import annotations
 
+import argparse
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 
+class BadValue(ValueError, argparse.ArgumentTypeError):
+    """A value that does not convert. Its message says what was expected and what came;
+    argparse prints it after the flag's name, settings_from after the variable's."""
+
+
+def expecting(what: str) -> Callable[[Callable[[str], _T]], Callable[[str], _T]]:
+    """Any ValueError of the converter becomes BadValue("expected WHAT, got 'TEXT'")."""
+
+    def wrap(convert: Callable[[str], _T]) -> Callable[[str], _T]:
+        @functools.wraps(convert)
+        def checked(text: str) -> _T:
+            try:
+                return convert(text)
+            except ValueError:
+                shown = repr(text) if len(text) <= 40 else f"{text[:37]!r}..."
+                raise BadValue(f"expected {what}, got {shown}") from None
+
+        return checked
+
+    return wrap
+
+
+@expecting("a positive integer")
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -15,6 +42,7 @@ def positive_int(text: str) -> int:
     return value
 
 
+@expecting("a positive number")
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -22,6 +50,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+@expecting("a number, 0 or more")
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+@expecting("a boolean (1/0, true/false, yes/no, on/off)")
 def boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -30,6 +67,7 @@ def boolean(text: str) -> bool:
     raise ValueError
 
 
+@expecting("a duration such as 30d, 12h, 90m or 600s")
 def duration(text: str) -> float:
     """``30d``, ``12h``, ``90m``, ``600s`` (or plain seconds) -> seconds."""
     units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -37,17 +75,11 @@ def duration(text: str) -> float:
     return positive_float(number) * units[unit]
 
 
+@expecting("halt or continue")
 def _on_dead(text: str) -> str:
     if text not in ("halt", "continue"):
         raise ValueError
     return text
-
-
-_on_dead.__name__ = "halt or continue"
-duration.__name__ = "duration (30d, 12h, 90m, 600s)"
-positive_int.__name__ = "positive integer"
-positive_float.__name__ = "positive number"
-boolean.__name__ = "boolean (1/0, true/false)"
 
 
 @dataclass(frozen=True)
@@ -86,7 +118,7 @@ RUN_OPTIONS = [
         "--linger",
         "linger",
         "OUTBOX_LINGER",
-        float,
+        non_negative_float,
         "seconds a worker that has just drained the queue keeps claiming before it asks "
         "producers to notify it (0: never linger)",
     ),
@@ -95,7 +127,8 @@ RUN_OPTIONS = [
         "lease",
         "OUTBOX_LEASE",
         positive_float,
-        "seconds a claimed row stays ours without a heartbeat; then any worker may retake it",
+        "seconds a claimed row stays ours without a heartbeat (which renews it every "
+        "LEASE/3 seconds while it is delivered); then any worker may retake it",
     ),
     Option(
         "--grace",

@@ -81,11 +81,21 @@ class Settings:
     def __post_init__(self) -> None:
         validate_schema_name(self.schema)
         validate_name("channel name", self.channel)
-        if self.lease <= self.ping_interval:
-            raise ConfigError(f"--lease ({self.lease}s) must be longer than --ping-interval")
+        # The lease has no tie to the LISTEN ping: the heartbeat renews it every lease/3
+        # seconds, so any positive lease is kept alive while its delivery runs.
+        for flag, value in (
+            ("--lease", self.lease),
+            ("--poll-interval", self.poll_interval),
+            ("--delivery-timeout", self.delivery_timeout),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{flag} must be positive, got {value:g}")
         if self.linger < 0 or self.linger >= self.poll_interval:
-            raise ConfigError("--linger must be at least 0 and shorter than --poll-interval")
+            raise ConfigError(
+                f"--linger ({self.linger:g} s) must be at least 0 and shorter than "
+                f"--poll-interval ({self.poll_interval:g} s)"
+            )
         if self.ordering_on_dead not in ("halt", "continue"):
-            raise ConfigError("--ordering-on-dead must be halt or continue")
-        if self.delivery_timeout <= 0 or self.poll_interval <= 0:
-            raise ConfigError("--delivery-timeout and --poll-interval must be positive")
+            raise ConfigError(
+                f"--ordering-on-dead must be halt or continue, got {self.ordering_on_dead!r}"
+            )
