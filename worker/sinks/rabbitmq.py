@@ -22,7 +22,6 @@ and awaits the confirms together; each intent gets the outcome ``deliver`` would
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import aio_pika
 import orjson
@@ -89,11 +88,6 @@ def build_message(intent: Intent, id_prefix: str = "") -> tuple[str, str, aio_pi
 class RabbitMQSink(AmqpPublisher):
     """One connection and one confirming channel per worker (:class:`AmqpPublisher`)."""
 
-    # A BatchSink: up to this many intents per deliver_many. Throughput is bound by the
-    # broker's confirms of persistent messages and is flat from ~16 on; a bigger batch only
-    # means more publishes failed at once by one closed channel (and more duplicates).
-    max_batch: int = 128
-
     def __init__(
         self, url: str, *, timeout: float = 30.0, id_prefix: str = "", name: str = "outbox-worker"
     ) -> None:
@@ -103,16 +97,5 @@ class RabbitMQSink(AmqpPublisher):
     def __repr__(self) -> str:
         return f"RabbitMQSink({self._where})"
 
-    async def deliver(self, intent: Intent) -> None:
-        [error] = await self.deliver_many([intent])
-        if error is not None:
-            raise error
-
-    async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
-        entries: list[Publish | PermanentError] = []
-        for intent in intents:
-            try:
-                entries.append(Publish(*build_message(intent, self._id_prefix)))
-            except PermanentError as exc:
-                entries.append(exc)
-        return await self.publish_many(entries)
+    def _entry(self, intent: Intent) -> Publish:
+        return Publish(*build_message(intent, self._id_prefix))
