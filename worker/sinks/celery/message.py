@@ -155,7 +155,7 @@ def build_task(intent: Intent, id_prefix: str = "") -> CeleryTask:
         "timelimit": [None, None],
         "root_id": tid,
         "parent_id": None,
-        "argsrepr": _short_repr(tuple(args)),
+        "argsrepr": _short_repr(args),
         "kwargsrepr": _short_repr(kwargs),
         "origin": origin(),
         "ignore_result": False,
