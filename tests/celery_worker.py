@@ -92,7 +92,7 @@ class CeleryWorker:
         try:
             yield self
         finally:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGQUIT)  # cold shutdown: the test is over
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
