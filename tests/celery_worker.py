@@ -94,8 +94,8 @@ class CeleryWorker:
         finally:
             proc.send_signal(signal.SIGQUIT)  # cold shutdown: the test is over
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:  # on RabbitMQ it may wait for its connection
                 proc.kill()
                 proc.wait()
 
