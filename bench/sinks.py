@@ -1,5 +1,6 @@
-"""``python -m bench.sinks``: throughput of the webhook, rabbitmq and nats sinks against the
-local servers, alone and through the relay (and of a no-op sink, as the relay's baseline).
+"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats and celery sinks
+against the local servers, alone and through the relay (and of a no-op sink, as the relay's
+baseline).
 
     python -m bench.sinks                            # every sink, 5,000 intents, 3 runs
     python -m bench.sinks --sinks nats --intents 20000 --concurrency 8,64
@@ -12,7 +13,9 @@ Two modes per sink and concurrency:
   the clock runs from the commit to the last ``sent`` outcome recorded.
 
 The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
-127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222 (--rabbitmq-url, --nats-url). Each figure
+127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222, Redis 127.0.0.1:6379 (--rabbitmq-url,
+--nats-url, --redis-url); celery-amqp and celery-redis push to a queue on RabbitMQ and on
+Redis (bench/celery_targets.py). Each figure
 is the median of --runs runs, with min-max; the modes alternate within each round, and
 "× sink alone" is the relay's rate over the sink's in the same round (concurrency 8, 32, 64
 by default). Every run checks that the server got all N.
@@ -52,9 +55,14 @@ from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sqlfiles import Names, load_queries
 
-SINKS = ("noop", "webhook", "rabbitmq", "nats")
+SINKS = ("noop", "webhook", "rabbitmq", "nats", "celery-amqp", "celery-redis")
+ON_REQUEST = ("kombu-amqp",)  # Celery's own client, for comparison: --sinks kombu-amqp
 CONCURRENCY = (8, 32, 64)
-URLS = {"rabbitmq": "amqp://guest:guest@127.0.0.1:5672/", "nats": "nats://127.0.0.1:4222"}
+URLS = {
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+    "nats": "nats://127.0.0.1:4222",
+    "redis": "redis://127.0.0.1:6379/0",
+}
 
 
 # --- the webhook receiver (child process) -----------------------------------------------------
@@ -385,12 +393,18 @@ async def measure_rounds(
 ) -> list[str]:
     """Per sink and concurrency, ``runs`` rounds of every mode in turn, so that a ratio of
     modes is taken within a round; ``record(kind, concurrency, {mode: intents/s})`` after
-    each round. ``urls`` holds "rabbitmq" and "nats". Returns the client/server versions."""
+    each round. ``urls`` holds "rabbitmq", "nats" and "redis". Returns the client/server
+    versions."""
+    from bench import celery_targets
+
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
         "noop": noop_target,
         "webhook": webhook_target,
         "rabbitmq": lambda: rabbitmq_target(urls["rabbitmq"]),
         "nats": lambda: nats_target(urls["nats"]),
+        "celery-amqp": lambda: celery_targets.celery_amqp_target(urls["rabbitmq"]),
+        "celery-redis": lambda: celery_targets.celery_redis_target(urls["redis"]),
+        "kombu-amqp": lambda: celery_targets.kombu_amqp_target(urls["rabbitmq"]),
     }
     versions = []
     for kind in kinds:
@@ -474,7 +488,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 row.ratios.append(rate / rates["sink"])
             console.log(f"{kind} {mode} c={concurrency}: {rate:,.0f}/s")
 
-    urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url}
+    urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url, "redis": args.redis_url}
     versions = await measure_rounds(
         args.sinks, args.concurrency, args.modes, args.intents, args.runs, args.dsn, urls, record
     )
@@ -499,7 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.sinks", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--sinks", type=_csv(str), default=list(SINKS), help="noop,webhook,rabbitmq,nats"
+        "--sinks", type=_csv(str), default=list(SINKS), help=",".join(SINKS + ON_REQUEST)
     )
     parser.add_argument("--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay")
     parser.add_argument(
@@ -510,10 +524,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL", LOCAL_DSN))
     parser.add_argument("--rabbitmq-url", default=URLS["rabbitmq"])
     parser.add_argument("--nats-url", default=URLS["nats"])
+    parser.add_argument("--redis-url", default=URLS["redis"], help="for celery-redis")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve-webhook", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.sinks) - set(SINKS) or set(args.modes) - {"sink", "relay"}
+    unknown = set(args.sinks) - set(SINKS + ON_REQUEST) or set(args.modes) - {"sink", "relay"}
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     return args
