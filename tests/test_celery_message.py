@@ -4,6 +4,7 @@ Celery itself builds for the same call (celery.app.amqp.as_task_v2)."""
 from __future__ import annotations
 
 import base64
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -148,3 +149,17 @@ def test_the_kind_is_wired_only_when_configured() -> None:
     sink = extra_sinks(settings, {})["celery"]
     assert isinstance(sink, CeleryRedisSink)
     assert "s3cret" not in repr(settings) + repr(sink)
+
+
+def test_a_configured_kind_without_its_extra_stops_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if `pip install 'pg-outbox-relay[celery]'` had not been run: redis-py is missing.
+    monkeypatch.setitem(sys.modules, "redis", None)  # type: ignore[arg-type]
+    monkeypatch.delitem(sys.modules, "worker.sinks.celery.redis", raising=False)
+    with pytest.raises(ConfigError) as e:
+        extra_sinks(Settings(celery_broker_url="redis://127.0.0.1:6379/0"), {})
+    assert str(e.value) == (
+        "the celery kind needs the 'celery' extra (redis is not installed): "
+        "pip install 'pg-outbox-relay[celery]'"
+    )
