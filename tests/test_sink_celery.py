@@ -7,6 +7,7 @@ between the sink and the broker; the Celery worker talks to the broker directly.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
+import orjson
 import pytest
 
 from tests.celery_worker import CeleryWorker, broker_url, forget_queue, queue_name
@@ -253,3 +256,96 @@ async def test_a_queue_no_worker_declared_yet_is_retried_on_rabbitmq() -> None:
         await sink.aclose()
     assert "RabbitMQ has no queue 'outbox_celery_" in str(e.value)
     assert "start a Celery worker that consumes it" in str(e.value)
+
+
+def _celery_send(url: str, queue: str) -> None:
+    """Celery's own client sends the same task: the reference for the layout."""
+    from celery import Celery
+
+    app = Celery("reference", broker=url, set_as_current=False)
+    try:
+        app.send_task("tests.record", args=[1, "é"], kwargs={"k": [None]}, queue=queue)
+    finally:
+        app.close()
+
+
+async def _raw_messages(transport: str, url: str, queue: str) -> list[dict[str, Any]]:
+    """The queue's messages as the broker holds them: headers, properties, body."""
+    if transport == "redis":
+        import redis.asyncio
+
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            items = await client.lrange(queue, 0, -1)
+        finally:
+            await client.aclose()
+        return [orjson.loads(item) for item in reversed(items)]  # LPUSH: oldest last
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        got = []
+        amqp_queue = await channel.get_queue(queue)
+        while (m := await amqp_queue.get(no_ack=True, fail=False)) is not None:
+            got.append(
+                {
+                    "headers": m.headers,
+                    "properties": {
+                        "content_type": m.content_type, "content_encoding": m.content_encoding,
+                        "delivery_mode": int(m.delivery_mode), "priority": m.priority,
+                        "correlation_id": m.correlation_id, "reply_to": m.reply_to,
+                    },
+                    "body": orjson.loads(m.body),
+                }
+            )  # fmt: skip
+        return got
+    finally:
+        await connection.close()
+
+
+async def test_the_message_on_the_broker_has_the_layout_of_celerys_own(transport: str) -> None:
+    url, queue = broker_url(transport), queue_name()
+    try:
+        # Celery's client declares the queue (as its worker would) and sends; then we do.
+        await anyio.to_thread.run_sync(_celery_send, url, queue)
+        sink = celery_sink(url, timeout=10)
+        try:
+            payload = {"task": "tests.record", "args": [1, "é"], "kwargs": {"k": [None]}}
+            await sink.deliver(_intent(1, payload | {"queue": queue}))
+        finally:
+            await sink.aclose()
+        theirs, ours = await _raw_messages(transport, url, queue)
+    finally:
+        await forget_queue(transport, url, queue)
+    assert ours["headers"].keys() == theirs["headers"].keys()
+    # Per message: the ids and the sender. ignore_result: send_task leaves it None, a
+    # task's delay() (our model) sends False; both leave it to the task's own setting.
+    ids = ("id", "root_id", "origin", "ignore_result")
+    assert {k: v for k, v in ours["headers"].items() if k not in ids} == {
+        k: v for k, v in theirs["headers"].items() if k not in ids
+    }
+    assert ours.keys() == theirs.keys()
+    if transport == "redis":
+        assert ours["properties"].keys() == theirs["properties"].keys()
+        assert ours["properties"]["delivery_info"] == theirs["properties"]["delivery_info"]
+        assert orjson.loads(base64.b64decode(ours["body"])) == orjson.loads(
+            base64.b64decode(theirs["body"])
+        )
+        for same in ("content-type", "content-encoding"):
+            assert ours[same] == theirs[same]
+        ours["properties"], theirs["properties"] = (
+            {
+                k: v
+                for k, v in m["properties"].items()
+                if k not in ("correlation_id", "delivery_tag")
+            }
+            for m in (ours, theirs)
+        )
+    else:
+        assert ours["body"] == theirs["body"]
+        for m in (ours, theirs):
+            assert m["properties"].pop("correlation_id") == m["headers"]["id"]
+    # reply_to: Celery's client names itself there for RPC results; we have none to name.
+    assert not ours["properties"].pop("reply_to") and theirs["properties"].pop("reply_to")
+    assert ours["properties"] == theirs["properties"]

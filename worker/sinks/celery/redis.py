@@ -137,10 +137,10 @@ class CeleryRedisSink:
         try:
             with anyio.fail_after(self._timeout):
                 await self._ready()
-                pipe = self._client.pipeline(transaction=False)
-                for _, task in todo:
-                    pipe.lpush(task.queue, envelope(task))
-                replies = await pipe.execute(raise_on_error=False)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for _, task in todo:
+                        pipe.lpush(task.queue, envelope(task))
+                    replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             replies = [exc] * len(todo)
         for (i, _), reply in zip(todo, replies, strict=True):
