@@ -349,3 +349,52 @@ async def test_the_message_on_the_broker_has_the_layout_of_celerys_own(transport
     # reply_to: Celery's client names itself there for RPC results; we have none to name.
     assert not ours["properties"].pop("reply_to") and theirs["properties"].pop("reply_to")
     assert ours["properties"] == theirs["properties"]
+
+
+async def test_a_wrong_password_is_transient_and_never_shown(transport: str) -> None:
+    parts = urlsplit(broker_url(transport))
+    where = f"{parts.hostname}:{parts.port or (5672 if transport == 'amqp' else 6379)}"
+    user = queue_name()
+    if transport == "amqp":
+        url = f"amqp://guest:sekrit-pw-123@{where}/"
+    else:  # a user of this test's own (a server without passwords takes any)
+        url = f"redis://{user}:sekrit-pw-123@{where}/0"
+        await _redis_acl(broker_url(transport), "SETUSER", user, "on", ">right-pw", "+ping")
+    sink = celery_sink(url, timeout=10)
+    try:
+        with pytest.raises(TransientError, match="cannot connect") as e:
+            await sink.deliver(_intent(1, {"task": "t", "queue": queue_name()}))
+    finally:
+        await sink.aclose()
+        if transport == "redis":
+            await _redis_acl(broker_url(transport), "DELUSER", user)
+    assert "sekrit-pw-123" not in str(e.value)
+
+
+async def _redis_acl(url: str, *command: str) -> None:
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        await client.execute_command("ACL", *command)
+    finally:
+        await client.aclose()
+
+
+async def test_a_redis_error_fails_only_its_own_intents() -> None:
+    import redis.asyncio
+
+    url, queue, other = broker_url("redis"), queue_name(), queue_name()
+    client = redis.asyncio.Redis.from_url(url)
+    await client.set(queue, "not a list")  # LPUSH onto it: WRONGTYPE
+    sink = celery_sink(url, timeout=10)
+    try:
+        results = await sink.deliver_many(
+            [_intent(1, {"task": "t", "queue": queue}), _intent(2, {"task": "t", "queue": other})]
+        )
+        assert isinstance(results[0], TransientError) and "WRONGTYPE" in str(results[0])
+        assert results[1] is None and await client.llen(other) == 1
+    finally:
+        await sink.aclose()
+        await client.delete(queue, other)
+        await client.aclose()
