@@ -13,6 +13,7 @@ import orjson
 import pytest
 from celery import Celery
 
+from tests.test_cli import cli
 from worker.errors import ConfigError, PermanentError
 from worker.intent import Intent
 from worker.settings import Settings
@@ -163,3 +164,14 @@ def test_a_configured_kind_without_its_extra_stops_the_worker(
         "the celery kind needs the 'celery' extra (redis is not installed): "
         "pip install 'pg-outbox-relay[celery]'"
     )
+
+
+def test_cli_reports_a_bad_broker_url_in_one_line_without_the_password() -> None:
+    result = cli(
+        "--dsn", "postgresql://x@127.0.0.1:1/x",
+        "--celery-broker-url", "sqs://key:hunter2-pw@queue.example/",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--celery-broker-url must start with amqp://" in result.stderr
+    assert "hunter2-pw" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
