@@ -247,6 +247,14 @@ RUN_OPTIONS = [
         "Sidekiq's Redis for the sidekiq kind: redis[s]://[:pass@]host[:port][/db]",
     ),
     Option(
+        "--celery-broker-url",
+        "celery_broker_url",
+        "OUTBOX_CELERY_BROKER_URL",
+        str,
+        "broker of the Celery workers, for the celery kind: amqp://user:pass@host[:port]/vhost "
+        "or redis://[:pass@]host[:port]/db",
+    ),
+    Option(
         "--message-id-prefix",
         "message_id_prefix",
         "OUTBOX_MESSAGE_ID_PREFIX",

@@ -70,6 +70,7 @@ class Settings:
     rabbitmq_url: str | None = field(default=None, repr=False)
     nats_url: str | None = field(default=None, repr=False)
     sidekiq_redis_url: str | None = field(default=None, repr=False)
+    celery_broker_url: str | None = field(default=None, repr=False)
     message_id_prefix: str = ""
     limits: str | None = None  # per-kind limits, parsed by worker.sinks.limits
     # What a dead intent does to the later intents of its ordering key: "halt" them until an
