@@ -9,6 +9,7 @@ parent never share an event loop or a GIL with it. Driven by JSON lines:
     parent -> {"cmd": "wait", "count": n, "timeout": s}
     child -> {"event": "handled", "count": n, "t": ...}   n handlers have run (t: when)
     parent -> {"cmd": "info"}                       -> {"event": "info", ...}
+    (config "per_intent": false: no handler times are kept, ``starts`` is empty)
     parent -> {"cmd": "stop"}                       -> {"event": "stopped", "starts": [...]}
 
 ``starts`` are ``[k, t]`` pairs: the handler for the intent whose payload carries ``k``
@@ -37,34 +38,50 @@ log = logging.getLogger("bench.child")
 
 
 class Recorder:
-    """Counts handler runs and remembers when each started and finished."""
+    """Counts handler runs and remembers when each started and finished.
 
-    def __init__(self) -> None:
+    ``per_intent=False`` keeps the count only: a worker that drains a million intents must
+    not have its memory measured with two million timestamps of the bench's own in it."""
+
+    def __init__(self, per_intent: bool = True) -> None:
         self.starts: list[tuple[int, float]] = []
         self.finishes: list[float] = []
+        self._per_intent = per_intent
+        self._count = 0
         self._target = 0
+        self._target_at: float | None = None
         self._reached = anyio.Event()
 
     @property
     def done(self) -> int:
-        return len(self.finishes)
+        return self._count
 
     def started(self, k: int) -> None:
-        self.starts.append((k, time.monotonic()))
+        if self._per_intent:
+            self.starts.append((k, time.monotonic()))
 
     def finished(self) -> None:
-        self.finishes.append(time.monotonic())
-        if self._target and self.done >= self._target:
+        now = time.monotonic()
+        self._count += 1
+        if self._per_intent:
+            self.finishes.append(now)
+        if self._target and self._count == self._target:
+            self._target_at = now
             self._reached.set()
 
     async def wait_for(self, count: int, timeout: float) -> float | None:
-        """When the ``count``-th handler finished (None if it did not within ``timeout``)."""
+        """When the ``count``-th handler finished (None if it did not within ``timeout``;
+        without per-intent times, when this call saw it done)."""
         if self.done < count:
-            self._target, self._reached = count, anyio.Event()
+            self._target, self._target_at, self._reached = count, None, anyio.Event()
             with anyio.move_on_after(timeout):
                 await self._reached.wait()
             self._target = 0
-        return self.finishes[count - 1] if self.done >= count else None
+            if self._target_at is not None and not self._per_intent:
+                return self._target_at
+        if self.done < count:
+            return None
+        return self.finishes[count - 1] if self._per_intent else time.monotonic()
 
 
 def key_of(payload: Any, default: int) -> int:
@@ -403,7 +420,7 @@ def emit(message: dict[str, Any]) -> None:
 
 
 async def main(cfg: dict[str, Any]) -> None:
-    rec = Recorder()
+    rec = Recorder(per_intent=cfg.get("per_intent", True))
     worker = KINDS[cfg["kind"]](cfg, rec)
     await worker.setup()
     commands = anyio.wrap_file(sys.stdin)

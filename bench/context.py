@@ -54,6 +54,13 @@ class Size:
     ordering_one_key_intents: int = 2000
     ordering_rate: int = 1000
     ordering_latency_keys: int = 100
+    # The big backlog (issue 14): the relay was down for a day.
+    backlog_pending: int = 1_000_000
+    backlog_sent: int = 1_000_000
+    backlog_concurrency: int = 64
+    backlog_producers: int = 4
+    backlog_producer_seconds: float = 5.0
+    backlog_runs_at_most: int = 1  # a run takes minutes: once, unless --runs asks fewer
 
 
 FULL = Size()
@@ -84,6 +91,10 @@ TINY = Size(
     ordering_one_key_intents=50,
     ordering_rate=100,
     ordering_latency_keys=10,
+    backlog_pending=2000,
+    backlog_sent=2000,
+    backlog_producers=2,
+    backlog_producer_seconds=0.3,
     procrastinate_intents=30,
     procrastinate_concurrency=(10,),
     alt_latency_rate=50,

@@ -70,3 +70,12 @@ SELECT EXISTS (SELECT 1 FROM {{schema}}.pgqueuer)
 
 -- name: procrastinate_unfinished
 SELECT EXISTS (SELECT 1 FROM {{schema}}.procrastinate_jobs WHERE status IN ('todo', 'doing'))
+
+-- name: seed_sent
+-- $1 intents of kind $2 already delivered: the history a long-running outbox carries.
+INSERT INTO {{schema}}.intent (kind, payload, status, attempts, sent_at)
+SELECT $2, jsonb_build_object('k', g), 'sent', 1, now() FROM generate_series(0, $1 - 1) AS g
+
+-- name: analyze_intent
+-- What autovacuum's analyze would have done during a day-long outage.
+ANALYZE {{schema}}.intent

@@ -41,6 +41,18 @@ _UNITS = {
     "queries_per_poll": ("queries/poll", 2),
     "claims_per_poll": ("claims/poll", 2),
     "shortest_gap_s": ("shortest claim gap s", 2),
+    "seconds": ("seconds", 1),
+    "seed_s": ("seed s", 1),
+    "claim_ms": ("claim of 100 ms", 2),
+    "index_scan": ("index scan (1 = yes)", 0),
+    "rss_start_mb": ("start", 0),
+    "rss_quarter_mb": ("¼ drained", 0),
+    "rss_peak_mb": ("peak", 0),
+    "rss_end_mb": ("end", 0),
+    "rss_mb": ("RSS MB", 0),
+    "drained": ("drained", 0),
+    "samples": ("samples", 0),
+    "vs_no_drain": ("× no drain", 2),
 }
 
 

@@ -9,6 +9,7 @@ from bench.context import Context
 from bench.figures import Row
 from bench.scenarios import (
     alternatives,
+    backlog,
     drain,
     email,
     idle,
@@ -32,4 +33,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "alternatives": alternatives,
     "sinks": sinks,
     "ordering": ordering,
+    "backlog": backlog,
 }
