@@ -32,7 +32,10 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
     limits = parse_limits(settings.limits)
     sinks: dict[str, Sink] = {
         "email": EmailSink(
-            parse_smtp_url(settings.smtp_url), settings.mail_from, settings.concurrency
+            parse_smtp_url(settings.smtp_url),
+            settings.mail_from,
+            settings.concurrency,
+            max_bytes=limits["email"].max_bytes if "email" in limits else None,
         ),
         **extra_sinks(settings, limits),
     }

@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
+from worker.sinks.size import SizeLimit, rabbitmq_default
 
 __all__ = ["AmqpPublisher", "Publish", "parse_amqp_url"]
 
@@ -92,6 +93,17 @@ def _alive(connection: AbstractConnection) -> bool:
     return not connection.is_closed and connection.connected.is_set()
 
 
+def _server_version(connection: AbstractConnection) -> str | None:
+    """The broker's version from the connection's server properties (``"3.10.8"``)."""
+    try:
+        version = connection.transport.connection.server_properties.get("version")  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    if isinstance(version, bytes):
+        return version.decode(errors="replace")
+    return version if isinstance(version, str) else None
+
+
 class AmqpPublisher:
     """One connection and one confirming channel, opened on first use and reopened after a
     failure; concurrent batches share the channel (confirms are pipelined, each publish
@@ -109,9 +121,18 @@ class AmqpPublisher:
     max_batch: int = 128
 
     def __init__(
-        self, url: str, *, timeout: float, name: str = "outbox-worker", flag: str = "--rabbitmq-url"
+        self,
+        url: str,
+        *,
+        timeout: float,
+        name: str = "outbox-worker",
+        flag: str = "--rabbitmq-url",
+        kind: str = "rabbitmq",
+        max_bytes: int | None = None,
     ) -> None:
         self._url, self._where = parse_amqp_url(url, flag)
+        self._max_bytes = max_bytes
+        self._kind = kind
         password = urlsplit(self._url).password
         self._password = unquote(password) if password else None
         self._timeout = timeout
@@ -193,6 +214,8 @@ class AmqpPublisher:
                 exchange = exchanges[entry.exchange]
                 if isinstance(exchange, BaseException):
                     results[i] = _copy(exchange)
+                elif (too_big := self._too_big(connection, entry)) is not None:
+                    results[i] = too_big
                 else:
                     jobs.append((i, exchange, entry))
             if len(jobs) == 1:
@@ -206,6 +229,21 @@ class AmqpPublisher:
         return [
             self._failure(TimeoutError(), "", "") if isinstance(r, _Pending) else r for r in results
         ]
+
+    def _too_big(self, connection: AbstractConnection, entry: Publish) -> PermanentError | None:
+        """A body over the broker's max_message_size: the broker would close the shared
+        channel over it, failing every publish in flight. RabbitMQ does not announce the
+        setting; the default of the broker's version stands in unless --limits says."""
+        version = _server_version(connection)
+        size = SizeLimit(self._kind, self._max_bytes, rabbitmq_default(version))
+        try:
+            size.check(
+                f"{self._kind} message body to {entry.exchange or '(default exchange)'!r}",
+                len(entry.message.body),
+            )
+        except PermanentError as exc:
+            return exc
+        return None
 
     async def _checked_exchange(
         self, connection: AbstractConnection, channel: AbstractChannel, name: str

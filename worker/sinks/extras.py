@@ -61,7 +61,7 @@ class _Builtin:
     kind: str
     configured: bool
     how: str  # how to configure it, for the "not configured" reason
-    build: Callable[[float], Sink]  # imports the sink module; may raise ImportError
+    build: Callable[[float, int | None], Sink]  # (timeout, max_bytes); may raise ImportError
 
 
 def _timeout(kind: str, settings: Settings, limits: dict[str, KindLimits]) -> float:
@@ -69,8 +69,8 @@ def _timeout(kind: str, settings: Settings, limits: dict[str, KindLimits]) -> fl
     return min(_DEFAULT_TIMEOUT[kind], settings.delivery_timeout, per_kind or math.inf)
 
 
-def _webhook(settings: Settings) -> Callable[[float], Sink]:
-    def build(timeout: float) -> Sink:
+def _webhook(settings: Settings) -> Callable[[float, int | None], Sink]:
+    def build(timeout: float, max_bytes: int | None) -> Sink:
         from worker.sinks.webhook import WebhookSink, parse_allow_hosts
 
         return WebhookSink(
@@ -80,52 +80,67 @@ def _webhook(settings: Settings) -> Callable[[float], Sink]:
             max_connections=settings.concurrency,
             max_retry_after=settings.backoff_max,
             id_prefix=settings.message_id_prefix,
+            max_bytes=max_bytes,
         )
 
     return build
 
 
-def _rabbitmq(settings: Settings) -> Callable[[float], Sink]:
-    def build(timeout: float) -> Sink:
+def _rabbitmq(settings: Settings) -> Callable[[float, int | None], Sink]:
+    def build(timeout: float, max_bytes: int | None) -> Sink:
         from worker.sinks.rabbitmq import RabbitMQSink
 
         assert settings.rabbitmq_url is not None
         return RabbitMQSink(
-            settings.rabbitmq_url, timeout=timeout, id_prefix=settings.message_id_prefix
+            settings.rabbitmq_url,
+            timeout=timeout,
+            id_prefix=settings.message_id_prefix,
+            max_bytes=max_bytes,
         )
 
     return build
 
 
-def _nats(settings: Settings) -> Callable[[float], Sink]:
-    def build(timeout: float) -> Sink:
+def _nats(settings: Settings) -> Callable[[float, int | None], Sink]:
+    def build(timeout: float, max_bytes: int | None) -> Sink:
         from worker.sinks.nats import NatsSink
 
         assert settings.nats_url is not None
-        return NatsSink(settings.nats_url, timeout=timeout, id_prefix=settings.message_id_prefix)
+        return NatsSink(
+            settings.nats_url,
+            timeout=timeout,
+            id_prefix=settings.message_id_prefix,
+            max_bytes=max_bytes,
+        )
 
     return build
 
 
-def _sidekiq(settings: Settings) -> Callable[[float], Sink]:
-    def build(timeout: float) -> Sink:
+def _sidekiq(settings: Settings) -> Callable[[float, int | None], Sink]:
+    def build(timeout: float, max_bytes: int | None) -> Sink:
         from worker.sinks.sidekiq import SidekiqSink
 
         assert settings.sidekiq_redis_url is not None
         return SidekiqSink(
-            settings.sidekiq_redis_url, timeout=timeout, id_prefix=settings.message_id_prefix
+            settings.sidekiq_redis_url,
+            timeout=timeout,
+            id_prefix=settings.message_id_prefix,
+            max_bytes=max_bytes,
         )
 
     return build
 
 
-def _celery(settings: Settings) -> Callable[[float], Sink]:
-    def build(timeout: float) -> Sink:
+def _celery(settings: Settings) -> Callable[[float, int | None], Sink]:
+    def build(timeout: float, max_bytes: int | None) -> Sink:
         from worker.sinks.celery import celery_sink
 
         assert settings.celery_broker_url is not None
         return celery_sink(
-            settings.celery_broker_url, timeout=timeout, id_prefix=settings.message_id_prefix
+            settings.celery_broker_url,
+            timeout=timeout,
+            id_prefix=settings.message_id_prefix,
+            max_bytes=max_bytes,
         )
 
     return build
@@ -173,7 +188,9 @@ def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, 
             )
             continue
         try:
-            sinks[builtin.kind] = builtin.build(_timeout(builtin.kind, settings, limits))
+            per_kind = limits.get(builtin.kind)
+            max_bytes = per_kind.max_bytes if per_kind else None
+            sinks[builtin.kind] = builtin.build(_timeout(builtin.kind, settings, limits), max_bytes)
         except ImportError as exc:
             if exc.name and exc.name.startswith("worker"):
                 raise  # our own bug, not a missing extra

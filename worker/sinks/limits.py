@@ -3,7 +3,10 @@ a per-delivery timeout.
 
 Configured as one string, ``KIND:key=value,...`` entries separated by ``;``::
 
-    email:rate=10/s;webhook:concurrency=4,rate=50/min,timeout=10
+    email:rate=10/s;webhook:concurrency=4,rate=50/min,timeout=10,max_bytes=20MB
+
+``max_bytes`` is not enforced here but by the kind's sink, on the bytes it is about to send
+(worker/sinks/size.py).
 
 Limits are per worker process: with three processes, ``rate=10/s`` allows 30/s in total.
 A delivery never waits for its turn inside a relay slot: when its kind is at its limit the
@@ -24,6 +27,8 @@ from aiolimiter import AsyncLimiter
 from worker.errors import ConfigError, Deferred, TransientError
 from worker.intent import Intent
 from worker.sinks.base import Sink
+from worker.sinks.handlers import HandlerSink
+from worker.sinks.size import parse_size
 
 __all__ = ["KindLimits", "LimitedSink", "apply_limits", "parse_limits"]
 
@@ -38,6 +43,12 @@ class KindLimits:
     rate: float | None = None  # deliveries started per `per` seconds
     per: float = 1.0
     timeout: float | None = None  # seconds one delivery may take, once it has its turn
+    max_bytes: int | None = None  # largest message the kind's sink sends (worker/sinks/size.py)
+
+    @property
+    def paces(self) -> bool:
+        """Whether deliveries need the LimitedSink wrapper (max_bytes is the sink's own)."""
+        return not (self.concurrency is None and self.rate is None and self.timeout is None)
 
     def describe(self) -> str:
         parts = []
@@ -47,6 +58,8 @@ class KindLimits:
             parts.append(f"rate={self.rate:g}/{self.per:g}s")
         if self.timeout is not None:
             parts.append(f"timeout={self.timeout:g}s")
+        if self.max_bytes is not None:
+            parts.append(f"max_bytes={self.max_bytes}")
         return ",".join(parts) or "unlimited"
 
 
@@ -65,6 +78,7 @@ def _parse_entry(kind: str, body: str) -> KindLimits:
     rate: float | None = None
     per = 1.0
     timeout: float | None = None
+    max_bytes: int | None = None
     seen: set[str] = set()
     for item in body.split(","):
         key, eq, value = (part.strip() for part in item.partition("="))
@@ -86,11 +100,13 @@ def _parse_entry(kind: str, body: str) -> KindLimits:
             per = _UNITS[unit]
         elif key == "timeout":
             timeout = _positive(kind, "timeout", value.removesuffix("s"))
+        elif key == "max_bytes":
+            max_bytes = parse_size(kind, value)
         else:
             raise ConfigError(
-                f"--limits {kind}: unknown key {key!r} (use concurrency, rate, timeout)"
+                f"--limits {kind}: unknown key {key!r} (use concurrency, rate, timeout, max_bytes)"
             )
-    return KindLimits(concurrency=concurrency, rate=rate, per=per, timeout=timeout)
+    return KindLimits(concurrency, rate, per, timeout, max_bytes)
 
 
 def parse_limits(text: str | None) -> dict[str, KindLimits]:
@@ -183,7 +199,15 @@ def apply_limits(sinks: dict[str, Sink], limits: dict[str, KindLimits]) -> dict[
             f"--limits names kinds with no sink or handler: {', '.join(unknown)} "
             f"(known: {', '.join(sorted(sinks))})"
         )
+    for kind, sink in sinks.items():
+        if kind in limits and limits[kind].max_bytes is not None and isinstance(sink, HandlerSink):
+            raise ConfigError(
+                f"--limits {kind}: max_bytes applies to the built-in sinks; your handler gets "
+                "the decoded payload and decides itself what is too big"
+            )
     return {
-        kind: LimitedSink(kind, sink, limits[kind]) if kind in limits else sink
+        kind: LimitedSink(kind, sink, limits[kind])
+        if kind in limits and limits[kind].paces
+        else sink
         for kind, sink in sinks.items()
     }

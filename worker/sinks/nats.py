@@ -42,6 +42,7 @@ from nats.js.api import Header, PubAck
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
+from worker.sinks.size import NATS_DEFAULT, SizeLimit
 
 __all__ = ["NatsSink", "build_publish", "parse_nats_url"]
 
@@ -134,6 +135,14 @@ def build_publish(
     return subject, orjson.dumps(payload.get("body")), headers, stream
 
 
+def _header_bytes(headers: dict[str, str]) -> int:
+    """The size of the header block nats-py writes for ``headers`` (``NATS/1.0``, one
+    ``Name: value`` line each, a blank line)."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(
+        len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()
+    )
+
+
 def _pub_ack(reply: Msg) -> PubAck:
     """Read JetStream's answer to a publish, as ``JetStreamContext.publish`` does."""
     if reply.headers and reply.headers.get(_STATUS) == _NO_RESPONDERS:
@@ -161,8 +170,10 @@ class NatsSink:
         id_prefix: str = "",
         reconnect_wait: float = 2.0,
         name: str = "outbox-worker",
+        max_bytes: int | None = None,
     ) -> None:
         self._servers, self._where = parse_nats_url(url)
+        self._size = SizeLimit("nats", max_bytes, NATS_DEFAULT)
         self._secrets: list[str] = []  # never shown in an error message
         for server in self._servers:
             parts = urlsplit(server)
@@ -217,6 +228,7 @@ class NatsSink:
             for i, *_ in todo:
                 results[i] = TransientError(str(exc))
             return results
+        todo = [entry for entry in todo if not self._too_big(entry, client, results)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         tokens: list[str] = []
@@ -243,6 +255,25 @@ class NatsSink:
             if i in acks:
                 results[i] = self._outcome(intents[i], acks[i], subject, data)
         return results
+
+    def _too_big(
+        self,
+        entry: tuple[int, str, bytes, dict[str, str]],
+        client: Client,
+        results: list[BaseException | None],
+    ) -> bool:
+        """Over the server's max_payload (which counts the headers too): the server would
+        close the connection, failing every publish in flight on it. Checked first."""
+        i, subject, data, headers = entry
+        size = len(data) + _header_bytes(headers)
+        try:
+            self._size.check(
+                f"nats message to {subject!r}", size, client.max_payload, "the server's max_payload"
+            )
+        except PermanentError as exc:
+            results[i] = exc
+            return True
+        return False
 
     def _outcome(
         self, intent: Intent, ack: asyncio.Future[Msg], subject: str, data: bytes

@@ -89,9 +89,15 @@ class RabbitMQSink(AmqpPublisher):
     """One connection and one confirming channel per worker (:class:`AmqpPublisher`)."""
 
     def __init__(
-        self, url: str, *, timeout: float = 30.0, id_prefix: str = "", name: str = "outbox-worker"
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        id_prefix: str = "",
+        name: str = "outbox-worker",
+        max_bytes: int | None = None,
     ) -> None:
-        super().__init__(url, timeout=timeout, name=name)
+        super().__init__(url, timeout=timeout, name=name, max_bytes=max_bytes)
         self._id_prefix = id_prefix
 
     def __repr__(self) -> str:

@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
+from worker.sinks.size import REDIS_DEFAULT, SizeLimit
 
 __all__ = ["Job", "SidekiqSink", "build_job", "job_id", "parse_redis_url"]
 
@@ -215,8 +216,11 @@ class SidekiqSink:
     # ~1,000 per call; beyond ~100 a batch saves little and fails more jobs at once).
     max_batch: int = 128
 
-    def __init__(self, url: str, *, timeout: float = 10.0, id_prefix: str = "") -> None:
+    def __init__(
+        self, url: str, *, timeout: float = 10.0, id_prefix: str = "", max_bytes: int | None = None
+    ) -> None:
         self._url, self._where = parse_redis_url(url)
+        self._size = SizeLimit("sidekiq", max_bytes, REDIS_DEFAULT)
         password = urlsplit(self._url).password
         self._password = unquote(password) if password else None
         self._timeout = timeout
@@ -249,10 +253,12 @@ class SidekiqSink:
         for i, intent in enumerate(intents):
             try:
                 job = build_job(intent, self._id_prefix)
-                if job.at is not None and job.at > now:
-                    commands.scheduled.append((i, job.at, _dumps(job.item)))
+                later = job.at is not None and job.at > now
+                entry = _dumps(job.item if later else {**job.item, "enqueued_at": now})
+                self._size.check(f"sidekiq job {job.item['class']}", len(entry))
+                if job.at is not None and later:
+                    commands.scheduled.append((i, job.at, entry))
                 else:
-                    entry = _dumps({**job.item, "enqueued_at": now})
                     commands.queues.setdefault(job.queue, []).append((i, entry))
             except PermanentError as exc:
                 results[i] = exc

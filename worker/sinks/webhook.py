@@ -32,6 +32,7 @@ from yarl import URL
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.sinks.size import WEBHOOK_DEFAULT, SizeLimit
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -238,6 +239,7 @@ class WebhookSink:
         max_retry_after: float = 3600.0,
         id_prefix: str = "",
         user_agent: str = "outbox-worker",
+        max_bytes: int | None = None,
     ) -> None:
         if secret is not None and not secret:
             raise ConfigError("--webhook-secret is empty")
@@ -248,6 +250,7 @@ class WebhookSink:
         self._max_retry_after = max_retry_after
         self._id_prefix = id_prefix
         self._user_agent = user_agent
+        self._size = SizeLimit("webhook", max_bytes, WEBHOOK_DEFAULT)
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -274,6 +277,7 @@ class WebhookSink:
     async def deliver(self, intent: Intent) -> None:
         request = build_request(intent, self._allow_hosts)
         where = f"{request.method} {request.target}"
+        self._size.check(f"{where}: request body", len(request.body or b""))
         try:
             async with self._client().request(
                 request.method,

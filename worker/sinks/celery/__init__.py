@@ -17,7 +17,9 @@ from worker.sinks.base import Sink
 __all__ = ["celery_sink"]
 
 
-def celery_sink(url: str, *, timeout: float, id_prefix: str = "") -> Sink:
+def celery_sink(
+    url: str, *, timeout: float, id_prefix: str = "", max_bytes: int | None = None
+) -> Sink:
     """The sink for the broker ``url`` names; ``pyamqp://`` (Celery's name for its AMQP
     client) is ``amqp://``. Raises ``ConfigError`` for another scheme, ``ImportError`` when
     the transport's client library is missing."""
@@ -31,11 +33,11 @@ def celery_sink(url: str, *, timeout: float, id_prefix: str = "") -> Sink:
     if scheme in ("amqp", "amqps"):
         from worker.sinks.celery.amqp import CeleryAmqpSink
 
-        return CeleryAmqpSink(url, timeout=timeout, id_prefix=id_prefix)
+        return CeleryAmqpSink(url, timeout=timeout, id_prefix=id_prefix, max_bytes=max_bytes)
     if scheme in ("redis", "rediss"):
         from worker.sinks.celery.redis import CeleryRedisSink
 
-        return CeleryRedisSink(url, timeout=timeout, id_prefix=id_prefix)
+        return CeleryRedisSink(url, timeout=timeout, id_prefix=id_prefix, max_bytes=max_bytes)
     raise ConfigError(
         "--celery-broker-url must start with amqp://, amqps://, pyamqp://, redis:// or rediss://"
     )

@@ -23,9 +23,22 @@ __all__ = ["CeleryAmqpSink"]
 
 class CeleryAmqpSink(AmqpPublisher):
     def __init__(
-        self, url: str, *, timeout: float = 30.0, id_prefix: str = "", name: str = "outbox-worker"
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        id_prefix: str = "",
+        name: str = "outbox-worker",
+        max_bytes: int | None = None,
     ) -> None:
-        super().__init__(url, timeout=timeout, name=name, flag="--celery-broker-url")
+        super().__init__(
+            url,
+            timeout=timeout,
+            name=name,
+            flag="--celery-broker-url",
+            kind="celery",
+            max_bytes=max_bytes,
+        )
         self._id_prefix = id_prefix
 
     def __repr__(self) -> str:

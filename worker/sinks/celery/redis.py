@@ -35,6 +35,7 @@ from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.celery.message import CeleryTask, build_task
 from worker.sinks.reconnect import ConnectGate
+from worker.sinks.size import REDIS_DEFAULT, SizeLimit
 
 __all__ = ["CeleryRedisSink", "envelope", "parse_redis_url"]
 
@@ -91,9 +92,16 @@ class CeleryRedisSink:
     max_batch: int = 128  # a BatchSink: one pipeline per batch
 
     def __init__(
-        self, url: str, *, timeout: float = 30.0, id_prefix: str = "", name: str = "outbox-worker"
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        id_prefix: str = "",
+        name: str = "outbox-worker",
+        max_bytes: int | None = None,
     ) -> None:
         self._url, self._where = parse_redis_url(url)
+        self._size = SizeLimit("celery", max_bytes, REDIS_DEFAULT)
         password = urlsplit(self._url).password
         self._password = unquote(password) if password else None
         self._timeout = timeout
@@ -125,10 +133,13 @@ class CeleryRedisSink:
     async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
         """LPUSH every valid intent's message in one pipeline; the timeout covers it all."""
         results: list[BaseException | None] = [None] * len(intents)
-        todo: list[tuple[int, CeleryTask]] = []
+        todo: list[tuple[int, CeleryTask, bytes]] = []
         for i, intent in enumerate(intents):
             try:
-                todo.append((i, build_task(intent, self._id_prefix)))
+                task = build_task(intent, self._id_prefix)
+                item = envelope(task)
+                self._size.check(f"celery message for queue {task.queue!r}", len(item))
+                todo.append((i, task, item))
             except PermanentError as exc:
                 results[i] = exc
         if not todo:
@@ -138,12 +149,12 @@ class CeleryRedisSink:
             with anyio.fail_after(self._timeout):
                 await self._ready()
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for _, task in todo:
-                        pipe.lpush(task.queue, envelope(task))
+                    for _, task, item in todo:
+                        pipe.lpush(task.queue, item)
                     replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             replies = [exc] * len(todo)
-        for (i, _), reply in zip(todo, replies, strict=True):
+        for (i, _, _), reply in zip(todo, replies, strict=True):
             if isinstance(reply, BaseException):
                 results[i] = self._failure(reply)
         return results

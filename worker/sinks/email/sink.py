@@ -25,6 +25,7 @@ from worker.errors import ConfigError, DeliveryError, PermanentError, TransientE
 from worker.intent import Intent
 from worker.sinks.email.config import SmtpConfig
 from worker.sinks.email.message import build_message, parse_address, short_text
+from worker.sinks.size import EMAIL_DEFAULT, SizeLimit
 
 log = logging.getLogger("outbox.email")
 
@@ -104,7 +105,14 @@ class EmailSink:
     its whole transaction and returns it to the pool only after a success.
     """
 
-    def __init__(self, config: SmtpConfig, mail_from: str, max_connections: int) -> None:
+    def __init__(
+        self,
+        config: SmtpConfig,
+        mail_from: str,
+        max_connections: int,
+        *,
+        max_bytes: int | None = None,
+    ) -> None:
         if max_connections < 1:
             raise ConfigError("email sink needs max_connections >= 1")
         try:
@@ -119,6 +127,7 @@ class EmailSink:
                 self._tls_context = ssl.create_default_context(cafile=config.cafile)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"cannot load cafile {config.cafile!r}: {exc}") from None
+        self._size = SizeLimit("email", max_bytes, EMAIL_DEFAULT)
         self._slots = anyio.Semaphore(max_connections)
         self._idle: list[_Conn] = []  # LIFO: the most recently used is the most likely alive
         self._helo: str | None = config.helo
@@ -135,6 +144,11 @@ class EmailSink:
         async with self._slots:
             conn = await self._checkout()
             try:
+                self._check_size(conn.client, len(data))
+            except PermanentError:
+                self._checkin(conn)  # the connection is fine, the message is too big
+                raise
+            try:
                 try:
                     await self._transact(conn, intent.id, sender, recipients, data)
                 except _StaleConnection:
@@ -148,6 +162,13 @@ class EmailSink:
                 conn.client.close()
                 raise
             self._checkin(conn)
+
+    def _check_size(self, client: SMTP, size: int) -> None:
+        """Against the SIZE the server announced in its EHLO reply (RFC 1870; 0 or none:
+        no announced limit), before MAIL FROM: a message over it is never offered."""
+        announced = client.esmtp_extensions.get("size", "").strip()
+        limit = int(announced) if announced.isdigit() and int(announced) > 0 else None
+        self._size.check("email message", size, limit, "the SMTP server's SIZE")
 
     async def aclose(self) -> None:
         """Close idle connections (QUIT, bounded); in-flight ones close when they finish."""
