@@ -250,7 +250,8 @@ class SmtpTestServer:
     (smtps). ``require_starttls``: refuse mail commands before STARTTLS. ``auth``: a
     (user, password) pair the server accepts with PLAIN and LOGIN; then mail needs AUTH unless
     ``auth_required=False``. ``auth_require_tls=False`` advertises and accepts AUTH on a
-    plaintext connection (to test clients that must refuse to use it).
+    plaintext connection (to test clients that must refuse to use it). ``size_limit``: the
+    SIZE announced in the EHLO reply, and enforced at DATA (aiosmtpd's default: 32 MiB).
     """
 
     host = "127.0.0.1"
@@ -266,6 +267,7 @@ class SmtpTestServer:
         auth_require_tls: bool = True,
         ca: trustme.CA | None = None,
         default_script: Script | None = None,
+        size_limit: int | None = None,
     ) -> None:
         if starttls and implicit_tls:
             raise ValueError("starttls and implicit_tls are exclusive")
@@ -278,6 +280,7 @@ class SmtpTestServer:
         self._auth_require_tls = auth_require_tls and not implicit_tls
         self._ca = ca
         self.default_script = default_script or Script()
+        self._size_limit = size_limit  # SIZE in the EHLO reply; None: aiosmtpd's 32 MiB
 
         self.port = 0
         self.messages: list[ReceivedMessage] = []
@@ -398,6 +401,8 @@ class SmtpTestServer:
                 "auth_require_tls": self._auth_require_tls,
                 "authenticator": self._authenticate,
             }
+            if self._size_limit is not None:
+                kwargs["data_size_limit"] = self._size_limit
             with warnings.catch_warnings():
                 # aiosmtpd warns about AUTH without TLS, which some tests set up on purpose.
                 warnings.simplefilter("ignore")

@@ -230,11 +230,11 @@ def plot_rss(path: Path, samples: list[tuple[float, float, int]]) -> bool:
     left.plot([s[0] for s in samples], [s[1] for s in samples], color="tab:blue")
     left.set_xlabel("seconds into the drain")
     left.set_ylabel("worker RSS (MB)", color="tab:blue")
-    left.set_ylim(bottom=0)
+    left.set_ylim(0, 1.3 * max(s[1] for s in samples))
     right = left.twinx()
     right.plot([s[0] for s in samples], [s[2] for s in samples], color="tab:gray", ls="--")
     right.set_ylabel("intents drained", color="tab:gray")
-    fig.suptitle("outbox-worker draining a backlog: memory stays flat")
+    fig.suptitle("outbox-worker: RSS while one worker drains a backlog")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -257,6 +257,7 @@ async def run(ctx: Context) -> list[Row]:
         figures, samples, scans = await measure(ctx)
         drain.add({k: figures[k] for k in DRAIN})
         drain.notes["claim_scans"] = scans
+        memory.notes["samples"] = samples  # (seconds, RSS MB, drained), every 0.5 s
         memory.add({k: figures[k] for k in MEMORY})
         for row, prefix in ((health, "health"), (stat, "status")):
             row.add({m: figures[f"{prefix}_{m}"] for m in ("p50_ms", "max_ms", "samples")})

@@ -83,7 +83,7 @@ class SizeLimit:
         if size > limit:
             raise PermanentError(
                 f"{what} of {format_bytes(size)} is larger than the limit of "
-                f"{format_bytes(limit)} ({source}); nothing was sent"
+                f"{format_bytes(limit)}, {source}; nothing was sent"
             )
 
     def limit(self, announced: int | None = None, by: str = "") -> tuple[int, str]:
@@ -94,5 +94,5 @@ class SizeLimit:
             return announced, by
         return (
             self.default,
-            f"the {self.kind} default; raise it with --limits {self.kind}:max_bytes",
+            f"the {self.kind} default (--limits {self.kind}:max_bytes raises it)",
         )
