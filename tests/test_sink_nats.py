@@ -172,7 +172,10 @@ async def test_wrong_expected_stream_and_oversized_messages_are_permanent(
 ) -> None:
     with pytest.raises(PermanentError, match="not in the expected stream"):
         await sink.deliver(_intent(_event(stream, 1, stream="SOME_OTHER_STREAM")))
-    with pytest.raises(PermanentError, match="larger than the server's max_payload"):
+    with pytest.raises(
+        PermanentError,
+        match=r"larger than the limit of 1,048,576 bytes \(1 MiB\), the server's max_payload",
+    ):
         await sink.deliver(_intent(_event(stream, 1) | {"body": "x" * 2_000_000}))
     await sink.deliver(_intent(_event(stream, 1, stream=stream.name)))
     assert await stream.count() == 1
@@ -313,7 +316,7 @@ async def test_a_mixed_batch_has_one_outcome_per_intent(sink: NatsSink, stream: 
             None,
             (PermanentError, "not valid for publishing"),
             (PermanentError, "not in the expected stream"),
-            (PermanentError, "larger than the server's max_payload"),
+            (PermanentError, "(1 MiB), the server's max_payload; nothing was sent"),
             (TransientError, "no JetStream stream answered for subject"),
             None,
         ],
