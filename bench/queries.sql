@@ -79,3 +79,8 @@ SELECT $2, jsonb_build_object('k', g), 'sent', 1, now() FROM generate_series(0, 
 -- name: analyze_intent
 -- What autovacuum's analyze would have done during a day-long outage.
 ANALYZE {{schema}}.intent
+
+-- name: producer_waits
+-- What the server processes of the connections named $1 are doing right now (sampled).
+SELECT coalesce(wait_event_type, 'CPU') AS what, count(*) AS n
+FROM pg_stat_activity WHERE application_name = $1 GROUP BY 1

@@ -53,6 +53,10 @@ _UNITS = {
     "drained": ("drained", 0),
     "samples": ("samples", 0),
     "vs_no_drain": ("× no drain", 2),
+    "lock_pct": ("% on locks", 0),
+    "wal_pct": ("% on WAL", 0),
+    "client_pct": ("% on producer", 0),
+    "cpu_pct": ("% running", 0),
 }
 
 

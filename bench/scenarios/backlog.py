@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -41,7 +43,8 @@ from worker.sqlfiles import load_queries
 
 DRAIN = ("intents_per_s", "seconds", "seed_s", "claim_ms", "index_scan")
 MEMORY = ("rss_start_mb", "rss_quarter_mb", "rss_peak_mb", "rss_end_mb")
-DURING = ("p50_ms", "max_ms", "samples", "commits_per_s", "vs_no_drain")
+WAITS = ("lock_pct", "wal_pct", "client_pct", "cpu_pct")
+DURING = ("p50_ms", "max_ms", "samples", "commits_per_s", "vs_no_drain", *WAITS)
 CURVE = ("rss_mb", "drained", "intents_per_s")
 TITLE = "Big backlog: pending intents (relay down for a day) drained by one worker"
 METRICS = DRAIN + MEMORY
@@ -54,6 +57,7 @@ TABLES = [
 _SAMPLE_EVERY = 0.5  # seconds between RSS samples
 _CURVE_POINTS = 16
 _MB = 1024 * 1024
+_PRODUCER_APP = "bench backlog producer"
 
 
 @dataclass
@@ -124,15 +128,61 @@ async def _time_queries(ctx: Context, inst: Installed, state: _Drain) -> None:
                 await state.done.wait()
 
 
-async def _produce(ctx: Context, inst: Installed, state: _Drain) -> float:
-    """Producers flat out a second into the drain; their intents join the backlog."""
-    relay = RelaySystem()
-    async with relay.producers(inst, ctx.size.backlog_producers) as produce:
-        await anyio.sleep(1.0)
+async def _flat_out(
+    ctx: Context, inst: Installed
+) -> tuple[producers.ClosedLoopResult, dict[str, float]]:
+    """Producers commit flat out for ``backlog_producer_seconds``: (the commits, what their
+    server processes were doing, as shares of samples taken every 10 ms: "Lock" is a
+    heavyweight lock, "IO"/"LWLock" mostly the WAL flush, "Client" waiting for the producer
+    process itself, "CPU" running)."""
+    tagged = Installed(_with_app_name(inst.dsn, _PRODUCER_APP), inst.names)
+    waits: Counter[str] = Counter()
+    async with (
+        RelaySystem().producers(tagged, ctx.size.backlog_producers) as produce,
+        ctx.admin() as conn,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def sample() -> None:
+            while True:
+                for row in await conn.fetch(query("producer_waits"), _PRODUCER_APP):
+                    waits[row["what"]] += row["n"]
+                await anyio.sleep(0.01)
+
+        tg.start_soon(sample)
         result = await producers.flat_out(produce, ctx.size.backlog_producer_seconds)
+        tg.cancel_scope.cancel()
+    total = sum(waits.values()) or 1
+    return result, {k: 100 * n / total for k, n in waits.items()}
+
+
+def _with_app_name(dsn: str, name: str) -> str:
+    """asyncpg passes unknown DSN parameters on as server settings."""
+    parts = urlsplit(dsn)
+    query_text = "&".join(filter(None, [parts.query, urlencode({"application_name": name})]))
+    return urlunsplit(parts._replace(query=query_text))
+
+
+async def _produce(
+    ctx: Context, inst: Installed, state: _Drain
+) -> tuple[producers.ClosedLoopResult, dict[str, float]]:
+    """Producers flat out a second into the drain; their intents join the backlog."""
+    await anyio.sleep(1.0)
+    result, waits = await _flat_out(ctx, inst)
     state.total += result.commits
     state.producing_done = True
-    return result.commits / result.elapsed
+    return result, waits
+
+
+def _waits(shares: dict[str, float]) -> dict[str, float]:
+    """The producers' server processes: % of samples waiting on a lock, on the WAL (IO and
+    lightweight locks), on the producer process (Client), or running (CPU)."""
+    return {
+        "lock_pct": shares.get("Lock", 0.0),
+        "wal_pct": shares.get("IO", 0.0) + shares.get("LWLock", 0.0),
+        "client_pct": shares.get("Client", 0.0),
+        "cpu_pct": shares.get("CPU", 0.0),
+    }
 
 
 async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, float, int]], str]:
@@ -145,8 +195,7 @@ async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, flo
         seed_s = time.monotonic() - began
         await conn.execute(query("analyze_intent", inst.names))
         claim_ms, scans = await _claim_plan(conn, inst, 100)
-        async with relay.producers(inst, size.backlog_producers) as produce:
-            alone = await producers.flat_out(produce, size.backlog_producer_seconds)
+        alone, alone_waits = await _flat_out(ctx, inst)
         state = _Drain(total=size.backlog_pending + alone.commits)
         async with worker_process(
             "relay",
@@ -158,11 +207,10 @@ async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, flo
         ) as proc:
             rss_ready = psutil.Process(proc.pid).memory_info().rss / _MB
             running = await proc.go()
-            during = 0.0
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_sample_rss, proc, state, running["t0"])
                 tg.start_soon(_time_queries, ctx, inst, state)
-                during = await _produce(ctx, inst, state)
+                during, during_waits = await _produce(ctx, inst, state)
             done = await wait_until_false(conn, relay.unfinished_sql(inst), timeout=600)
             await proc.stop()
     elapsed = done - running["t0"]
@@ -180,7 +228,9 @@ async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, flo
         "status_max_ms": max(state.status_ms),
         "status_samples": float(len(state.status_ms)),
         "commits_alone_per_s": alone.commits / alone.elapsed,
-        "commits_draining_per_s": during,
+        "commits_draining_per_s": during.commits / during.elapsed,
+        **{f"alone_{k}": v for k, v in _waits(alone_waits).items()},
+        **{f"draining_{k}": v for k, v in _waits(during_waits).items()},
     }
     return figures, state.samples, scans
 
@@ -262,11 +312,15 @@ async def run(ctx: Context) -> list[Row]:
         for row, prefix in ((health, "health"), (stat, "status")):
             row.add({m: figures[f"{prefix}_{m}"] for m in ("p50_ms", "max_ms", "samples")})
         base = figures["commits_alone_per_s"]
-        alone.add({"commits_per_s": base, "vs_no_drain": 1.0})
+        waits = {
+            which: {w: figures[f"{which}_{w}"] for w in WAITS} for which in ("alone", "draining")
+        }
+        alone.add({"commits_per_s": base, "vs_no_drain": 1.0, **waits["alone"]})
         draining.add(
             {
                 "commits_per_s": figures["commits_draining_per_s"],
                 "vs_no_drain": figures["commits_draining_per_s"] / base,
+                **waits["draining"],
             }
         )
     if plot_rss(ctx.log_dir.parent / "backlog-rss.png", samples):
