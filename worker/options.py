@@ -267,8 +267,8 @@ RUN_OPTIONS = [
         "limits",
         "OUTBOX_LIMITS",
         str,
-        "per-kind limits, per process: 'KIND:concurrency=N,rate=N/s,timeout=S;KIND:...', "
-        "e.g. 'email:rate=10/s;webhook:concurrency=4'",
+        "per-kind limits, per process: 'KIND:concurrency=N,rate=N/s,timeout=S,max_bytes=SIZE;"
+        "KIND:...', e.g. 'email:rate=10/s;webhook:concurrency=4,max_bytes=32MiB'",
     ),
     Option(
         "--ordering-on-dead",

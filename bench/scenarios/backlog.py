@@ -33,7 +33,7 @@ import psutil
 
 from bench import producers
 from bench.context import Context, wait_until_false
-from bench.figures import Row
+from bench.figures import Row, percentile
 from bench.proc import WorkerProcess, worker_process
 from bench.sql import query
 from bench.systems import Installed, RelaySystem
@@ -44,7 +44,7 @@ from worker.sqlfiles import load_queries
 DRAIN = ("intents_per_s", "seconds", "seed_s", "claim_ms", "index_scan")
 MEMORY = ("rss_start_mb", "rss_quarter_mb", "rss_peak_mb", "rss_end_mb")
 WAITS = ("lock_pct", "wal_pct", "client_pct", "cpu_pct")
-DURING = ("p50_ms", "max_ms", "samples", "commits_per_s", "vs_no_drain", *WAITS)
+DURING = ("p50_ms", "p99_ms", "max_ms", "samples", "commits_per_s", "vs_no_drain", *WAITS)
 CURVE = ("rss_mb", "drained", "intents_per_s")
 TITLE = "Big backlog: pending intents (relay down for a day) drained by one worker"
 METRICS = DRAIN + MEMORY
@@ -222,9 +222,11 @@ async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, flo
         "index_scan": 0.0 if "Seq Scan" in scans else 1.0,
         **_memory(rss_ready, state),
         "health_p50_ms": statistics.median(state.health_ms),
+        "health_p99_ms": percentile(sorted(state.health_ms), 99),
         "health_max_ms": max(state.health_ms),
         "health_samples": float(len(state.health_ms)),
         "status_p50_ms": statistics.median(state.status_ms),
+        "status_p99_ms": percentile(sorted(state.status_ms), 99),
         "status_max_ms": max(state.status_ms),
         "status_samples": float(len(state.status_ms)),
         "commits_alone_per_s": alone.commits / alone.elapsed,
@@ -310,7 +312,9 @@ async def run(ctx: Context) -> list[Row]:
         memory.notes["samples"] = samples  # (seconds, RSS MB, drained), every 0.5 s
         memory.add({k: figures[k] for k in MEMORY})
         for row, prefix in ((health, "health"), (stat, "status")):
-            row.add({m: figures[f"{prefix}_{m}"] for m in ("p50_ms", "max_ms", "samples")})
+            row.add(
+                {m: figures[f"{prefix}_{m}"] for m in ("p50_ms", "p99_ms", "max_ms", "samples")}
+            )
         base = figures["commits_alone_per_s"]
         waits = {
             which: {w: figures[f"{which}_{w}"] for w in WAITS} for which in ("alone", "draining")
