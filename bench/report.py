@@ -44,6 +44,7 @@ _UNITS = {
     "seconds": ("seconds", 1),
     "seed_s": ("seed s", 1),
     "claim_ms": ("claim of 100 ms", 2),
+    "claim_halfway_ms": ("claim ms half-way", 2),
     "index_scan": ("index scan (1 = yes)", 0),
     "rss_start_mb": ("start", 0),
     "rss_quarter_mb": ("¼ drained", 0),

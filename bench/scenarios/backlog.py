@@ -41,7 +41,7 @@ from worker.admin import status
 from worker.health import COUNT_CAP
 from worker.sqlfiles import load_queries
 
-DRAIN = ("intents_per_s", "seconds", "seed_s", "claim_ms", "index_scan")
+DRAIN = ("intents_per_s", "seconds", "seed_s", "claim_ms", "claim_halfway_ms", "index_scan")
 MEMORY = ("rss_start_mb", "rss_quarter_mb", "rss_peak_mb", "rss_end_mb")
 WAITS = ("lock_pct", "wal_pct", "client_pct", "cpu_pct")
 DURING = ("p50_ms", "p99_ms", "max_ms", "samples", "commits_per_s", "vs_no_drain", *WAITS)
@@ -69,7 +69,9 @@ class _Drain:
     health_ms: list[float] = field(default_factory=list)
     status_ms: list[float] = field(default_factory=list)
     producing_done: bool = False
+    halfway: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
+    claim_halfway: tuple[float, str] = (0.0, "")
 
 
 async def _claim_plan(conn: asyncpg.Connection, inst: Installed, limit: int) -> tuple[float, str]:
@@ -104,10 +106,20 @@ async def _sample_rss(proc: WorkerProcess, state: _Drain, t0: float) -> None:
     while True:
         handled = (await proc.info())["handled"]
         state.samples.append((time.monotonic() - t0, process.memory_info().rss / _MB, handled))
+        if handled >= state.total / 2:
+            state.halfway.set()
         if handled >= state.total and state.producing_done:
             state.done.set()
             return
         await anyio.sleep(_SAMPLE_EVERY)
+
+
+async def _claim_halfway(ctx: Context, inst: Installed, state: _Drain) -> None:
+    """The claim's plan again half-way, with half a million claimed and sent rows behind the
+    head of the pending index (dead entries there until vacuum)."""
+    await state.halfway.wait()
+    async with ctx.admin() as conn:
+        state.claim_halfway = await _claim_plan(conn, inst, 100)
 
 
 async def _time_queries(ctx: Context, inst: Installed, state: _Drain) -> None:
@@ -210,6 +222,7 @@ async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, flo
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_sample_rss, proc, state, running["t0"])
                 tg.start_soon(_time_queries, ctx, inst, state)
+                tg.start_soon(_claim_halfway, ctx, inst, state)
                 during, during_waits = await _produce(ctx, inst, state)
             done = await wait_until_false(conn, relay.unfinished_sql(inst), timeout=600)
             await proc.stop()
@@ -219,7 +232,8 @@ async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, flo
         "seconds": elapsed,
         "seed_s": seed_s,
         "claim_ms": claim_ms,
-        "index_scan": 0.0 if "Seq Scan" in scans else 1.0,
+        "claim_halfway_ms": state.claim_halfway[0],
+        "index_scan": 0.0 if "Seq Scan" in scans + state.claim_halfway[1] else 1.0,
         **_memory(rss_ready, state),
         "health_p50_ms": statistics.median(state.health_ms),
         "health_p99_ms": percentile(sorted(state.health_ms), 99),
@@ -234,7 +248,7 @@ async def measure(ctx: Context) -> tuple[dict[str, float], list[tuple[float, flo
         **{f"alone_{k}": v for k, v in _waits(alone_waits).items()},
         **{f"draining_{k}": v for k, v in _waits(during_waits).items()},
     }
-    return figures, state.samples, scans
+    return figures, state.samples, f"start: {scans}; half-way: {state.claim_halfway[1]}"
 
 
 def _memory(rss_ready: float, state: _Drain) -> dict[str, float]:
