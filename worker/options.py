@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from worker.http_server import host_port
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -229,6 +231,14 @@ RUN_OPTIONS = [
         _on_dead,
         "when an intent with an ordering key ends dead: halt the key's later intents until "
         "an operator runs retry-dead or skip-dead, or continue with the next one",
+    ),
+    Option(
+        "--http",
+        "http",
+        "OUTBOX_HTTP",
+        host_port,
+        "serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 127.0.0.1:9187 "
+        "(needs the metrics extra; off by default)",
     ),
     Option(
         "--migrate",
