@@ -76,15 +76,9 @@ class Prometheus:
 
 
 @contextlib.asynccontextmanager
-async def prometheus_server(
-    targets: list[str], workdir: Path, scrape_interval: str = "1s"
-) -> AsyncIterator[Prometheus]:
-    """Prometheus scraping ``targets`` (HOST:PORT) every ``scrape_interval``."""
+async def prometheus_server(config: dict[str, Any], workdir: Path) -> AsyncIterator[Prometheus]:
+    """Prometheus with ``config`` (prometheus.yml as a dict)."""
     binary = require_binary("prometheus")
-    config = {
-        "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
-        "scrape_configs": [{"job_name": "outbox-worker", "static_configs": [{"targets": targets}]}],
-    }
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()

@@ -11,10 +11,12 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
+import yaml
 
 from tests.conftest import statuses_are, wait_until
 from tests.fault.conftest import Spawn
 from tests.monitoring import Prometheus, prometheus_server, wait_for_status
+from tests.readme import readme_snippet
 from tests.tcp_proxy import free_port
 
 # kind -> (intents, max_attempts): what each one's handler in tests/sample_handlers.py does
@@ -47,7 +49,12 @@ async def test_prometheus_scrapes_sent_retried_dead_by_kind(
     )
     await worker.ready()
     await wait_for_status(f"http://{address}/readyz", 200)
-    async with prometheus_server([address], tmp_path) as prom:
+    # The README's scrape config, every second and at this worker.
+    config = yaml.safe_load(readme_snippet("Monitoring", "yaml", "# prometheus.yml").text)
+    [job] = config["scrape_configs"]
+    job.update(scrape_interval="1s", scrape_timeout="1s")
+    job["static_configs"] = [{"targets": [address]}]
+    async with prometheus_server(config, tmp_path) as prom:
         await wait_until(lambda: _reports(prom, "up", "job", {"outbox-worker": 1.0}), timeout=60)
         # In a few rounds, so that scrapes see the counts grow.
         for round_no in range(2):
