@@ -71,7 +71,7 @@ def test_histogram_buckets_are_cumulative_with_le_inclusive() -> None:
 
 def test_stats_count_what_metrics_need() -> None:
     now = [100.0]
-    stats = Stats(2, clock=lambda: now[0])
+    stats = Stats(2, clock=lambda: now[0], timings=True)
     created = datetime.now(UTC)
     email = Intent(1, "email", {}, 1, 5, created, created)
     stats.on_delivery_start(0, email)

@@ -117,11 +117,17 @@ async def http_endpoint(
     exposition = make_aiohttp_handler(relay_registry(relay, kinds))
     probes = Probes(relay, pool)
     stats = relay.stats
+    stats.timings = True  # the histograms of /metrics
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         read_at = stats.db_read_at
         if read_at is None or stats.clock() - read_at >= HEALTH_MAX_AGE:
-            await health.refresh()
+            # Bounded: waiting for a pool connection has no timeout of its own, and a scrape
+            # that times out loses every other metric too.
+            with anyio.move_on_after(READY_TIMEOUT) as scope:
+                await health.refresh()
+            if scope.cancelled_caught:
+                stats.on_db_health_failed("the queue health query timed out")
         return await exposition(request)
 
     async def healthz(_request: web.Request) -> web.Response:
