@@ -54,6 +54,7 @@ class Size:
     ordering_one_key_intents: int = 2000
     ordering_rate: int = 1000
     ordering_latency_keys: int = 100
+    http_intents: int = 100_000  # long enough for a few 1 s scrapes at full speed
 
 
 FULL = Size()
@@ -78,6 +79,7 @@ TINY = Size(
     email_concurrency=(1, 32),
     sink_intents=200,
     sink_concurrency=(64,),
+    http_intents=300,
     pgqueuer_intents=200,
     pgqueuer_batches=(10,),
     ordering_keys=30,

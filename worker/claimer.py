@@ -110,6 +110,7 @@ class Claimer:
                 log.info("claim refused by intent_ordering_in_flight; claiming again")
                 await self._wakeup.wait(0.01)
             except DB_UNAVAILABLE as exc:
+                self._stats.on_db_error("claim")
                 failures += 1
                 delay = retry_delay(failures, base=0.5, cap=30.0)
                 log.warning(
@@ -192,7 +193,7 @@ class Claimer:
 
     async def _sweep(self) -> None:
         """Periodic housekeeping: expired leases back to pending, stale idle flags away."""
-        await self._leases.rescue_expired(self._conn)
+        self._stats.on_rescued(await self._leases.rescue_expired(self._conn))
         await self._conn.execute(self._q["sweep_idle_workers"])
 
     async def _wait_for_work(self) -> None:

@@ -196,7 +196,7 @@ class Dispatcher:
     def _end(self, index: int, outcomes: list[tuple[Intent, Outcome]]) -> None:
         self._current[index] = None
         self._deadline[index] = math.inf
-        self._stats.on_delivery_end(index)
+        self._stats.on_delivery_end(index, len(outcomes))
         self._taken -= len(outcomes)
         for intent, outcome in outcomes:
             self._on_outcome(intent, outcome)

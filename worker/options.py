@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
+from worker.http_server import host_port
+
 
 class BadValue(ValueError, argparse.ArgumentTypeError):
     """A value that does not convert. Its message says what was expected and what came;
@@ -277,6 +279,14 @@ RUN_OPTIONS = [
         _on_dead,
         "when an intent with an ordering key ends dead: halt the key's later intents until "
         "an operator runs retry-dead or skip-dead, or continue with the next one",
+    ),
+    Option(
+        "--http",
+        "http",
+        "OUTBOX_HTTP",
+        host_port,
+        "serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 127.0.0.1:9187 "
+        "(needs the metrics extra; off by default)",
     ),
     Option(
         "--migrate",

@@ -78,6 +78,7 @@ class Relay:
             lease=settings.lease,
             max_attempts=settings.max_attempts,
             skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
         )
         self._writer = OutcomeWriter(
             self._write_conn,
@@ -85,6 +86,7 @@ class Relay:
             self.worker_id,
             self._on_written,
             skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
         )
         self._dispatcher = Dispatcher(
             concurrency=settings.concurrency,

@@ -77,6 +77,7 @@ class Settings:
     # operator acts (retry-dead, skip-dead), or "continue" with the next one.
     ordering_on_dead: str = "halt"
     migrate: bool = False
+    http: str | None = None  # HOST:PORT of /metrics, /healthz, /readyz (worker/http_server.py)
     heartbeat: bool = True  # off only in tests that prove the fence
 
     def __post_init__(self) -> None:

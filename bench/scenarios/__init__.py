@@ -14,6 +14,7 @@ from bench.scenarios import (
     idle,
     latency,
     lost_notification,
+    monitoring,
     ordering,
     producer_cost,
     sinks,
@@ -32,4 +33,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "alternatives": alternatives,
     "sinks": sinks,
     "ordering": ordering,
+    "http": monitoring,
 }
