@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-_T = TypeVar("_T")
-
 from worker.http_server import host_port
+
+_T = TypeVar("_T")
 
 
 class BadValue(ValueError, argparse.ArgumentTypeError):
