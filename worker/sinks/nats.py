@@ -8,6 +8,7 @@ Payload::
 ``Nats-Msg-Id`` is the intent id (with ``--message-id-prefix``), the same on every retry,
 so JetStream drops a retried publish that it had stored already, as long as the retry comes
 within the stream's duplicate window (``duplicate_window``, 2 minutes by default). The
+intent's W3C trace context, if any, goes into the headers (``traceparent``, ``tracestate``). The
 optional ``stream`` is checked by the server (``Nats-Expected-Stream``).
 
 No PubAck in time, no stream for the subject, a server error or a lost connection are
@@ -41,6 +42,7 @@ from nats.js.api import Header, PubAck
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.tracing import with_trace_context
 from worker.sinks.reconnect import ConnectGate
 
 __all__ = ["NatsSink", "build_publish", "parse_nats_url"]
@@ -126,7 +128,7 @@ def build_publish(
     if unknown:
         raise PermanentError("nats payload has unknown field(s): " + ", ".join(unknown))
     subject = _check_subject(payload.get("subject"))
-    headers = _check_headers(payload.get("headers"))
+    headers = dict(with_trace_context(_check_headers(payload.get("headers")), intent))
     headers["Nats-Msg-Id"] = f"{id_prefix}{intent.id}"
     stream = payload.get("stream")
     if stream is not None and not (isinstance(stream, str) and _STREAM_RE.match(stream)):
