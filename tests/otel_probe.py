@@ -8,8 +8,8 @@ which ``opentelemetry`` modules the worker process had loaded by then.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+import anyio
 import orjson
 
 from worker import Handlers, Intent
@@ -19,6 +19,6 @@ handlers = Handlers()
 
 @handlers.register("probe")
 async def probe(intent: Intent) -> None:
-    loaded = sorted(m for m in sys.modules if m == "opentelemetry" or m.startswith("opentelemetry."))
+    loaded = sorted(m for m in sys.modules if m.partition(".")[0] == "opentelemetry")
     seen = {"trace_context": intent.trace_context, "opentelemetry_modules": loaded}
-    Path(intent.payload["out"]).write_bytes(orjson.dumps(seen))
+    await anyio.Path(intent.payload["out"]).write_bytes(orjson.dumps(seen))

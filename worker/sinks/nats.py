@@ -42,8 +42,8 @@ from nats.js.api import Header, PubAck
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
-from worker.tracing import with_trace_context
 from worker.sinks.reconnect import ConnectGate
+from worker.tracing import with_trace_context
 
 __all__ = ["NatsSink", "build_publish", "parse_nats_url"]
 

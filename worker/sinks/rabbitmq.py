@@ -7,8 +7,8 @@ Payload::
 
 The message is persistent (delivery mode 2), ``application/json``, and its ``message_id``
 is the intent id (with ``--message-id-prefix``), the same on every retry, so a consumer can
-drop a duplicate. The intent's W3C trace context, if any, goes into the message headers
-(``traceparent``, ``tracestate``). The intent is sent only once the broker has confirmed the message. A nack,
+drop a duplicate; the intent's W3C trace context, if any, is in its headers (``traceparent``,
+``tracestate``). The intent is sent only once the broker has confirmed the message. A nack,
 an unroutable message (``mandatory``, the default: no queue is bound for the routing key),
 a timeout or a connection lost before the confirm are transient. An exchange that does not
 exist is permanent: it is checked once per exchange name on a throwaway channel, because the
@@ -35,8 +35,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
-from worker.tracing import with_trace_context
 from worker.sinks.reconnect import ConnectGate
+from worker.tracing import with_trace_context
 
 __all__ = ["RabbitMQSink", "build_message", "parse_amqp_url"]
 
