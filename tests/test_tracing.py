@@ -4,8 +4,11 @@ it is off. What each sink carries is tested beside the sink (tests/test_sink_*.p
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
+import tomllib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,19 @@ import anyio
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tests.conftest import statuses_are, wait_until
+from tests.readme import readme_snippet
 from tests.test_cli import REPO, _env, _sigterm_and_wait
 from tests.tracing_helpers import Traces, traceparent
+from worker.distribution import pip_install
 from worker.errors import PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -219,7 +229,7 @@ def _worker(pg_dsn: str, schema: str, env: dict[str, str]) -> subprocess.Popen[s
     """``python -m worker`` with the probe handler (tests/otel_probe.py) and only the OTEL_*
     variables of ``env``."""
     clean = {k: v for k, v in _env().items() if not k.startswith("OTEL_")}
-    argv = ["--dsn", pg_dsn, "--schema", schema, "--handlers", "tests.otel_probe:handlers"]
+    argv = ["run", "--dsn", pg_dsn, "--schema", schema, "--handlers", "tests.otel_probe:handlers"]
     return subprocess.Popen(
         [sys.executable, "-m", "worker", *argv, "--poll-interval", "0.5", "--no-dashboard"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**clean, **env},
@@ -263,3 +273,73 @@ async def test_a_worker_that_does_not_trace_imports_no_opentelemetry(
     assert seen["opentelemetry_modules"] == []
     # The producer's context goes to the sink as it was enqueued.
     assert seen["trace_context"] == {"traceparent": PARENT, "tracestate": STATE}
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP endpoint (what a collector listens on at :4318) that keeps every span."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []  # opentelemetry.proto Span messages
+        self.resources: list[dict[str, str]] = []
+        self.url = ""
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest.FromString(await request.read())
+        for resource_spans in export.resource_spans:
+            attributes = resource_spans.resource.attributes
+            self.resources.append({a.key: a.value.string_value for a in attributes})
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend(scope_spans.spans)
+        body = ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=body, content_type="application/x-protobuf")
+
+    async def run(self) -> AsyncIterator[OtlpReceiver]:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._traces)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def otlp() -> AsyncIterator[OtlpReceiver]:
+    async for receiver in OtlpReceiver().run():
+        yield receiver
+
+
+async def test_readme_worker_exports_its_delivery_spans_over_otlp(
+    pg_dsn: str, db, names: Names, tmp_path: Path, otlp: OtlpReceiver
+) -> None:
+    """The README's "The worker" lines as written, but for the collector's address: a
+    collector of the test's own gets the delivery span, a child of the enqueued context."""
+    pip, *exports, run = readme_snippet("Tracing", "sh").text.splitlines()
+    assert pip == pip_install("otel") and run == "outbox-worker run"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(r.startswith("opentelemetry-distro[otlp]") for r in extras["otel"])
+    env = dict(
+        pair.split("=", 1) for line in exports for pair in shlex.split(line.removeprefix("export "))
+    )
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://127.0.0.1:")
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp.url
+
+    seen = await run_probe(pg_dsn, db, names, tmp_path, env)
+    # Spans are exported in batches: the last one at the latest when the worker exits.
+    [span] = [s for s in otlp.spans if s.name == "outbox deliver probe"]
+    _, trace_id, parent_id, _ = PARENT.split("-")
+    assert (span.trace_id.hex(), span.parent_span_id.hex()) == (trace_id, parent_id)
+    attributes = {a.key: a.value for a in span.attributes}
+    assert attributes["outbox.outcome"].string_value == "sent"
+    assert {"service.name": "outbox-worker"}.items() <= otlp.resources[0].items()
+    # The handler was given the delivery span's context, the producer's tracestate kept.
+    assert seen["trace_context"] == {
+        "traceparent": f"00-{trace_id}-{span.span_id.hex()}-01",
+        "tracestate": STATE,
+    }
+    assert "opentelemetry.sdk.trace" in seen["opentelemetry_modules"]
