@@ -23,6 +23,7 @@ MUST_MEASURE = {
     "alternatives": "intents_per_s",
     "sinks": "intents_per_s",
     "ordering": "intents_per_s",
+    "tracing": "vs_off",
 }
 
 

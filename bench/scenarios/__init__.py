@@ -17,6 +17,7 @@ from bench.scenarios import (
     ordering,
     producer_cost,
     sinks,
+    tracing,
 )
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
@@ -32,4 +33,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "alternatives": alternatives,
     "sinks": sinks,
     "ordering": ordering,
+    "tracing": tracing,
 }
