@@ -55,7 +55,7 @@ class Dispatcher:
         self._timeout = timeout
         self._stats = stats
         self._on_outcome = on_outcome
-        self._tracer = tracer  # None: no spans, and no cost beyond one test per delivery
+        self._tracer = tracer  # None: no spans, and no cost but a None test or two
         self._ready: deque[Work] = deque()
         self._sleepers: list[anyio.Event] = []  # idle slots, woken last-in first-out
         self._waking = 0  # slots woken that have not run yet

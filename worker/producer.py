@@ -53,6 +53,6 @@ async def enqueue(
         dedupe_key,
         max_attempts,
         ordering_key,
-        orjson.dumps(trace_context).decode() if trace_context else None,
+        orjson.dumps(dict(trace_context)).decode() if trace_context else None,
     )
     return int(intent_id)

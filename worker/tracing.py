@@ -64,7 +64,11 @@ def with_trace_context(headers: Mapping[str, V], intent: Intent) -> Mapping[str,
     """The sinks' hook: ``headers`` (a message's headers or fields) plus the intent's trace
     context (``traceparent``, and ``tracestate`` if any), which replaces any of the two the
     payload set itself, in any letter case. ``headers`` itself, unchanged, when the intent
-    has none. Never mutates ``headers`` (it may be the payload's own dict)."""
+    has none. Never mutates ``headers`` (it may be the payload's own dict).
+
+    Where the receiving side's OpenTelemetry instrumentation looks for them: HTTP request
+    headers, AMQP message headers, NATS headers; Celery's message headers (the task
+    request's attributes); a Sidekiq job's top-level fields."""
     context = intent.trace_context
     if not context:
         return headers

@@ -8,8 +8,8 @@ Payload::
 ``Nats-Msg-Id`` is the intent id (with ``--message-id-prefix``), the same on every retry,
 so JetStream drops a retried publish that it had stored already, as long as the retry comes
 within the stream's duplicate window (``duplicate_window``, 2 minutes by default). The
-intent's W3C trace context, if any, goes into the headers (``traceparent``, ``tracestate``). The
-optional ``stream`` is checked by the server (``Nats-Expected-Stream``).
+optional ``stream`` is checked by the server (``Nats-Expected-Stream``). The intent's W3C
+trace context, if any, goes into the headers (``traceparent``, ``tracestate``).
 
 No PubAck in time, no stream for the subject, a server error or a lost connection are
 transient; a payload the server can never take (too large, wrong expected stream) is
