@@ -185,6 +185,21 @@ async def test_failed_deliveries_are_error_spans_with_their_outcome(
     assert all(s.parent is None for group in spans.values() for s in group)
 
 
+async def test_a_delivery_cancelled_at_shutdown_ends_its_span_as_released(
+    db, names: Names, start_relay, traces: Traces
+) -> None:
+    async def hangs(_intent: Intent) -> None:
+        await anyio.sleep(3600)
+
+    async with start_relay({"hangs": hangs}, tracer=traces.delivery_tracer, grace=0.2):
+        intent_id = await enqueue(db, "hangs", {}, schema=names.schema)
+        await wait_until(lambda: statuses_are(db, names, {"processing": 1}))
+    # Stopped: the grace period ran out, the delivery was cancelled, its row handed back.
+    assert await statuses_are(db, names, {"pending": 1})
+    span = traces.delivery_of(intent_id)
+    assert span.attributes["outbox.outcome"] == "released" and span.end_time is not None
+
+
 # --- the switch --------------------------------------------------------------------------------
 
 
