@@ -273,7 +273,7 @@ async def run_probe(
     output = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode == 0, output
     seen: dict[str, Any] = orjson.loads(out.read_bytes())
-    return {**seen, "output": output}
+    return seen
 
 
 @pytest.mark.parametrize(
