@@ -175,10 +175,10 @@ def _replay(args: argparse.Namespace) -> int:
 def _baseline(
     args: argparse.Namespace, names: list[str], console: Console
 ) -> tuple[baseline.BaselineRelaySystem | None, str]:
-    """The old relay for the alternatives scenario: (system or None, one line about it).
-    Raises ``baseline.Unavailable`` at full size when it cannot be run."""
-    if "alternatives" not in names:
-        return None, "baseline: not needed (no alternatives scenario)"
+    """The old relay for the alternatives and tracing scenarios: (system or None, one line
+    about it). Raises ``baseline.Unavailable`` at full size when it cannot be run."""
+    if not {"alternatives", "tracing"} & set(names):
+        return None, "baseline: not needed (no alternatives or tracing scenario)"
     system, line = baseline.resolve(args.baseline, tiny=args.size == "tiny")
     console.log(line)
     return system, line

@@ -126,6 +126,7 @@ class RelayWorker:
             settings=self.settings,
             sinks=sinks,
             worker_id=cfg["tag"],
+            tracer=_tracer() if cfg.get("trace") else None,
         )
         # Listening before "go", as `outbox-worker run` does before its relay starts: the
         # drain measures serving, not importing aiohttp.
@@ -181,6 +182,20 @@ class RelayWorker:
         for sink in {id(s): s for s in self.sinks.values()}.values():
             await sink.aclose()
         await self.pool.close()
+
+
+def _tracer() -> Any:
+    """Delivery spans through the OpenTelemetry SDK, batched to memory: what the spans cost,
+    not what an exporter does."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from worker.otel import DeliveryTracer
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    return DeliveryTracer(provider)
 
 
 def _timed(sink: Any, rec: Recorder) -> Any:

@@ -107,6 +107,7 @@ async def start_relay(
     async def start(
         sinks: Mapping[str, Sink | Callable[[Intent], Awaitable[Any]]], **overrides: Any
     ) -> AsyncIterator[Relay]:
+        tracer = overrides.pop("tracer", None)  # a worker.otel.DeliveryTracer: spans
         relay_settings = replace(settings, **overrides)
         pool = await create_pool(pg_dsn, max_size=5, application_name="outbox-worker test")
         wrapped = {k: v if hasattr(v, "deliver") else HandlerSink(v) for k, v in sinks.items()}
@@ -116,6 +117,7 @@ async def start_relay(
             queries=load_queries(names),
             settings=relay_settings,
             sinks=wrapped,  # type: ignore[arg-type]
+            tracer=tracer,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -162,3 +164,12 @@ async def failed_at_least_once(conn: asyncpg.Connection, names: Names, n: int) -
         f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
     )
     return bool(failed >= n)
+
+
+@pytest.fixture
+def traces() -> Any:
+    """A tracer provider of this test's own, exporting to memory (tests/tracing_helpers.py):
+    ``start_relay(..., tracer=traces.delivery_tracer)`` traces the relay's deliveries."""
+    from tests.tracing_helpers import Traces  # OpenTelemetry only for the tests that use it
+
+    return Traces()

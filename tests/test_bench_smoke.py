@@ -24,6 +24,7 @@ MUST_MEASURE = {
     "sinks": "intents_per_s",
     "ordering": "intents_per_s",
     "http": "vs_without",
+    "tracing": "vs_off",
 }
 
 

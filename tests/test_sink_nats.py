@@ -414,3 +414,21 @@ async def test_flapping_connection_loses_nothing_and_stores_each_once(
             await nats_sink.aclose()
     assert proxy.connections > 3  # it did reconnect, repeatedly
     assert await stream.count() == 2000
+
+
+async def test_a_traced_delivery_puts_its_span_in_the_headers(
+    db, names: Names, start_relay, sink: NatsSink, stream: Stream, traces
+) -> None:
+    """A subscriber sees ``traceparent``: the delivery span, a child of the producer's."""
+    subscription = await stream.client.subscribe(f"{stream.prefix}.>")
+    async with start_relay({"nats": sink}, tracer=traces.delivery_tracer):
+        with traces.tracer.start_as_current_span("place order") as producer:
+            async with db.transaction():
+                for n in range(3):
+                    await enqueue(db, "nats", _event(stream, n), schema=names.schema)
+        await wait_until(lambda: statuses_are(db, names, {"sent": 3}))
+    received = [await subscription.next_msg(timeout=10) for _ in range(3)]
+    await subscription.unsubscribe()
+    traces.assert_carried(
+        producer, {int(m.headers["Nats-Msg-Id"]): m.headers["traceparent"] for m in received}
+    )

@@ -494,3 +494,24 @@ async def test_flapping_connection_loses_nothing(
     await collected.drain()
     ids = await db.fetch(f'SELECT id FROM "{names.schema}".intent')
     assert set(collected.ids()) == {str(r["id"]) for r in ids}  # duplicates allowed, no loss
+
+
+async def test_a_traced_delivery_puts_its_span_in_the_message_headers(
+    db, names: Names, start_relay, amqp_url: str, broker: Broker, traces
+) -> None:
+    sink = RabbitMQSink(amqp_url, timeout=10)
+    try:
+        async with start_relay({"rabbitmq": sink}, tracer=traces.delivery_tracer):
+            with traces.tracer.start_as_current_span("place order") as producer:
+                async with db.transaction():
+                    for n in range(3):
+                        payload = _order(broker, n, headers={"tenant": "acme"})
+                        await enqueue(db, "rabbitmq", payload, schema=names.schema)
+            await wait_until(lambda: statuses_are(db, names, {"sent": 3}))
+    finally:
+        await sink.aclose()
+    messages = await Collected(broker).drain()
+    assert {m.headers["tenant"] for m in messages} == {"acme"}
+    traces.assert_carried(
+        producer, {int(m.message_id or 0): str(m.headers["traceparent"]) for m in messages}
+    )

@@ -22,6 +22,7 @@ from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.sqlfiles import Names, load_queries
 from worker.stats import Stats
 from worker.summary import log_summaries
+from worker.tracing import from_env as tracer_from_env
 
 log = logging.getLogger("outbox")
 
@@ -76,6 +77,7 @@ async def run_worker(
             settings=settings,
             sinks=sinks,
             stats=stats,
+            tracer=tracer_from_env(),
         )
         if relay_holder is not None:
             relay_holder.append(relay)

@@ -158,6 +158,7 @@ class Claimer:
                 r["created_at"],
                 r["run_at"],
                 r["ordering_key"],
+                r["trace_context"],
             )
             for r in rows
         ]

@@ -18,6 +18,7 @@ from bench.scenarios import (
     ordering,
     producer_cost,
     sinks,
+    tracing,
 )
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
@@ -34,4 +35,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "sinks": sinks,
     "ordering": ordering,
     "http": monitoring,
+    "tracing": tracing,
 }

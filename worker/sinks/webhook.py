@@ -5,8 +5,9 @@ Payload::
     {"url": "https://api.example.com/hooks/orders", "method": "POST",
      "body": {...any JSON...}, "headers": {"Authorization": "Bearer ..."}}
 
-Every request carries ``Idempotency-Key`` (stable across retries of one intent) and, when a
-secret is configured, ``Outbox-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
+Every request carries ``Idempotency-Key`` (stable across retries of one intent), the intent's
+W3C trace context (``traceparent``, ``tracestate``) if it has one, and, when a secret is
+configured, ``Outbox-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
 "<t>.<body>">``. 2xx is sent; 408, 425, 429, 5xx and network errors are transient (a
 ``Retry-After`` is honoured); any other status is permanent. Redirects are not followed: a
 redirect could leave the allow-list, and a POST should go to the URL that was meant.
@@ -32,6 +33,7 @@ from yarl import URL
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.tracing import with_trace_context
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -265,7 +267,7 @@ class WebhookSink:
         return self._session
 
     def headers_for(self, intent: Intent, request: WebhookRequest) -> dict[str, str]:
-        headers = dict(request.headers)
+        headers = dict(with_trace_context(request.headers, intent))
         headers["Idempotency-Key"] = f"{self._id_prefix}{intent.id}"
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, int(time.time()), request.body)
