@@ -32,10 +32,10 @@ def test_http_address_must_be_host_and_port(bad: str) -> None:
 def test_a_bad_http_flag_or_variable_is_one_line() -> None:
     result = cli("run", "--http", "9187", "--dsn", "postgresql://x@127.0.0.1:1/x")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--http: invalid HOST:PORT value: '9187'" in result.stderr
+    assert "--http: expected a HOST:PORT such as 127.0.0.1:9187, got '9187'" in result.stderr
     result = cli("run", "--dsn", "postgresql://x@127.0.0.1:1/x", env={"OUTBOX_HTTP": "nope"})
     assert result.returncode == 2
-    assert "OUTBOX_HTTP='nope': expected a HOST:PORT" in result.stderr
+    assert "OUTBOX_HTTP: expected a HOST:PORT such as 127.0.0.1:9187, got 'nope'" in result.stderr
 
 
 def test_a_port_in_use_is_one_line(pg_dsn: str, db: asyncpg.Connection, schema: str) -> None:

@@ -51,9 +51,6 @@ def host_port(text: str) -> str:
     return text
 
 
-host_port.__name__ = "HOST:PORT"
-
-
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.removeprefix("[").removesuffix("]"), int(port)

@@ -284,7 +284,7 @@ RUN_OPTIONS = [
         "--http",
         "http",
         "OUTBOX_HTTP",
-        host_port,
+        expecting("a HOST:PORT such as 127.0.0.1:9187")(host_port),
         "serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 127.0.0.1:9187 "
         "(needs the metrics extra; off by default)",
     ),
