@@ -123,8 +123,8 @@ class Receiver:
         return [r.headers["Idempotency-Key"] for r in self.requests]
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@pytest.fixture(name="receiver")  # imported by other modules under its function's name
+async def webhook_receiver() -> AsyncIterator[Receiver]:
     server = Receiver()
     await server.start()
     try:

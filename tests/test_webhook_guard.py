@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +23,7 @@ import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from tests.test_sink_webhook import Receiver, Reply
+from tests.test_sink_webhook import Receiver, Reply, webhook_receiver  # noqa: F401 (fixture)
 from worker.errors import PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.webhook import WebhookSink, parse_allow_hosts
@@ -41,16 +40,6 @@ NAME_HINT = (
     "refused (allow with --webhook-allow-private, or name the host in --webhook-allow-hosts)"
 )
 PUBLIC = "93.184.215.14"  # a global address: only ever handed to the stand-in socket factory
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def _intent(url: str, n: int = 1) -> Intent:
