@@ -154,7 +154,7 @@ async def webhook_target() -> AsyncIterator[Target]:
                 "webhook",
                 {"url": f"{base}/hook", "body": {"order": 42, "total": "19.99"}},
                 lambda c, prefix: WebhookSink(
-                    # The receiver is on 127.0.0.1: named, so allowed (and checked).
+                    # The receiver is on 127.0.0.1: refused unless named (or private allowed).
                     secret="bench-secret",
                     allow_hosts=("127.0.0.1",),
                     max_connections=c,

@@ -175,6 +175,6 @@ class GuardedConnector(TCPConnector):
         self._guard = GuardedResolver(policy)
         super().__init__(resolver=self._guard, **kwargs)
 
-    async def close(self, *, abort_ssl: bool = False) -> None:
-        await super().close(abort_ssl=abort_ssl)
+    async def close(self, **kwargs: Any) -> None:  # abort_ssl= in newer aiohttp only
+        await super().close(**kwargs)
         await self._guard.close()
