@@ -1,4 +1,8 @@
-"""The webhook sink against a real HTTP server (aiohttp.web, started by each test)."""
+"""The webhook sink against a real HTTP server (aiohttp.web, started by each test).
+
+The receiver listens on 127.0.0.1, which the sink refuses by default: the sinks here allow
+private destinations (``allow_private=True``) or name the host in the allow-list;
+tests/test_webhook_guard.py covers the refusal."""
 
 from __future__ import annotations
 
@@ -119,8 +123,8 @@ class Receiver:
         return [r.headers["Idempotency-Key"] for r in self.requests]
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@pytest.fixture(name="receiver")  # imported by other modules under its function's name
+async def webhook_receiver() -> AsyncIterator[Receiver]:
     server = Receiver()
     await server.start()
     try:
@@ -131,7 +135,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @pytest.fixture
 async def sink() -> AsyncIterator[WebhookSink]:
-    webhook = WebhookSink(secret=SECRET, timeout=5.0, max_retry_after=30.0)
+    webhook = WebhookSink(secret=SECRET, allow_private=True, timeout=5.0, max_retry_after=30.0)
     try:
         yield webhook
     finally:
@@ -229,7 +233,7 @@ async def test_request_carries_body_key_and_a_valid_signature(
 
 
 async def test_method_and_headers_from_the_payload(receiver: Receiver) -> None:
-    webhook = WebhookSink(id_prefix="shop-")  # no secret: no signature header
+    webhook = WebhookSink(id_prefix="shop-", allow_private=True)  # no secret: no signature
     try:
         await webhook.deliver(
             _intent({"url": receiver.url, "method": "put", "headers": {"X-Trace": "abc"}})
@@ -279,7 +283,7 @@ async def test_other_statuses_are_permanent(
 
 async def test_slow_receiver_times_out_as_transient(receiver: Receiver) -> None:
     receiver.script.append(Reply(delay=5.0))
-    webhook = WebhookSink(timeout=0.3)
+    webhook = WebhookSink(allow_private=True, timeout=0.3)
     try:
         with pytest.raises(TransientError, match=r"no response within 0\.3s"):
             await webhook.deliver(_intent({"url": receiver.url}))

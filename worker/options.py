@@ -228,6 +228,15 @@ RUN_OPTIONS = [
         "comma-separated hosts webhooks may call (*.example.com for subdomains); unset: any host",
     ),
     Option(
+        "--webhook-allow-private",
+        "webhook_allow_private",
+        "OUTBOX_WEBHOOK_ALLOW_PRIVATE",
+        boolean,
+        "let webhooks call loopback, private and link-local addresses (refused by default; "
+        "a host named exactly in --webhook-allow-hosts is allowed without this)",
+        switch=True,
+    ),
+    Option(
         "--rabbitmq-url",
         "rabbitmq_url",
         "OUTBOX_RABBITMQ_URL",

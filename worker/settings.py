@@ -67,6 +67,7 @@ class Settings:
     # Built-in sinks beyond email (worker/sinks/extras.py); repr=False: they hold secrets.
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_allow_hosts: str | None = None
+    webhook_allow_private: bool = False  # loopback, private, link-local destinations
     rabbitmq_url: str | None = field(default=None, repr=False)
     nats_url: str | None = field(default=None, repr=False)
     sidekiq_redis_url: str | None = field(default=None, repr=False)
