@@ -1,6 +1,6 @@
 """8. The webhook, RabbitMQ and NATS sinks (and a no-op one): each driven alone from C tasks,
 then through the relay with C delivery slots, in turn within each round (bench/sinks.py).
-Needs RabbitMQ and NATS on their default local ports; skipped, with the reason, without."""
+Needs RabbitMQ and NATS (default: their local ports); skipped, with the reason, without."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ MODES = {"sink": "sink alone", "relay": "through the relay"}
 
 
 async def run(ctx: Context) -> list[Row]:
-    why = await sinks.unreachable(sinks.URLS)
+    urls = ctx.broker_urls or sinks.URLS
+    why = await sinks.unreachable(urls)
     if why is not None:
         ctx.skipped["sinks"] = why
         ctx.progress(f"sinks: skipped, {why}")
@@ -38,7 +39,7 @@ async def run(ctx: Context) -> list[Row]:
 
     versions = await sinks.measure_rounds(
         list(sinks.SINKS), list(ctx.size.sink_concurrency), list(MODES),
-        ctx.size.sink_intents, ctx.runs, ctx.dsn, sinks.URLS, record,
+        ctx.size.sink_intents, ctx.runs, ctx.dsn, urls, record,
     )  # fmt: skip
     for row in rows.values():
         row.notes["versions"] = versions
