@@ -176,7 +176,20 @@ async def test_kill9_mid_run_redelivers_the_heads_first(tmp_path, outbox, spawn,
     in_flight: set[int] = set()
 
     async def kill_one(workers: list[WorkerProcess], env: dict[str, str]) -> None:
-        in_flight.update(await outbox.processing(workers[0].pid))
+        async def holds_a_keyed_intent() -> bool:
+            # Deliveries take 0-3 ms: at any one moment the worker may hold none, so wait
+            # for a moment when it holds a key's head (any keyed intent it holds is one).
+            in_flight.clear()
+            in_flight.update(await outbox.processing(workers[0].pid))
+            return bool(
+                await outbox.conn.fetchval(
+                    f"SELECT count(*) FROM {outbox.table} "
+                    "WHERE id = ANY($1) AND ordering_key IS NOT NULL",
+                    list(in_flight),
+                )
+            )
+
+        await wait_until(holds_a_keyed_intent, timeout=60, interval=0.005)
         workers[0].kill()
         await spawn(concurrency=16, env=env, lease=LEASE)  # a replacement
 
