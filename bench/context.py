@@ -105,6 +105,8 @@ class Context:
     baseline: System | None = None
     # Parts of the run left out, and why in one line ("baseline", "sinks"): for the targets.
     skipped: dict[str, str] = field(default_factory=dict)
+    # The brokers of the sinks scenario, "rabbitmq" and "nats" (default: bench.sinks.URLS).
+    broker_urls: dict[str, str] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
     async def admin(self) -> AsyncIterator[asyncpg.Connection]:

