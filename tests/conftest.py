@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import secrets
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +31,15 @@ from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink
 from worker.sqlfiles import Names, load_queries
+
+
+@contextlib.contextmanager
+def embedded_pgdata(prefix: str) -> Iterator[Path]:
+    """A data directory path for an embedded PostgreSQL of a test's own. Not under pytest's
+    tmp_path: a concurrent pytest session makes /tmp/pytest-of-USER private again, which the
+    embedded server's own OS user (when run as root) then cannot cross."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp) / "pgdata"
 
 
 @pytest.fixture(scope="session")
