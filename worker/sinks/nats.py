@@ -178,7 +178,7 @@ class NatsSink:
         self._inbox = ""  # the client's PubAck inbox prefix, "_INBOX.<nuid>."
         self._acks: dict[str, asyncio.Future[Msg]] = {}  # by token, until answered
         self._tokens = itertools.count()
-        self._gate = ConnectGate()
+        self._gate = ConnectGate(f"NATS {self._where}", log)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -331,7 +331,8 @@ class NatsSink:
                 why = "timed out" if isinstance(exc, TimeoutError) else self._reason(exc)
                 raise TransientError(f"NATS {self._where}: cannot connect: {why}") from None
             raise
-        log.info("connected to NATS %s", self._where)
+        if not self._gate.down:  # else the gate says it is back
+            log.info("connected to NATS %s", self._where)
         return client, inbox
 
     async def _on_error(self, exc: Exception) -> None:
