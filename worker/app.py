@@ -21,6 +21,7 @@ from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.sqlfiles import Names, load_queries
 from worker.stats import Stats
 from worker.summary import log_summaries
+from worker.targets import check_targets, describe, log_targets
 
 log = logging.getLogger("outbox")
 
@@ -84,8 +85,11 @@ async def run_worker(
         )
         if relay_holder is not None:
             relay_holder.append(relay)
+        targets = describe(settings, sinks)
+        log_targets(targets)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signals, relay)
+            tg.start_soon(check_targets, targets)  # beside the relay: never delays the start
             health = HealthMonitor(pool, queries, settings.schema, relay.stats)
             if dashboard:
                 tg.start_soon(health.run)
