@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import shlex
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -189,3 +191,51 @@ def test_root_is_told_what_the_embedded_database_creates(
         f"OS user {SERVER_USER!r}; its parent directories are made traversable by all users"
     ]  # the machine has the user already: no useradd here
     assert pwd.getpwnam(SERVER_USER).pw_uid == pgdata.stat().st_uid
+
+
+def _readme_commands(heading: str) -> list[list[str]]:
+    """The commands of the first ```sh block after ``heading`` in the README."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(f"\n{heading}\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+async def test_readme_catch_all_smtp_prints_the_mail(
+    pg_dsn: str, db, names: Names, tmp_path: Path
+) -> None:
+    """The README's two commands, on a free port instead of 1025: the worker's mail appears
+    in the catch-all server's output."""
+    server_cmd, worker_cmd = _readme_commands("### Where the mail goes")
+    port = str(free_port())
+    assert server_cmd[:3] == ["python", "-m", "aiosmtpd"] and worker_cmd[0] == "outbox-worker"
+    server_argv = [sys.executable, *server_cmd[1:]]
+    server_argv[-1] = server_argv[-1].replace("1025", port)
+    worker_args = [arg.replace("1025", port) for arg in worker_cmd[1:]]
+    printed, log_file = tmp_path / "aiosmtpd.out", tmp_path / "worker.log"
+    env = _env({"PYTHONUNBUFFERED": "1"})
+    with printed.open("w") as out, log_file.open("w") as log:
+        server = await anyio.open_process(server_argv, stdout=out, stderr=out, env=env)
+        worker = None
+        try:
+            await wait_until(lambda: _listening(int(port)), timeout=30)
+            worker = await anyio.open_process(
+                [sys.executable, "-m", "worker", *worker_args, "--dsn", pg_dsn,
+                 "--schema", names.schema, "--no-dashboard"],
+                stdout=log, stderr=log, env=env, cwd=REPO,
+            )  # fmt: skip
+            await enqueue(db, "email", {"to": "a@example.com", "subject": "Caught", "text": "Hi"},
+                          schema=names.schema)  # fmt: skip
+            await wait_until(lambda: "Subject: Caught" in printed.read_text(), timeout=60)
+        finally:
+            for proc in (worker, server):
+                if proc is not None:
+                    proc.send_signal(signal.SIGTERM)
+                    with anyio.fail_after(30):
+                        await proc.wait()
+    assert f"email: smtp://127.0.0.1:{port} (STARTTLS if offered)" in log_file.read_text()
+    assert await statuses_are(db, names, {"sent": 1})
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
