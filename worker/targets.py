@@ -110,25 +110,27 @@ def describe(settings: Settings, sinks: Mapping[str, Sink]) -> list[Target]:
     sinks were built."""
     plain = {kind: _unwrapped(sink) for kind, sink in sinks.items()}
     handled = sorted(kind for kind, sink in plain.items() if isinstance(sink, HandlerSink))
-    builtins = {
-        "email": lambda: _email(settings),
-        "webhook": lambda: _webhook(settings),
-        "rabbitmq": lambda: _rabbitmq(settings.rabbitmq_url or ""),
-        "nats": lambda: _nats(settings.nats_url or ""),
+    builtins = {  # kind: (configured, its target)
+        "email": (True, lambda: _email(settings)),
+        "webhook": (True, lambda: _webhook(settings)),
+        "rabbitmq": (
+            settings.rabbitmq_url is not None,
+            lambda: _rabbitmq(settings.rabbitmq_url or ""),
+        ),
+        "nats": (settings.nats_url is not None, lambda: _nats(settings.nats_url or "")),
     }
     targets: list[Target] = []
     off: list[str] = []
-    for kind, build in builtins.items():
+    for kind, (configured, target) in builtins.items():
         sink = plain.get(kind)
         if kind in handled or sink is None:
             continue
-        if isinstance(sink, UnavailableSink):
-            if "not configured" in sink.reason:
-                off.append(kind)
-            else:  # the extra is missing
-                targets.append(Target(kind, f"unavailable: {sink.reason}"))
-            continue
-        targets.append(build())
+        if not configured:
+            off.append(kind)
+        elif isinstance(sink, UnavailableSink):  # its extra is not installed
+            targets.append(Target(kind, f"unavailable: {sink.reason}"))
+        else:
+            targets.append(target())
     if handled:
         targets.append(Target(", ".join(handled), f"your handlers ({settings.handlers})"))
     if off:
