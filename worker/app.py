@@ -22,6 +22,7 @@ from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.sqlfiles import Names, load_queries
 from worker.stats import Stats
 from worker.summary import log_summaries
+from worker.targets import check_targets, describe, log_targets
 from worker.tracing import from_env as tracer_from_env
 
 log = logging.getLogger("outbox")
@@ -82,11 +83,14 @@ async def run_worker(
         if relay_holder is not None:
             relay_holder.append(relay)
         health = HealthMonitor(pool, queries, settings.schema, relay.stats)
+        targets = describe(settings, sinks)
+        log_targets(targets)
         async with (
             _http_endpoint(settings, relay, pool, health, sinks),
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(_stop_on_signals, relay)
+            tg.start_soon(check_targets, targets)  # beside the relay: never delays the start
             if dashboard:
                 tg.start_soon(health.run)
                 tg.start_soon(partial(run_dashboard, relay, title=title))

@@ -98,7 +98,8 @@ def assess(snap: Snapshot) -> list[Finding]:
     if db is not None:
         behind = level(db.oldest_due_seconds, BEHIND)
         if behind != OK:
-            found.append(Finding(behind, f"behind: due {fmt_duration(db.oldest_due_seconds)}"))
+            waited = fmt_duration(db.oldest_due_seconds)
+            found.append(Finding(behind, f"behind: pending {waited}"))
     if snap.dead_minute:
         found.append(Finding(BAD, f"{snap.dead_minute:,} dead/min"))
     if db is not None and db.halted_keys:

@@ -29,6 +29,7 @@ async def read_db_health(
     return DbHealth(
         pending_due=row["pending_due"],
         pending_later=row["pending_later"],
+        pending_held=row["pending_held"],
         processing=row["processing"],
         dead=row["dead"],
         count_cap=cap,

@@ -247,6 +247,8 @@ class Relay:
                 wake |= outcome.delay < self.settings.poll_interval
             elif isinstance(outcome, Dead):
                 log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
+            elif isinstance(outcome, Sent):  # a line each is too many at volume; -v shows it
+                log.debug("intent %d (%s) sent", intent.id, intent.kind)
         if wake:  # the claim loop claims again, or re-reads next_due (a retry soon)
             self.wakeup.set()
 

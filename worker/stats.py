@@ -66,6 +66,8 @@ class ErrorEntry:
 class DbHealth:
     """The database side, from the one cheap health query (see worker/sql/health.sql)."""
 
+    # status = 'pending', in three parts: run_at reached, run_at later, held behind their
+    # ordering key's head (ordering_held); each capped at count_cap.
     pending_due: int
     pending_later: int
     processing: int
@@ -84,6 +86,16 @@ class DbHealth:
     halted_keys: int = 0  # ordering keys held up by a dead intent (capped like the counts)
     oldest_halted_key: str | None = None
     oldest_halted_seconds: float | None = None  # since that dead head was created
+    pending_held: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.pending_due + self.pending_later + self.pending_held
+
+    @property
+    def pending_capped(self) -> bool:
+        """A part of ``pending`` stopped at the cap: the total is "at least"."""
+        return max(self.pending_due, self.pending_later, self.pending_held) >= self.count_cap
 
 
 @dataclass(slots=True)

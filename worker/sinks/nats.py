@@ -41,6 +41,7 @@ from nats.aio.msg import Msg
 from nats.js.api import Header, PubAck
 
 from worker.errors import ConfigError, PermanentError, TransientError
+from worker.findings import fmt_duration
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
 from worker.tracing import with_trace_context
@@ -180,7 +181,8 @@ class NatsSink:
         self._inbox = ""  # the client's PubAck inbox prefix, "_INBOX.<nuid>."
         self._acks: dict[str, asyncio.Future[Msg]] = {}  # by token, until answered
         self._tokens = itertools.count()
-        self._gate = ConnectGate()
+        self._gate = ConnectGate(f"NATS {self._where}", log)
+        self._lost_at = 0.0  # anyio.current_time() when the connection was last lost
         self._closed = False
 
     def __repr__(self) -> str:
@@ -333,22 +335,35 @@ class NatsSink:
                 why = "timed out" if isinstance(exc, TimeoutError) else self._reason(exc)
                 raise TransientError(f"NATS {self._where}: cannot connect: {why}") from None
             raise
-        log.info("connected to NATS %s", self._where)
+        if not self._gate.down:  # else the gate says it is back
+            log.info("connected to NATS %s", self._where)
         return client, inbox
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS %s: %s", self._where, self._reason(exc))
 
+    # An outage of an established connection, in the words of ConnectGate's: the client
+    # reconnects by itself, every reconnect_wait seconds, and says nothing in between.
     async def _on_disconnected(self) -> None:
         if not self._closed:
-            log.warning("NATS %s: connection lost; reconnecting", self._where)
+            self._lost_at = anyio.current_time()
+            log.warning(
+                "NATS %s is down (connection lost); the client reconnects every %gs, its "
+                "intents are retried meanwhile",
+                self._where,
+                self._reconnect_wait,
+            )
 
     async def _on_reconnected(self) -> None:
-        log.info("NATS %s: reconnected", self._where)
+        down = fmt_duration(anyio.current_time() - self._lost_at)
+        log.warning("NATS %s is back after %s", self._where, down)
 
     async def aclose(self) -> None:
         async with self._gate.lock:
             self._closed = True
             client, self._client = self._client, None
         if client is not None:
-            await client.close()
+            try:
+                await client.close()
+            except Exception as exc:  # nats-py fails to close a connection while reconnecting
+                log.debug("closing the NATS connection: %s", self._reason(exc))

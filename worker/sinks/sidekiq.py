@@ -226,7 +226,7 @@ class SidekiqSink:
         self._id_prefix = id_prefix
         self._client: Redis | None = None
         self._healthy = False  # False: ping (once, behind the gate) before the next push
-        self._gate = ConnectGate()
+        self._gate = ConnectGate(f"Redis {self._where}", log)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -334,7 +334,8 @@ class SidekiqSink:
         except Exception as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else self._reason(exc)
             raise TransientError(f"Redis {self._where}: cannot connect: {why}") from None
-        log.info("connected to Redis %s for the sidekiq kind", self._where)
+        if not self._gate.down:  # else the gate says it is back
+            log.info("connected to Redis %s for the sidekiq kind", self._where)
         return client
 
     async def aclose(self) -> None:

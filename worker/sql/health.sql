@@ -14,6 +14,12 @@ SELECT
                            WHERE status = 'pending' AND NOT ordering_held
                              AND run_at > now() LIMIT $1) AS l)
         AS pending_later,
+    -- Pending rows waiting behind the head of their ordering key (not in the pending index):
+    -- the blocking index has every keyed pending row, so this walks at most those.
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
+                           WHERE ordering_key IS NOT NULL AND status = 'pending'
+                             AND ordering_held LIMIT $1) AS w)
+        AS pending_held,
     (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
                            WHERE status = 'processing' LIMIT $1) AS p)
         AS processing,
