@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import anyio
 import asyncpg
 
+from worker.db import DB_UNAVAILABLE
 from worker.logs import one_line
 from worker.stats import DbHealth, Stats
 
@@ -18,6 +19,7 @@ COUNT_CAP = 10_000
 MIN_INTERVAL = 1.0
 # A health read must never queue behind the relay for long or hold a connection it needs.
 QUERY_TIMEOUT = 2.0
+_READ_FAILED: tuple[type[BaseException], ...] = (*DB_UNAVAILABLE, asyncpg.PostgresError)
 
 
 async def read_db_health(
@@ -71,7 +73,7 @@ class HealthMonitor:
     async def refresh(self) -> None:
         try:
             health = await read_db_health(self._pool, self._query, self._schema)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _READ_FAILED as exc:
             self._stats.on_db_health_failed(one_line(exc))
             log.debug("database health read failed: %s", one_line(exc))
         else:

@@ -63,6 +63,10 @@ class Leases:
                 log.warning(
                     "heartbeat failed (%s); leases expire in <= %gs", one_line(exc), self._lease
                 )
+                if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+                    # Pooled connections on a server that stopped taking writes: reconnect
+                    # them, through the DSN's hosts, to the one that does.
+                    await self._pool.expire_connections()
                 continue
             # Still delivering and no longer ours: another worker has taken the row over.
             lost = [
