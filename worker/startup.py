@@ -32,28 +32,25 @@ async def wait_for_database(
 ) -> asyncpg.Pool | None:
     """``prepare()`` (the schema check), then the pool; retried while the database is
     unavailable. None if a stop signal came first."""
-    opened: list[asyncpg.Pool] = []
+    result: asyncpg.Pool | Exception | None = None  # stays None if a signal ends the wait
     async with anyio.create_task_group() as tg:
         tg.start_soon(_cancel_on_signal, tg.cancel_scope)
         # Raised outside the task group: inside, anyio would wrap it in an ExceptionGroup.
-        failure = await _open(dsn, prepare, application_name, opened)
+        result = await _open(dsn, prepare, application_name)
         tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    return opened[0] if opened else None
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 async def _open(
-    dsn: str,
-    prepare: Callable[[], Awaitable[None]],
-    application_name: str,
-    opened: list[asyncpg.Pool],
-) -> Exception | None:
+    dsn: str, prepare: Callable[[], Awaitable[None]], application_name: str
+) -> asyncpg.Pool | Exception:
     outage = Outage(log, "start-up")
     while True:
         try:
             await prepare()
-            opened.append(await create_pool(dsn, max_size=5, application_name=application_name))
+            pool = await create_pool(dsn, max_size=5, application_name=application_name)
         except DatabaseUnavailable as exc:  # connecting failed: the message names the DSN
             await anyio.sleep(outage.failed(str(exc)))
         except DB_UNAVAILABLE as exc:  # lost after connecting (during the schema check)
@@ -64,7 +61,7 @@ async def _open(
             return exc
         else:
             outage.recovered()
-            return None
+            return pool
 
 
 async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
