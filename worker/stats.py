@@ -83,6 +83,7 @@ class DbHealth:
     halted_keys: int = 0  # ordering keys held up by a dead intent (capped like the counts)
     oldest_halted_key: str | None = None
     oldest_halted_seconds: float | None = None  # since that dead head was created
+    server: str | None = None  # the server the pool is on: "host:port (primary)"
 
 
 @dataclass(slots=True)

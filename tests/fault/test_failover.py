@@ -17,19 +17,26 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 import time
 
 import anyio
 import asyncpg
+import orjson
 import pytest
+from rich.console import Console
 
 from tests.conftest import wait_until
 from tests.fault.ledger import Fault, Outbox, check_ledger, delivered
 from tests.fault.pgcluster import Cluster, multi_host_dsn, streaming_pair
-from tests.fault.workers import WorkerProcess
+from tests.fault.workers import REPO, WorkerProcess, worker_env
+from worker.dashboard import render
+from worker.db import create_pool
+from worker.health import read_db_health
 from worker.migrate import migrate
 from worker.settings import default_channel
-from worker.sqlfiles import Names
+from worker.sqlfiles import Names, load_queries
+from worker.stats import Stats
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -116,6 +123,27 @@ def _connection_attempts(clusters: tuple[Cluster, ...]) -> int:
     return sum(len(_CONNECTION_LOG_RE.findall(c.server_log())) for c in clusters)
 
 
+async def _server_shown(dsn: str, schema: str) -> tuple[str, str]:
+    """The server the dashboard's Database line and `status --json` name."""
+    pool = await create_pool(dsn, max_size=1, application_name="outbox-worker test")
+    try:
+        query = load_queries(Names(schema, default_channel(schema)))["db_health"]
+        health = await read_db_health(pool, query, schema)
+    finally:
+        await pool.close()
+    stats = Stats(1)
+    stats.on_db_health(health)
+    console = Console(record=True, width=200, height=30, color_system=None)
+    console.print(render(stats.snapshot()))
+    [line] = [ln for ln in console.export_text().splitlines() if "Database" in ln]
+    status = await anyio.run_process(
+        [sys.executable, "-m", "worker", "status", "--json", "--dsn", dsn, "--schema", schema],
+        env=worker_env(),
+        cwd=REPO,
+    )
+    return line, orjson.loads(status.stdout)["server"]
+
+
 async def _fail_over(pair, smtp, spawn, *, rejoin: bool, listen: bool = True) -> None:
     primary, standby = pair
     dsn = multi_host_dsn(primary, standby)
@@ -177,6 +205,9 @@ async def _fail_over(pair, smtp, spawn, *, rejoin: bool, listen: bool = True) ->
             lambda: len(smtp.messages) > resumed + 50, timeout=60, what="resumption"
         )
         print(f"deliveries resumed {time.monotonic() - promoted_at:.1f}s after the promotion")
+        new_primary = f"127.0.0.1:{standby.port} (primary)"
+        dashboard, status = await _server_shown(dsn, schema)
+        assert f"on {new_primary}" in dashboard and status == new_primary
         if rejoin:
             await workers[-1].ready(timeout=60)
         if listen:  # every LISTEN connection found the new primary by itself
