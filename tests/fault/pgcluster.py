@@ -192,13 +192,6 @@ class Cluster:
         )
 
 
-def multi_host_dsn(*clusters: Cluster, database: str = "postgres") -> str:
-    """One DSN naming every host; asyncpg (like libpq) picks the one that takes writes."""
-    hosts = ",".join(f"127.0.0.1:{c.port}" for c in clusters)
-    auth = f"{SUPERUSER}:{quote(SUPERUSER_PASSWORD, safe='')}"
-    return f"postgresql://{auth}@{hosts}/{database}?target_session_attrs=read-write"
-
-
 def _bindir() -> Path:
     bindir = find_bindir()
     if bindir is None:

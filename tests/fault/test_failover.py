@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import re
 import secrets
+import shlex
 import sys
 import time
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -28,8 +30,9 @@ from rich.console import Console
 
 from tests.conftest import wait_until
 from tests.fault.ledger import Fault, Outbox, check_ledger, delivered
-from tests.fault.pgcluster import Cluster, multi_host_dsn, streaming_pair
+from tests.fault.pgcluster import SUPERUSER, SUPERUSER_PASSWORD, Cluster, streaming_pair
 from tests.fault.workers import REPO, WorkerProcess, worker_env
+from tests.readme import readme_snippet
 from worker.dashboard import render
 from worker.db import create_pool
 from worker.health import read_db_health
@@ -123,6 +126,16 @@ def _connection_attempts(clusters: tuple[Cluster, ...]) -> int:
     return sum(len(_CONNECTION_LOG_RE.findall(c.server_log())) for c in clusters)
 
 
+def readme_dsn(*clusters: Cluster) -> str:
+    """The README's multi-host DSN (section Failover), its hosts and login the pair's."""
+    argv = shlex.split(readme_snippet("Failover", "sh", "outbox-worker run").text)
+    dsn = urlsplit(argv[argv.index("--dsn") + 1])
+    assert len(dsn.netloc.split(",")) == len(clusters)
+    hosts = ",".join(f"127.0.0.1:{c.port}" for c in clusters)
+    login = f"{SUPERUSER}:{quote(SUPERUSER_PASSWORD, safe='')}"
+    return urlunsplit((dsn.scheme, f"{login}@{hosts}", "/postgres", dsn.query, ""))
+
+
 async def _server_shown(dsn: str, schema: str) -> tuple[str, str]:
     """The server the dashboard's Database line and `status --json` name."""
     pool = await create_pool(dsn, max_size=1, application_name="outbox-worker test")
@@ -146,7 +159,7 @@ async def _server_shown(dsn: str, schema: str) -> tuple[str, str]:
 
 async def _fail_over(pair, smtp, spawn, *, rejoin: bool, listen: bool = True) -> None:
     primary, standby = pair
-    dsn = multi_host_dsn(primary, standby)
+    dsn = readme_dsn(primary, standby)
     schema = f"t_{secrets.token_hex(5)}"
     conn = await asyncpg.connect(primary.dsn())
     await migrate(conn, Names(schema, default_channel(schema)))
