@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from tests.conftest import wait_until
 from tests.fault.ledger import check_ledger, delivered
 from tests.fault.pgcluster import Cluster
@@ -40,11 +42,19 @@ async def test_a_stop_signal_ends_the_wait_for_the_database(smtp, spawn, pg_dsn,
     assert worker.logged("SIGTERM received while waiting for the database")
 
 
-async def test_an_unknown_database_still_stops_the_start(own_pg: Cluster, smtp, spawn):
-    worker = await spawn(
-        smtp_url=smtp.url(), dsn=own_pg.dsn(database="no_such_db"), schema="outbox"
-    )
+@pytest.mark.parametrize(
+    ("database", "error"),
+    [
+        ("no_such_db", 'database "no_such_db" does not exist'),
+        ("postgres?target_session_attrs=read-writ", "target_session_attrs is expected"),
+    ],
+    ids=["unknown database", "bad DSN parameter"],
+)
+async def test_a_configuration_error_still_stops_the_start(
+    own_pg: Cluster, smtp, spawn, database: str, error: str
+):
+    worker = await spawn(smtp_url=smtp.url(), dsn=own_pg.dsn(database=database), schema="outbox")
     assert await worker.wait(timeout=30) == 2, worker.tail()
     [line] = worker.output.strip().splitlines()
     assert line.startswith("outbox-worker: error: cannot connect to PostgreSQL at ")
-    assert 'database "no_such_db" does not exist' in line
+    assert error in line
