@@ -53,8 +53,8 @@ async def read_db_health(
 
 
 def server_label(row: asyncpg.Record) -> str:
-    """ "127.0.0.1:5433 (primary)": the server a connection is on, as the ``server`` query
-    (or db_health) reads it; after a failover, the promoted standby's address."""
+    """The server a connection is on, as the ``server`` query (or db_health) reads it:
+    ``127.0.0.1:5433 (primary)``; after a failover, the promoted standby's address."""
     where = row["server_addr"] or "local socket"
     role = "primary" if row["server_primary"] else "standby, read-only"
     return f"{where}:{row['server_port']} ({role})"
