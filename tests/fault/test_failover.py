@@ -15,6 +15,7 @@ failover.
 
 from __future__ import annotations
 
+import io
 import re
 import secrets
 import shlex
@@ -146,7 +147,7 @@ async def _server_shown(dsn: str, schema: str) -> tuple[str, str]:
         await pool.close()
     stats = Stats(1)
     stats.on_db_health(health)
-    console = Console(record=True, width=200, height=30, color_system=None)
+    console = Console(file=io.StringIO(), record=True, width=200, height=30, color_system=None)
     console.print(render(stats.snapshot()))
     [line] = [ln for ln in console.export_text().splitlines() if "Database" in ln]
     status = await anyio.run_process(
