@@ -70,3 +70,10 @@ SELECT EXISTS (SELECT 1 FROM {{schema}}.pgqueuer)
 
 -- name: procrastinate_unfinished
 SELECT EXISTS (SELECT 1 FROM {{schema}}.procrastinate_jobs WHERE status IN ('todo', 'doing'))
+
+-- name: seed_traced
+-- The seed, every intent with the same W3C trace context (the tracing scenario).
+INSERT INTO {{schema}}.intent (kind, payload, trace_context)
+SELECT $2, jsonb_build_object('k', g),
+       '{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}'::jsonb
+FROM generate_series(0, $1 - 1) AS g

@@ -1,5 +1,6 @@
-"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats and sidekiq sinks against
-the local servers, alone and through the relay (and of a no-op sink, as the relay's baseline).
+"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats, sidekiq and celery
+sinks against the local servers, alone and through the relay (and of a no-op sink, as the
+relay's baseline).
 
     python -m bench.sinks                            # every sink, 5,000 intents, 3 runs
     python -m bench.sinks --sinks nats --intents 20000 --concurrency 8,64
@@ -12,8 +13,9 @@ Two modes per sink and concurrency:
   the clock runs from the commit to the last ``sent`` outcome recorded.
 
 The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
-127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222, Redis 127.0.0.1:6379 for Sidekiq (a queue of
-the run's own; --rabbitmq-url, --nats-url, --sidekiq-redis-url). Each figure
+127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222, Redis 127.0.0.1:6379 (--rabbitmq-url,
+--nats-url, --redis-url); sidekiq pushes to a queue of the run's own on Redis; celery-amqp and
+celery-redis push to a queue on RabbitMQ and on Redis (bench/celery_targets.py). Each figure
 is the median of --runs runs, with min-max; the modes alternate within each round, and
 "× sink alone" is the relay's rate over the sink's in the same round (concurrency 8, 32, 64
 by default). Every run checks that the server got all N.
@@ -53,12 +55,13 @@ from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sqlfiles import Names, load_queries
 
-SINKS = ("noop", "webhook", "rabbitmq", "nats", "sidekiq")
+SINKS = ("noop", "webhook", "rabbitmq", "nats", "sidekiq", "celery-amqp", "celery-redis")
+ON_REQUEST = ("kombu-amqp",)  # Celery's own client, for comparison: --sinks kombu-amqp
 CONCURRENCY = (8, 32, 64)
 URLS = {
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
     "nats": "nats://127.0.0.1:4222",
-    "sidekiq": "redis://127.0.0.1:6379/0",
+    "redis": "redis://127.0.0.1:6379/0",
 }
 
 
@@ -154,7 +157,11 @@ async def webhook_target() -> AsyncIterator[Target]:
                 "webhook",
                 {"url": f"{base}/hook", "body": {"order": 42, "total": "19.99"}},
                 lambda c, prefix: WebhookSink(
-                    secret="bench-secret", max_connections=c, id_prefix=prefix
+                    # The receiver is on 127.0.0.1: refused unless named (or private allowed).
+                    secret="bench-secret",
+                    allow_hosts=("127.0.0.1",),
+                    max_connections=c,
+                    id_prefix=prefix,
                 ),
                 received,
                 reset,
@@ -421,14 +428,19 @@ async def measure_rounds(
 ) -> list[str]:
     """Per sink and concurrency, ``runs`` rounds of every mode in turn, so that a ratio of
     modes is taken within a round; ``record(kind, concurrency, {mode: intents/s})`` after
-    each round. ``urls`` holds "rabbitmq", "nats" and "sidekiq". Returns the client/server
+    each round. ``urls`` holds "rabbitmq", "nats" and "redis". Returns the client/server
     versions."""
+    from bench import celery_targets
+
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
         "noop": noop_target,
         "webhook": webhook_target,
         "rabbitmq": lambda: rabbitmq_target(urls["rabbitmq"]),
         "nats": lambda: nats_target(urls["nats"]),
-        "sidekiq": lambda: sidekiq_target(urls["sidekiq"]),
+        "sidekiq": lambda: sidekiq_target(urls["redis"]),
+        "celery-amqp": lambda: celery_targets.celery_amqp_target(urls["rabbitmq"]),
+        "celery-redis": lambda: celery_targets.celery_redis_target(urls["redis"]),
+        "kombu-amqp": lambda: celery_targets.kombu_amqp_target(urls["rabbitmq"]),
     }
     versions = []
     for kind in kinds:
@@ -512,7 +524,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 row.ratios.append(rate / rates["sink"])
             console.log(f"{kind} {mode} c={concurrency}: {rate:,.0f}/s")
 
-    urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url, "sidekiq": args.sidekiq_redis_url}
+    urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url, "redis": args.redis_url}
     versions = await measure_rounds(
         args.sinks, args.concurrency, args.modes, args.intents, args.runs, args.dsn, urls, record
     )
@@ -537,7 +549,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.sinks", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--sinks", type=_csv(str), default=list(SINKS), help="noop,webhook,rabbitmq,nats,sidekiq"
+        "--sinks", type=_csv(str), default=list(SINKS), help=",".join(SINKS + ON_REQUEST)
     )
     parser.add_argument("--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay")
     parser.add_argument(
@@ -548,11 +560,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL", LOCAL_DSN))
     parser.add_argument("--rabbitmq-url", default=URLS["rabbitmq"])
     parser.add_argument("--nats-url", default=URLS["nats"])
-    parser.add_argument("--sidekiq-redis-url", default=URLS["sidekiq"])
+    parser.add_argument("--redis-url", default=URLS["redis"], help="for sidekiq and celery-redis")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve-webhook", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.sinks) - set(SINKS) or set(args.modes) - {"sink", "relay"}
+    unknown = set(args.sinks) - set(SINKS + ON_REQUEST) or set(args.modes) - {"sink", "relay"}
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     return args

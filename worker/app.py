@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 
 import anyio
+import asyncpg
 
 from worker.dashboard import run_dashboard
 from worker.db import connect
@@ -21,6 +23,7 @@ from worker.sqlfiles import Names, load_queries
 from worker.startup import wait_for_database
 from worker.stats import Stats
 from worker.summary import log_summaries
+from worker.tracing import from_env as tracer_from_env
 
 log = logging.getLogger("outbox")
 
@@ -78,12 +81,16 @@ async def run_worker(
             settings=settings,
             sinks=sinks,
             stats=stats,
+            tracer=tracer_from_env(),
         )
         if relay_holder is not None:
             relay_holder.append(relay)
-        async with anyio.create_task_group() as tg:
+        health = HealthMonitor(pool, queries, settings.schema, relay.stats)
+        async with (
+            _http_endpoint(settings, relay, pool, health, sinks),
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(_stop_on_signals, relay)
-            health = HealthMonitor(pool, queries, settings.schema, relay.stats)
             if dashboard:
                 tg.start_soon(health.run)
                 tg.start_soon(partial(run_dashboard, relay, title=title))
@@ -94,6 +101,24 @@ async def run_worker(
     finally:
         await _close_sinks(sinks)
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _http_endpoint(
+    settings: Settings,
+    relay: Relay,
+    pool: asyncpg.Pool,
+    health: HealthMonitor,
+    sinks: Mapping[str, Sink],
+) -> AsyncIterator[None]:
+    """--http: open before the relay starts, closed after it has stopped (worker/http_server.py)."""
+    if settings.http is None:
+        yield
+        return
+    from worker.http_server import http_endpoint
+
+    async with http_endpoint(settings.http, relay, pool, health, sinks):
+        yield
 
 
 async def _stop_on_signals(relay: Relay) -> None:

@@ -113,6 +113,7 @@ class Claimer:
                 log.info("claim refused by intent_ordering_in_flight; claiming again")
                 await self._wakeup.wait(0.01)
             except DB_UNAVAILABLE as exc:
+                self._stats.on_db_error("claim")
                 await self._wakeup.wait(outage.failed(exc))
         # If the database is gone, the flag is swept once its LISTEN connection is too.
         with anyio.CancelScope(shield=True), anyio.move_on_after(2), suppress(*DB_UNAVAILABLE):
@@ -153,6 +154,7 @@ class Claimer:
                 r["created_at"],
                 r["run_at"],
                 r["ordering_key"],
+                r["trace_context"],
             )
             for r in rows
         ]
@@ -188,7 +190,7 @@ class Claimer:
 
     async def _sweep(self) -> None:
         """Periodic housekeeping: expired leases back to pending, stale idle flags away."""
-        await self._leases.rescue_expired(self._conn)
+        self._stats.on_rescued(await self._leases.rescue_expired(self._conn))
         await self._conn.execute(self._q["sweep_idle_workers"])
 
     async def _wait_for_work(self) -> None:

@@ -115,6 +115,7 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     logs.register_secret_url(settings.smtp_url)
     logs.register_secret_url(settings.rabbitmq_url)
     logs.register_secret_url(settings.sidekiq_redis_url)
+    logs.register_secret_url(settings.celery_broker_url)
     for nats_server in (settings.nats_url or "").split(","):
         logs.register_secret_url(nats_server.strip())
     if args.command == "demo":

@@ -18,6 +18,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -27,6 +28,9 @@ from worker.intent import Intent
 from worker.outcomes import SENT, Outcome
 from worker.sinks.base import BatchSink, Sink
 from worker.stats import Stats
+
+if TYPE_CHECKING:  # imported only when tracing is on
+    from worker.otel import DeliveryTracer
 
 Work = Intent | list[Intent]  # a list is one BatchSink.deliver_many call
 OnOutcome = Callable[[Intent, Outcome], None]
@@ -42,6 +46,7 @@ class Dispatcher:
         timeout: float,
         stats: Stats,
         on_outcome: OnOutcome,
+        tracer: DeliveryTracer | None = None,
     ) -> None:
         self.concurrency = concurrency
         self._sinks = sinks
@@ -50,6 +55,7 @@ class Dispatcher:
         self._timeout = timeout
         self._stats = stats
         self._on_outcome = on_outcome
+        self._tracer = tracer  # None: no spans, and no cost but a None test or two
         self._ready: deque[Work] = deque()
         self._sleepers: list[anyio.Event] = []  # idle slots, woken last-in first-out
         self._waking = 0  # slots woken that have not run yet
@@ -88,7 +94,10 @@ class Dispatcher:
         batches: dict[str, list[Intent]] = {}
         for intent in intents:
             if intent.kind not in self._sinks:
-                self._on_outcome(intent, unknown_kind(intent, self._sinks))
+                outcome = unknown_kind(intent, self._sinks)
+                if self._tracer is not None:
+                    self._tracer.finish(intent, outcome)
+                self._on_outcome(intent, outcome)
                 continue
             self._taken += 1
             limit = self._batching.get(intent.kind)
@@ -115,12 +124,16 @@ class Dispatcher:
     # --- the slots ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watchdog)
-            async with anyio.create_task_group() as slots:
-                for index in range(self.concurrency):
-                    slots.start_soon(self._slot, index)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watchdog)
+                async with anyio.create_task_group() as slots:
+                    for index in range(self.concurrency):
+                        slots.start_soon(self._slot, index)
+                tg.cancel_scope.cancel()
+        finally:
+            if self._tracer is not None:
+                self._tracer.abandon()
 
     async def _slot(self, index: int) -> None:
         while True:
@@ -151,6 +164,9 @@ class Dispatcher:
                 continue
             work = ready.popleft()
             self._wake_one()
+            if self._tracer is not None:  # the sink sees the delivery span's trace context
+                start = self._tracer.start
+                work = [start(i) for i in work] if isinstance(work, list) else start(work)
             self._current[index] = work
             self._deadline[index] = time.monotonic() + self._timeout
             if type(work) is list:
@@ -171,7 +187,11 @@ class Dispatcher:
 
     async def _deliver(self, intent: Intent) -> Outcome:
         try:
-            await self._sinks[intent.kind].deliver(intent)
+            if self._tracer is None:
+                await self._sinks[intent.kind].deliver(intent)
+            else:
+                with self._tracer.current(intent):
+                    await self._sinks[intent.kind].deliver(intent)
         except Exception as exc:  # a sink's failure is data, never a worker crash
             return classify(intent, exc, self._policy)
         return SENT
@@ -196,9 +216,12 @@ class Dispatcher:
     def _end(self, index: int, outcomes: list[tuple[Intent, Outcome]]) -> None:
         self._current[index] = None
         self._deadline[index] = math.inf
-        self._stats.on_delivery_end(index)
+        self._stats.on_delivery_end(index, len(outcomes))
         self._taken -= len(outcomes)
+        tracer = self._tracer
         for intent, outcome in outcomes:
+            if tracer is not None:
+                tracer.finish(intent, outcome)
             self._on_outcome(intent, outcome)
         if self._freed is not None:
             self._freed.set()

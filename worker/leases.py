@@ -4,7 +4,7 @@ rows whose lease ran out (their worker crashed, hung or lost the database)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import anyio
 import asyncpg
@@ -27,6 +27,7 @@ class Leases:
         lease: float,
         max_attempts: int,
         skip_dead: bool = False,  # --ordering-on-dead continue
+        on_db_error: Callable[[str], None] = lambda _operation: None,
     ) -> None:
         # Rows this worker holds a lease on, from claim until their outcome is recorded.
         self.held: dict[int, Intent] = {}
@@ -39,6 +40,7 @@ class Leases:
         self._lease = lease
         self._max_attempts = max_attempts
         self._skip_dead = skip_dead
+        self._on_db_error = on_db_error
 
     def claimed(self, intents: Iterable[Intent]) -> None:
         for intent in intents:
@@ -61,6 +63,7 @@ class Leases:
                     self._q["heartbeat"], self._worker_id, ids, self._lease
                 )
             except DB_UNAVAILABLE as exc:
+                self._on_db_error("heartbeat")
                 # Logged once per outage; the heartbeat keeps its own pace (lease/3).
                 outage.failed(exc, f"; heartbeat failed, leases expire in <= {self._lease:g}s")
                 if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
@@ -80,8 +83,9 @@ class Leases:
                     "lost the lease of intents %s; their outcomes will be discarded", lost[:10]
                 )
 
-    async def rescue_expired(self, conn: Fetcher) -> None:
-        """Expired leases of any worker back to pending (or dead: a rescue is an attempt)."""
+    async def rescue_expired(self, conn: Fetcher) -> int:
+        """Expired leases of any worker back to pending (or dead: a rescue is an attempt).
+        Returns how many."""
         rows = await conn.fetch(
             self._q["rescue_expired"], self._max_attempts, list(self.held), self._skip_dead
         )
@@ -90,3 +94,4 @@ class Leases:
             log.warning(
                 "rescued %d intents whose lease expired (%d of them now dead)", len(rows), dead
             )
+        return len(rows)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from worker.http_server import host_port
+
 _T = TypeVar("_T")
 
 
@@ -226,6 +228,15 @@ RUN_OPTIONS = [
         "comma-separated hosts webhooks may call (*.example.com for subdomains); unset: any host",
     ),
     Option(
+        "--webhook-allow-private",
+        "webhook_allow_private",
+        "OUTBOX_WEBHOOK_ALLOW_PRIVATE",
+        boolean,
+        "let webhooks call loopback, private and link-local addresses (refused by default; "
+        "a host named exactly in --webhook-allow-hosts is allowed without this)",
+        switch=True,
+    ),
+    Option(
         "--rabbitmq-url",
         "rabbitmq_url",
         "OUTBOX_RABBITMQ_URL",
@@ -245,6 +256,14 @@ RUN_OPTIONS = [
         "OUTBOX_SIDEKIQ_REDIS_URL",
         str,
         "Sidekiq's Redis for the sidekiq kind: redis[s]://[:pass@]host[:port][/db]",
+    ),
+    Option(
+        "--celery-broker-url",
+        "celery_broker_url",
+        "OUTBOX_CELERY_BROKER_URL",
+        str,
+        "broker of the Celery workers, for the celery kind: amqp://user:pass@host[:port]/vhost "
+        "or redis://[:pass@]host[:port]/db",
     ),
     Option(
         "--message-id-prefix",
@@ -269,6 +288,14 @@ RUN_OPTIONS = [
         _on_dead,
         "when an intent with an ordering key ends dead: halt the key's later intents until "
         "an operator runs retry-dead or skip-dead, or continue with the next one",
+    ),
+    Option(
+        "--http",
+        "http",
+        "OUTBOX_HTTP",
+        expecting("a HOST:PORT such as 127.0.0.1:9187")(host_port),
+        "serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 127.0.0.1:9187 "
+        "(needs the metrics extra; off by default)",
     ),
     Option(
         "--migrate",

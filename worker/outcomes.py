@@ -79,7 +79,9 @@ class OutcomeWriter:
         on_written: Callable[[Sequence[tuple[Intent, Outcome]], set[int]], None],
         *,
         skip_dead: bool = False,  # --ordering-on-dead continue
+        on_db_error: Callable[[str], None] = lambda _operation: None,
     ) -> None:
+        self._on_db_error = on_db_error
         self._conn = conn
         self._query = query
         self._worker_id = worker_id
@@ -124,6 +126,7 @@ class OutcomeWriter:
                 )
                 break
             except DB_UNAVAILABLE as exc:
+                self._on_db_error("record")
                 # Keep the outcomes and try again: losing them would mean redelivery.
                 delay = self._outage.failed(exc, f"; could not record {len(batch)} outcomes")
                 await anyio.sleep(delay)

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -30,6 +31,9 @@ from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.stats import Stats
 from worker.wakeup import Wakeup
+
+if TYPE_CHECKING:  # imported only when tracing is on
+    from worker.otel import DeliveryTracer
 
 log = logging.getLogger("outbox.relay")
 
@@ -53,6 +57,7 @@ class Relay:
         sinks: Mapping[str, Sink],
         stats: Stats | None = None,
         worker_id: str | None = None,
+        tracer: DeliveryTracer | None = None,  # worker.tracing.from_env(); None: no spans
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
@@ -82,6 +87,7 @@ class Relay:
             lease=settings.lease,
             max_attempts=settings.max_attempts,
             skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
         )
         self._writer = OutcomeWriter(
             self._write_conn,
@@ -89,6 +95,7 @@ class Relay:
             self.worker_id,
             self._on_written,
             skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
         )
         self._dispatcher = Dispatcher(
             concurrency=settings.concurrency,
@@ -97,6 +104,7 @@ class Relay:
             timeout=settings.delivery_timeout,
             stats=self.stats,
             on_outcome=self._on_delivered,
+            tracer=tracer,
         )
         self.listener = (
             Listener(

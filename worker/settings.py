@@ -67,15 +67,18 @@ class Settings:
     # Built-in sinks beyond email (worker/sinks/extras.py); repr=False: they hold secrets.
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_allow_hosts: str | None = None
+    webhook_allow_private: bool = False  # loopback, private, link-local destinations
     rabbitmq_url: str | None = field(default=None, repr=False)
     nats_url: str | None = field(default=None, repr=False)
     sidekiq_redis_url: str | None = field(default=None, repr=False)
+    celery_broker_url: str | None = field(default=None, repr=False)
     message_id_prefix: str = ""
     limits: str | None = None  # per-kind limits, parsed by worker.sinks.limits
     # What a dead intent does to the later intents of its ordering key: "halt" them until an
     # operator acts (retry-dead, skip-dead), or "continue" with the next one.
     ordering_on_dead: str = "halt"
     migrate: bool = False
+    http: str | None = None  # HOST:PORT of /metrics, /healthz, /readyz (worker/http_server.py)
     heartbeat: bool = True  # off only in tests that prove the fence
 
     def __post_init__(self) -> None:

@@ -14,9 +14,11 @@ from bench.scenarios import (
     idle,
     latency,
     lost_notification,
+    monitoring,
     ordering,
     producer_cost,
     sinks,
+    tracing,
 )
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
@@ -32,4 +34,6 @@ SCENARIOS: dict[str, ModuleType] = {
     "alternatives": alternatives,
     "sinks": sinks,
     "ordering": ordering,
+    "http": monitoring,
+    "tracing": tracing,
 }

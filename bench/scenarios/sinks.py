@@ -1,6 +1,7 @@
-"""8. The webhook, RabbitMQ, NATS and Sidekiq sinks (and a no-op one): each driven alone from C
-tasks, then through the relay with C delivery slots, in turn within each round (bench/sinks.py).
-Needs RabbitMQ, NATS and Redis on their default local ports; skipped, with the reason, without."""
+"""8. The webhook, RabbitMQ, NATS, Sidekiq and celery (on RabbitMQ, on Redis) sinks (and a
+no-op one): each driven alone from C tasks, then through the relay with C delivery slots, in
+turn within each round (bench/sinks.py). Needs RabbitMQ, NATS and Redis on their default
+local ports; skipped, with the reason, without."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ MODES = {"sink": "sink alone", "relay": "through the relay"}
 
 
 async def run(ctx: Context) -> list[Row]:
-    why = await sinks.unreachable(sinks.URLS)
+    urls = ctx.broker_urls or sinks.URLS
+    why = await sinks.unreachable(urls)
     if why is not None:
         ctx.skipped["sinks"] = why
         ctx.progress(f"sinks: skipped, {why}")
@@ -38,7 +40,7 @@ async def run(ctx: Context) -> list[Row]:
 
     versions = await sinks.measure_rounds(
         list(sinks.SINKS), list(ctx.size.sink_concurrency), list(MODES),
-        ctx.size.sink_intents, ctx.runs, ctx.dsn, sinks.URLS, record,
+        ctx.size.sink_intents, ctx.runs, ctx.dsn, urls, record,
     )  # fmt: skip
     for row in rows.values():
         row.notes["versions"] = versions

@@ -23,7 +23,13 @@ from worker.sinks.limits import KindLimits
 __all__ = ["UnavailableSink", "extra_sinks", "missing_extra"]
 
 # The sinks' own timeouts, when neither --limits nor --delivery-timeout is shorter.
-_DEFAULT_TIMEOUT = {"webhook": 30.0, "rabbitmq": 30.0, "nats": 10.0, "sidekiq": 10.0}
+_DEFAULT_TIMEOUT = {
+    "webhook": 30.0,
+    "rabbitmq": 30.0,
+    "nats": 10.0,
+    "sidekiq": 10.0,
+    "celery": 30.0,
+}
 
 
 class UnavailableSink:
@@ -70,6 +76,7 @@ def _webhook(settings: Settings) -> Callable[[float], Sink]:
         return WebhookSink(
             secret=settings.webhook_secret,
             allow_hosts=parse_allow_hosts(settings.webhook_allow_hosts),
+            allow_private=settings.webhook_allow_private,
             timeout=timeout,
             max_connections=settings.concurrency,
             max_retry_after=settings.backoff_max,
@@ -113,6 +120,18 @@ def _sidekiq(settings: Settings) -> Callable[[float], Sink]:
     return build
 
 
+def _celery(settings: Settings) -> Callable[[float], Sink]:
+    def build(timeout: float) -> Sink:
+        from worker.sinks.celery import celery_sink
+
+        assert settings.celery_broker_url is not None
+        return celery_sink(
+            settings.celery_broker_url, timeout=timeout, id_prefix=settings.message_id_prefix
+        )
+
+    return build
+
+
 def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, Sink]:
     builtins = [
         # A webhook needs no URL of its own (it comes with each intent): always on.
@@ -132,12 +151,21 @@ def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, 
             "--sidekiq-redis-url or OUTBOX_SIDEKIQ_REDIS_URL",
             _sidekiq(settings),
         ),
+        _Builtin(
+            "celery",
+            settings.celery_broker_url is not None,
+            "--celery-broker-url or OUTBOX_CELERY_BROKER_URL",
+            _celery(settings),
+        ),
     ]
     explicit = {
-        "webhook": settings.webhook_secret is not None or bool(settings.webhook_allow_hosts),
+        "webhook": settings.webhook_secret is not None
+        or bool(settings.webhook_allow_hosts)
+        or settings.webhook_allow_private,
         "rabbitmq": settings.rabbitmq_url is not None,
         "nats": settings.nats_url is not None,
         "sidekiq": settings.sidekiq_redis_url is not None,
+        "celery": settings.celery_broker_url is not None,
     }
     sinks: dict[str, Sink] = {}
     for builtin in builtins:

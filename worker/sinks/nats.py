@@ -8,7 +8,8 @@ Payload::
 ``Nats-Msg-Id`` is the intent id (with ``--message-id-prefix``), the same on every retry,
 so JetStream drops a retried publish that it had stored already, as long as the retry comes
 within the stream's duplicate window (``duplicate_window``, 2 minutes by default). The
-optional ``stream`` is checked by the server (``Nats-Expected-Stream``).
+optional ``stream`` is checked by the server (``Nats-Expected-Stream``). The intent's W3C
+trace context, if any, goes into the headers (``traceparent``, ``tracestate``).
 
 No PubAck in time, no stream for the subject, a server error or a lost connection are
 transient; a payload the server can never take (too large, wrong expected stream) is
@@ -42,6 +43,7 @@ from nats.js.api import Header, PubAck
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
+from worker.tracing import with_trace_context
 
 __all__ = ["NatsSink", "build_publish", "parse_nats_url"]
 
@@ -126,7 +128,7 @@ def build_publish(
     if unknown:
         raise PermanentError("nats payload has unknown field(s): " + ", ".join(unknown))
     subject = _check_subject(payload.get("subject"))
-    headers = _check_headers(payload.get("headers"))
+    headers = dict(with_trace_context(_check_headers(payload.get("headers")), intent))
     headers["Nats-Msg-Id"] = f"{id_prefix}{intent.id}"
     stream = payload.get("stream")
     if stream is not None and not (isinstance(stream, str) and _STREAM_RE.match(stream)):

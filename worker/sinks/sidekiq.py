@@ -10,7 +10,8 @@ Payload::
 ``class`` and ``args`` are required; the rest is optional, with Sidekiq's defaults
 (``queue`` "default", ``retry`` true). The job hash gets ``jid`` (see :func:`job_id`),
 ``created_at`` (when the intent was committed) and, when pushed to a queue, ``enqueued_at``
-(now), both epoch seconds as floats, as Sidekiq 6 and 7 write them. Like
+(now), both epoch seconds as floats, as Sidekiq 6 and 7 write them, and the intent's W3C
+trace context, if any, as the top-level fields ``traceparent`` and ``tracestate``. Like
 ``Sidekiq::Client#atomic_push``: a job is ``SADD queues NAME`` + ``LPUSH queue:NAME json``;
 a job with a future ``at`` is ``ZADD schedule at json`` (no ``enqueued_at``: the server's
 poller sets it when the job is due), and an ``at`` already past is pushed at once, as
@@ -43,6 +44,7 @@ from redis.backoff import NoBackoff
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
+from worker.tracing import with_trace_context
 
 __all__ = ["Job", "SidekiqSink", "build_job", "job_id", "parse_redis_url"]
 
@@ -163,13 +165,14 @@ def build_job(intent: Intent, id_prefix: str = "") -> Job:
     if not isinstance(args, list):
         raise _fail(f"'args' must be a list, got {type(args).__name__}")
     options = _check_options(payload)
-    item = {
+    job = {
         **options,
         "class": cls,
         "args": args,
         "jid": job_id(intent.id, id_prefix),
         "created_at": intent.created_at.timestamp(),
     }
+    item = dict(with_trace_context(job, intent))  # top-level fields, where Ruby's OTel looks
     return Job(item, options["queue"], _check_at(payload.get("at")))
 
 
