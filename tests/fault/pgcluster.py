@@ -224,6 +224,10 @@ def streaming_pair() -> Iterator[tuple[Cluster, Cluster]]:
     replica. The setting lives on the primary only: a promoted standby, with no standby of
     its own, must not wait for one."""
     bindir = _bindir()
+    if not all((bindir / tool).is_file() for tool in ("pg_basebackup", "psql")):
+        import pytest
+
+        pytest.skip(f"no pg_basebackup or psql in {bindir}: no standby to fail over to")
     primary, standby = Cluster(bindir, _PAIR_SETTINGS), Cluster(bindir, _PAIR_SETTINGS)
     try:
         primary.init()
