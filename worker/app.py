@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 
 from worker.dashboard import run_dashboard
-from worker.db import connect, create_pool
+from worker.db import connect
 from worker.health import HealthMonitor
 from worker.migrate import ensure_schema
 from worker.relay import Relay
@@ -20,6 +20,7 @@ from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.sqlfiles import Names, load_queries
+from worker.startup import wait_for_database
 from worker.stats import Stats
 from worker.summary import log_summaries
 from worker.targets import check_targets, describe, log_targets
@@ -67,8 +68,11 @@ async def run_worker(
 ) -> None:
     names = Names(settings.schema, settings.channel)
     sinks = build_sinks(settings)
-    await prepare_schema(dsn, settings, names)
-    pool = await create_pool(dsn, max_size=5, application_name="outbox-worker")
+    pool = await wait_for_database(
+        dsn, partial(prepare_schema, dsn, settings, names), application_name="outbox-worker"
+    )
+    if pool is None:  # stopped while waiting for the database
+        return
     try:
         queries = load_queries(names)
         relay = Relay(

@@ -197,6 +197,8 @@ def database_line(snap: Snapshot) -> Parts:
     )
     if db.table_bytes is not None:
         parts.append(f"table {fmt_bytes(db.table_bytes)}")
+    if db.server:
+        parts.append(f"on {db.server}")
     if holder and xact == OK:
         parts.append(holder)
     if snap.db_age is not None:

@@ -11,7 +11,7 @@ import asyncpg
 
 from worker.db import DB_UNAVAILABLE
 from worker.intent import Intent
-from worker.logs import one_line
+from worker.outage import Outage
 from worker.outcomes import Fetcher
 
 log = logging.getLogger("outbox.leases")
@@ -52,6 +52,7 @@ class Leases:
 
     async def heartbeat(self) -> None:
         """Every lease/3: extend the leases of the rows still being delivered."""
+        outage = Outage(log, "heartbeat")
         while True:
             await anyio.sleep(self._lease / 3)
             ids = [i for i in self.held if i not in self.submitted]
@@ -63,10 +64,14 @@ class Leases:
                 )
             except DB_UNAVAILABLE as exc:
                 self._on_db_error("heartbeat")
-                log.warning(
-                    "heartbeat failed (%s); leases expire in <= %gs", one_line(exc), self._lease
-                )
+                # Logged once per outage; the heartbeat keeps its own pace (lease/3).
+                outage.failed(exc, f"; heartbeat failed, leases expire in <= {self._lease:g}s")
+                if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+                    # Pooled connections on a server that stopped taking writes: reconnect
+                    # them, through the DSN's hosts, to the one that does.
+                    await self._pool.expire_connections()
                 continue
+            outage.recovered()
             # Still delivering and no longer ours: another worker has taken the row over.
             lost = [
                 r["id"]

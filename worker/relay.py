@@ -75,7 +75,11 @@ class Relay:
         self._claim_conn = DedicatedConnection(
             dsn, f"{name} claims", settings={"enable_sort": "off"}
         )
-        self._write_conn = DedicatedConnection(dsn, f"{name} outcomes")
+        # The database is back (the writer retries outcomes through an outage): wake the
+        # claim loop from its backoff rather than let it sleep on.
+        self._write_conn = DedicatedConnection(
+            dsn, f"{name} outcomes", on_reconnect=self.wakeup.set
+        )
         self.leases = Leases(
             pool,
             queries,

@@ -87,6 +87,7 @@ class DbHealth:
     oldest_halted_key: str | None = None
     oldest_halted_seconds: float | None = None  # since that dead head was created
     pending_held: int = 0
+    server: str | None = None  # the server the pool is on: "host:port (primary)"
 
     @property
     def pending(self) -> int:
