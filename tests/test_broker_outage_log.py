@@ -19,8 +19,8 @@ import anyio
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
 from tests.tcp_proxy import TcpProxy
 from tests.test_cli import REPO, _env, worker_argv
-from tests.test_sink_nats import Stream, nats_url, stream  # noqa: F401 - fixtures
-from tests.test_sink_rabbitmq import Broker, amqp_url, broker  # noqa: F401 - fixtures
+from tests.test_sink_nats import Stream, stream  # noqa: F401 - fixtures
+from tests.test_sink_rabbitmq import Broker, broker  # noqa: F401 - fixtures
 from worker.producer import enqueue
 from worker.sqlfiles import Names
 
