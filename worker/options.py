@@ -271,6 +271,14 @@ RUN_OPTIONS = [
         "an operator runs retry-dead or skip-dead, or continue with the next one",
     ),
     Option(
+        "--loop-block-warning",
+        "loop_block_warning",
+        "OUTBOX_LOOP_BLOCK_WARNING",
+        non_negative_float,
+        "warn when the event loop does not turn for this many seconds (a handler that "
+        "blocks it), naming the intent; 0: don't watch",
+    ),
+    Option(
         "--migrate",
         "migrate",
         "OUTBOX_MIGRATE",
