@@ -8,13 +8,19 @@ import logging
 import re
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from tests.conftest import Recorder, statuses_are, wait_until
+from tests.test_dashboard import screen
 from worker import Handlers, Intent, PermanentError
+from worker.findings import BAD, LOOP_STALL_SHOWN, WARN, Finding, assess, fmt_duration
+from worker.loopwatch import LoopStall
 from worker.producer import enqueue
 from worker.sqlfiles import Names
+from worker.stats import Stats
+from worker.summary import summary_line
 
 BLOCK_SECONDS = 4.0  # several times the threshold below: a stall that cannot go unseen
 THRESHOLD = 1.0
@@ -63,6 +69,29 @@ async def test_a_blocking_handler_is_named_and_the_others_are_delivered(
     assert seconds >= BLOCK_SECONDS - 0.05  # rounded to a tenth; it lasted at least that long
     assert snap.loop_stalls >= 1 and snap.loop_blocked_seconds >= BLOCK_SECONDS
     assert snap.loop_stall is not None and snap.loop_stall.culprit == f"block #{blocker}"
+    header = screen(snap, 80, 24).splitlines()[0]  # the dashboard's verdict
+    assert f"loop blocked {fmt_duration(snap.loop_stall.seconds)} by block #{blocker}" in header
+    assert f"attention: loop blocked {fmt_duration(snap.loop_stall.seconds)}" in summary_line(snap)
+
+
+def test_the_verdict_shows_a_stall_red_then_yellow_then_no_more() -> None:
+    now = [1000.0]
+    stats = Stats(4, clock=lambda: now[0])
+    stall = LoopStall(since=1000.0, culprit="order_created #123", where="app.py:7 in send")
+    stats.on_loop_stalled(stall)
+    now[0] += 20.1
+    ongoing = stats.snapshot().loop_stall
+    assert ongoing is not None and ongoing.ago is None and ongoing.seconds == pytest.approx(20.1)
+    stats.on_loop_turned(replace(stall, ended=now[0]))
+    ended = now[0]
+    red, yellow = LOOP_STALL_SHOWN
+    for later, level in ((0.0, BAD), (red + 1, WARN), (yellow + 1, None)):
+        now[0] = ended + later
+        found = [f for f in assess(stats.snapshot()) if f.text.startswith("loop blocked")]
+        expected = [Finding(level, "loop blocked 20s by order_created #123")] if level else []
+        assert found == expected, later
+    assert stats.snapshot().loop_stalls == 1
+    assert stats.snapshot().loop_blocked_seconds == pytest.approx(20.1)
 
 
 async def test_a_plain_handler_in_threads_leaves_the_loop_turning(
