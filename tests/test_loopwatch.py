@@ -4,6 +4,7 @@ registered with ``threads=N`` blocks only its own thread."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -13,7 +14,9 @@ from dataclasses import replace
 import pytest
 
 from tests.conftest import Recorder, statuses_are, wait_until
+from tests.readme import readme_snippet
 from tests.test_dashboard import screen
+from tests.test_sink_webhook import Receiver, receiver  # noqa: F401 (a fixture)
 from worker import Handlers, Intent, PermanentError
 from worker.findings import BAD, LOOP_STALL_SHOWN, WARN, Finding, assess, fmt_duration
 from worker.loopwatch import LoopStall
@@ -190,3 +193,36 @@ def test_a_plain_function_needs_threads_and_an_async_one_refuses_them() -> None:
         handlers.register("sms", threads=2)(sms)
     with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
         handlers.register("sms", threads=0)(lambda intent: None)
+
+
+async def test_readme_blocking_code_snippet_keeps_the_loop_turning(
+    db,
+    names: Names,
+    start_relay,
+    receiver: Receiver,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """The README's two ways out, as written: the threaded handler's blocking HTTP call
+    reaches a server on this very event loop, so it is answered only if the loop turns."""
+    stored: dict[str, bytes] = {}
+
+    class Storage:
+        async def put(self, key: str, data: bytes) -> None:
+            stored[key] = data
+
+    def render_pdf(payload: dict) -> bytes:
+        time.sleep(1.5 * THRESHOLD)  # blocking, and longer than the threshold
+        return b"%PDF-1.7 order " + str(payload["order_id"]).encode()
+
+    namespace = {"render_pdf": render_pdf, "storage": Storage(), "CRM_URL": f"{receiver.url}/c"}
+    exec(readme_snippet("Blocking code in handlers", "python").compile(), namespace)
+    async with start_relay(namespace["handlers"], loop_block_warning=THRESHOLD) as relay:
+        (pdf,) = await _enqueue(db, names, "invoice_pdf", 1, {"order_id": 7})
+        (crm,) = await _enqueue(db, names, "crm_contact", 1, {"email": "a@example.com"})
+        await wait_until(lambda: statuses_are(db, names, {"sent": 2}))
+        assert relay.stats.loop_stalls == 0
+
+    assert stored == {f"invoices/{pdf}.pdf": b"%PDF-1.7 order 7"}
+    (request,) = receiver.requests
+    assert (request.method, request.path) == ("POST", "/c")
+    assert request.headers["Idempotency-Key"] == str(crm)
+    assert json.loads(request.body) == {"email": "a@example.com"}
