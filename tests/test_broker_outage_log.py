@@ -103,7 +103,7 @@ async def test_a_rabbitmq_outage_is_one_line_down_and_one_line_back(
     pg_dsn: str,
     db,
     names: Names,
-    amqp_url: str,  # noqa: F811
+    amqp_url: str,
     broker: Broker,  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -122,7 +122,7 @@ async def test_a_nats_outage_is_one_line_down_and_one_line_back(
     pg_dsn: str,
     db,
     names: Names,
-    nats_url: str,  # noqa: F811
+    nats_url: str,
     stream: Stream,  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -141,7 +141,7 @@ async def test_the_worker_stops_cleanly_while_nats_is_down(
     pg_dsn: str,
     db,
     names: Names,
-    nats_url: str,  # noqa: F811
+    nats_url: str,
     stream: Stream,  # noqa: F811
     tmp_path: Path,
 ) -> None:

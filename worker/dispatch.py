@@ -15,9 +15,11 @@ A sink that can pipeline (``BatchSink``) gets its intents in chunks of up to its
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import anyio
@@ -67,6 +69,7 @@ class Dispatcher:
         # time.monotonic(), not anyio.current_time(): half the price, on every delivery.
         self._deadline = [math.inf] * concurrency
         self._scopes: list[anyio.CancelScope | None] = [None] * concurrency
+        self._frames: list[FrameType | None] = [None] * concurrency  # each slot's _slot frame
 
     # --- the claim loop's side ---------------------------------------------------------
 
@@ -136,15 +139,20 @@ class Dispatcher:
                 self._tracer.abandon()
 
     async def _slot(self, index: int) -> None:
-        while True:
-            # One scope for as long as no delivery of this slot overruns: the watchdog
-            # cancels it, and only then does the slot open a new one.
-            with anyio.CancelScope() as scope:
-                self._scopes[index] = scope
-                await self._serve(index, scope)
-            if not scope.cancel_called:
-                return
-            self._overran(index)
+        # Set once per slot, not per delivery: ``running`` finds it on a blocked loop's stack.
+        self._frames[index] = sys._getframe()
+        try:
+            while True:
+                # One scope for as long as no delivery of this slot overruns: the watchdog
+                # cancels it, and only then does the slot open a new one.
+                with anyio.CancelScope() as scope:
+                    self._scopes[index] = scope
+                    await self._serve(index, scope)
+                if not scope.cancel_called:
+                    return
+                self._overran(index)
+        finally:
+            self._frames[index] = None
 
     async def _serve(self, index: int, scope: anyio.CancelScope) -> None:
         ready = self._ready
@@ -225,6 +233,19 @@ class Dispatcher:
             self._on_outcome(intent, outcome)
         if self._freed is not None:
             self._freed.set()
+
+    def running(self, stack: Sequence[FrameType]) -> tuple[Work, int] | None:
+        """For the loop watchdog's thread while the event loop is blocked: the work of the
+        slot whose code ``stack`` (the loop thread's frames, innermost first) is in, and the
+        position of that slot's frame in it; None outside any delivery. Reads only what the
+        blocked loop cannot be changing."""
+        slots = {id(frame): index for index, frame in enumerate(self._frames) if frame}
+        for depth, frame in enumerate(stack):
+            index = slots.get(id(frame))
+            if index is not None:
+                work = self._current[index]
+                return None if work is None else (work, depth)
+        return None
 
     # --- timeouts -----------------------------------------------------------------------
 

@@ -96,6 +96,8 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:  # the loop watchdog's stack of a blocked event loop
+            entry["stack"] = record.stack_info
         return scrub(orjson.dumps(entry).decode())
 
 

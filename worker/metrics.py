@@ -141,6 +141,12 @@ class RelayCollector:
             ("outbox_leases_lost_total",
              "Outcomes discarded because another worker had taken the row over.",
              stats.lease_lost),
+            ("outbox_event_loop_stalls_total",
+             "Times the event loop did not turn for over --loop-block-warning (blocking code).",
+             stats.loop_stalls),
+            ("outbox_event_loop_blocked_seconds_total",
+             "Total length of those stalls, counted when each ends.",
+             stats.loop_blocked_seconds),
         )  # fmt: skip
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

@@ -298,6 +298,14 @@ RUN_OPTIONS = [
         "(needs the metrics extra; off by default)",
     ),
     Option(
+        "--loop-block-warning",
+        "loop_block_warning",
+        "OUTBOX_LOOP_BLOCK_WARNING",
+        non_negative_float,
+        "warn when the event loop does not turn for this many seconds (a handler that "
+        "blocks it), naming the intent; 0: don't watch",
+    ),
+    Option(
         "--migrate",
         "migrate",
         "OUTBOX_MIGRATE",

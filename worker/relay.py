@@ -26,6 +26,7 @@ from worker.dispatch import Dispatcher
 from worker.intent import Intent
 from worker.leases import Leases
 from worker.listener import Listener
+from worker.loopwatch import LoopWatch
 from worker.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry, Sent
 from worker.settings import Settings
 from worker.sinks.base import Sink
@@ -119,6 +120,11 @@ class Relay:
             if settings.listen
             else None
         )
+        self.loopwatch = (
+            LoopWatch(settings.loop_block_warning, self.stats, self._dispatcher.running)
+            if settings.loop_block_warning
+            else None
+        )
         limited = {k: s.saturated for k, s in sinks.items() if hasattr(s, "saturated")}
         self._claimer = Claimer(
             conn=self._claim_conn,
@@ -186,6 +192,8 @@ class Relay:
                     services.start_soon(self.listener.run)
                 if self.settings.heartbeat:
                     services.start_soon(self.leases.heartbeat)
+                if self.loopwatch is not None:
+                    services.start_soon(self.loopwatch.run)
                 await self._pipeline(task_status)
                 await self._release_unfinished()
                 services.cancel_scope.cancel()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from worker.histogram import Histogram
 from worker.intent import Intent
 from worker.logs import scrub
+from worker.loopwatch import LoopStall, StallView, stall_view
 from worker.outcomes import Dead, Outcome, Released, Retry, Sent
 
 WINDOW = 60  # seconds covered by the sparkline, the per-minute rates and the percentiles
@@ -217,6 +218,9 @@ class Snapshot:
     db: DbHealth | None
     db_age: float | None  # seconds since ``db`` was read
     db_error: str | None  # why the last read failed, if it did
+    loop_stalls: int = 0  # times the event loop stopped turning for over the threshold
+    loop_blocked_seconds: float = 0.0  # their total length, once each has ended
+    loop_stall: StallView | None = None  # the latest one
 
     @property
     def busy_slots(self) -> int:
@@ -261,6 +265,9 @@ class Stats:
     db_read_at: float | None = None  # monotonic
     db_error: str | None = None
     seconds: SecondBuckets = field(default_factory=SecondBuckets, repr=False)
+    loop_stalls: int = 0
+    loop_blocked_seconds: float = 0.0
+    loop_stall: LoopStall | None = None
 
     def __post_init__(self) -> None:
         self.started_at = self.clock()
@@ -354,6 +361,17 @@ class Stats:
         self.db_errors["health"] += 1
         self.db_error = redact(reason)
 
+    # Called from the loop watchdog's thread: plain assignments of immutable values, so the
+    # loop reads the old or the new state, never half of one.
+    def on_loop_stalled(self, stall: LoopStall) -> None:
+        self.loop_stalls += 1
+        self.loop_stall = stall
+
+    def on_loop_turned(self, stall: LoopStall) -> None:
+        assert stall.ended is not None
+        self.loop_blocked_seconds += stall.ended - stall.since
+        self.loop_stall = stall
+
     def _error(self, intent: Intent, reason: str, outcome: str) -> None:
         self.errors.append(ErrorEntry(self.wall(), intent.kind, intent.id, redact(reason), outcome))
 
@@ -418,6 +436,9 @@ class Stats:
             db=self.db,
             db_age=_since(now, self.db_read_at),
             db_error=self.db_error,
+            loop_stalls=self.loop_stalls,
+            loop_blocked_seconds=self.loop_blocked_seconds,
+            loop_stall=stall_view(now, self.loop_stall),
         )
 
 
