@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Recorder, statuses_are, wait_until
 from tests.readme import readme_snippet
 from tests.test_dashboard import screen
-from tests.test_sink_webhook import Receiver, receiver  # noqa: F401 (a fixture)
+from tests.test_sink_webhook import Receiver, webhook_receiver  # noqa: F401 (a fixture)
 from worker import Handlers, Intent, PermanentError
 from worker.findings import BAD, LOOP_STALL_SHOWN, WARN, Finding, assess, fmt_duration
 from worker.loopwatch import LoopStall
@@ -199,7 +199,7 @@ async def test_readme_blocking_code_snippet_keeps_the_loop_turning(
     db,
     names: Names,
     start_relay,
-    receiver: Receiver,  # noqa: F811 (the fixture imported above)
+    receiver: Receiver,
 ) -> None:
     """The README's two ways out, as written: the threaded handler's blocking HTTP call
     reaches a server on this very event loop, so it is answered only if the loop turns."""
