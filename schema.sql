@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS {{schema}}.intent (
     -- need not look at it (kept out of intent_pending_free). Set by workers (hold_backlog),
     -- cleared by the release trigger when the row before it stops blocking.
     ordering_held boolean NOT NULL DEFAULT false,
+    -- The producer's W3C trace context, {"traceparent": "...", "tracestate": "..."} (the
+    -- latter optional); NULL: none. Checked by intent_trace_context_valid below.
+    trace_context jsonb,
     -- The state machine, enforced by the database rather than trusted to every writer.
     CONSTRAINT intent_sent_at_iff_sent CHECK ((status = 'sent') = (sent_at IS NOT NULL)),
     CONSTRAINT intent_lease_iff_processing
@@ -38,12 +41,33 @@ CREATE TABLE IF NOT EXISTS {{schema}}.intent (
     CONSTRAINT intent_dead_has_reason CHECK (status <> 'dead' OR last_error IS NOT NULL)
 );
 
--- Tables created before ordering keys get the columns too.
+-- Tables created before ordering keys or trace context get the columns too.
 ALTER TABLE {{schema}}.intent
     ADD COLUMN IF NOT EXISTS ordering_key text
         CONSTRAINT intent_ordering_key_not_empty CHECK (ordering_key <> ''),
     ADD COLUMN IF NOT EXISTS ordering_skipped boolean NOT NULL DEFAULT false,
-    ADD COLUMN IF NOT EXISTS ordering_held boolean NOT NULL DEFAULT false;
+    ADD COLUMN IF NOT EXISTS ordering_held boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS trace_context jsonb;
+
+-- What a trace context may hold: a valid traceparent, an optional tracestate of printable
+-- ASCII; nothing else (the sinks copy both into message headers as they are). NOT VALID:
+-- rows older than the column are all NULL, so there is nothing to check, and checking would
+-- scan a large table under the exclusive lock; new and updated rows are checked all the same.
+DO $$
+BEGIN
+    ALTER TABLE {{schema}}.intent ADD CONSTRAINT intent_trace_context_valid CHECK (
+        CASE WHEN jsonb_typeof(trace_context) = 'object' THEN
+            (trace_context - 'traceparent' - 'tracestate' = '{}'::jsonb
+             AND jsonb_typeof(trace_context -> 'traceparent') = 'string'
+             AND trace_context ->> 'traceparent' ~ '^[0-9a-e][0-9a-f]-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+             AND trace_context ->> 'traceparent' !~ '^..-0{32}-|-0{16}-'
+             AND coalesce(jsonb_typeof(trace_context -> 'tracestate'), 'string') = 'string'
+             AND coalesce(trace_context ->> 'tracestate', '') ~ '^[\t -~]*$'
+             AND coalesce(length(trace_context ->> 'tracestate'), 0) <= 512) IS TRUE
+        ELSE trace_context IS NULL END) NOT VALID;
+EXCEPTION WHEN duplicate_object THEN NULL;  -- added by an earlier migration
+END
+$$;
 
 -- Partial indexes cover only the rows the worker scans, so claiming stays an index scan
 -- however many sent rows the table holds.
@@ -83,16 +107,18 @@ WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skippe
 
 -- One SQL call for producers in any language, inside their own transaction.
 -- A second call with the same dedupe_key inserts nothing and returns the first id.
--- The signature without ordering_key goes first: beside the new one, a call that leaves out
--- trailing arguments would be ambiguous.
+-- The older signatures (without ordering_key, trace_context) go first: beside the new one, a
+-- call that leaves out trailing arguments would be ambiguous.
 DROP FUNCTION IF EXISTS {{schema}}.enqueue(text, jsonb, timestamptz, text, integer);
+DROP FUNCTION IF EXISTS {{schema}}.enqueue(text, jsonb, timestamptz, text, integer, text);
 CREATE OR REPLACE FUNCTION {{schema}}.enqueue(
-    kind         text,
-    payload      jsonb,
-    run_at       timestamptz DEFAULT NULL,
-    dedupe_key   text        DEFAULT NULL,
-    max_attempts integer     DEFAULT NULL,
-    ordering_key text        DEFAULT NULL
+    kind          text,
+    payload       jsonb,
+    run_at        timestamptz DEFAULT NULL,
+    dedupe_key    text        DEFAULT NULL,
+    max_attempts  integer     DEFAULT NULL,
+    ordering_key  text        DEFAULT NULL,
+    trace_context jsonb       DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -100,9 +126,9 @@ DECLARE
     new_id bigint;
 BEGIN
     INSERT INTO {{schema}}.intent AS i
-        (kind, payload, run_at, dedupe_key, max_attempts, ordering_key)
+        (kind, payload, run_at, dedupe_key, max_attempts, ordering_key, trace_context)
     VALUES (enqueue.kind, enqueue.payload, COALESCE(enqueue.run_at, now()),
-            enqueue.dedupe_key, enqueue.max_attempts, enqueue.ordering_key)
+            enqueue.dedupe_key, enqueue.max_attempts, enqueue.ordering_key, enqueue.trace_context)
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING i.id INTO new_id;
     IF new_id IS NULL THEN

@@ -29,7 +29,7 @@ import anyio
 import orjson
 from rich.console import Console
 
-from bench import baseline, report
+from bench import baseline, report, sinks
 from bench.context import SIZES, Context
 from bench.figures import Row
 from bench.machine import at_start
@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"with, run from a git worktree of REV (default: {baseline.DEFAULT_REV} at full size, "
         "none at tiny size; 'none': skip it)",
     )
+    parser.add_argument("--rabbitmq-url", default=sinks.URLS["rabbitmq"], help="for 'sinks'")
+    parser.add_argument("--nats-url", default=sinks.URLS["nats"], help="for 'sinks' (JetStream)")
+    parser.add_argument("--redis-url", default=sinks.URLS["redis"], help="for 'sinks' (job queues)")
     parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
     parser.add_argument(
         "--from-json",
@@ -175,10 +178,10 @@ def _replay(args: argparse.Namespace) -> int:
 def _baseline(
     args: argparse.Namespace, names: list[str], console: Console
 ) -> tuple[baseline.BaselineRelaySystem | None, str]:
-    """The old relay for the alternatives scenario: (system or None, one line about it).
-    Raises ``baseline.Unavailable`` at full size when it cannot be run."""
-    if "alternatives" not in names:
-        return None, "baseline: not needed (no alternatives scenario)"
+    """The old relay for the alternatives and tracing scenarios: (system or None, one line
+    about it). Raises ``baseline.Unavailable`` at full size when it cannot be run."""
+    if not {"alternatives", "tracing"} & set(names):
+        return None, "baseline: not needed (no alternatives or tracing scenario)"
     system, line = baseline.resolve(args.baseline, tiny=args.size == "tiny")
     console.log(line)
     return system, line
@@ -210,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             log_dir=out / "logs",
             progress=lambda msg: console.log(msg),
             baseline=old_relay,
+            broker_urls={
+                "rabbitmq": args.rabbitmq_url,
+                "nats": args.nats_url,
+                "redis": args.redis_url,
+            },
         )
         if old_relay is None:
             ctx.skipped["baseline"] = baseline_line
@@ -217,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         results = anyio.run(run_scenarios, ctx, names, backend_options=backend_options())
     all_rows = [row for _name, rows in results for row in rows]
     meta = {
-        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench "
+        + " ".join(map(redact_url, argv if argv is not None else sys.argv[1:])),  # --*-url
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started, 1),
         "size": args.size,

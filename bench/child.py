@@ -23,6 +23,7 @@ wires it), ``bare`` (a SKIP LOCKED claim-and-delete loop: the floor), ``pgqueuer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -134,14 +135,20 @@ class RelayWorker:
         if cfg.get("sink") in ("email", "naive_email"):
             sinks["email"] = _timed(self._email_sink(cfg["sink"]), rec)
         self.sinks = sinks
+        self.queries = load_queries(Names(cfg["schema"], cfg["channel"]))
         self.relay = Relay(
             pool=self.pool,
             dsn=cfg["dsn"],
-            queries=load_queries(Names(cfg["schema"], cfg["channel"])),
+            queries=self.queries,
             settings=self.settings,
             sinks=sinks,
             worker_id=cfg["tag"],
+            tracer=_tracer() if cfg.get("trace") else None,
         )
+        # Listening before "go", as `outbox-worker run` does before its relay starts: the
+        # drain measures serving, not importing aiohttp.
+        self._endpoint = contextlib.AsyncExitStack()
+        await self._endpoint.enter_async_context(self._http())
 
     def _email_sink(self, which: str) -> Any:
         from worker.app import build_sinks
@@ -151,6 +158,17 @@ class RelayWorker:
         if which == "email":
             return pooled
         return NaiveEmailSink(cfg["smtp_host"], cfg["smtp_port"], cfg.get("smtp_cafile"))
+
+    def _http(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """``--http`` as `outbox-worker run` serves it, when the scenario sets ``http``."""
+        if not self.cfg.get("http"):
+            return contextlib.nullcontext()
+        from worker.health import HealthMonitor
+        from worker.http_server import http_endpoint
+
+        stats = self.relay.stats
+        health = HealthMonitor(self.pool, self.queries, self.settings.schema, stats)
+        return http_endpoint(self.cfg["http"], self.relay, self.pool, health, self.sinks)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -177,9 +195,24 @@ class RelayWorker:
         }
 
     async def close(self) -> None:
+        await self._endpoint.aclose()
         for sink in {id(s): s for s in self.sinks.values()}.values():
             await sink.aclose()
         await self.pool.close()
+
+
+def _tracer() -> Any:
+    """Delivery spans through the OpenTelemetry SDK, batched to memory: what the spans cost,
+    not what an exporter does."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from worker.otel import DeliveryTracer
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    return DeliveryTracer(provider)
 
 
 def _timed(sink: Any, rec: Recorder) -> Any:

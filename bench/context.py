@@ -61,6 +61,7 @@ class Size:
     backlog_producers: int = 4
     backlog_producer_seconds: float = 5.0
     backlog_runs_at_most: int = 1  # a run takes minutes: once, unless --runs asks fewer
+    http_intents: int = 100_000  # long enough for a few 1 s scrapes at full speed
 
 
 FULL = Size()
@@ -85,6 +86,7 @@ TINY = Size(
     email_concurrency=(1, 32),
     sink_intents=200,
     sink_concurrency=(64,),
+    http_intents=300,
     pgqueuer_intents=200,
     pgqueuer_batches=(10,),
     ordering_keys=30,
@@ -114,6 +116,8 @@ class Context:
     baseline: System | None = None
     # Parts of the run left out, and why in one line ("baseline", "sinks"): for the targets.
     skipped: dict[str, str] = field(default_factory=dict)
+    # The brokers of the sinks scenario, "rabbitmq" and "nats" (default: bench.sinks.URLS).
+    broker_urls: dict[str, str] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
     async def admin(self) -> AsyncIterator[asyncpg.Connection]:

@@ -84,3 +84,9 @@ ANALYZE {{schema}}.intent
 -- What the server processes of the connections named $1 are doing right now (sampled).
 SELECT coalesce(wait_event_type, 'CPU') AS what, count(*) AS n
 FROM pg_stat_activity WHERE application_name = $1 GROUP BY 1
+-- name: seed_traced
+-- The seed, every intent with the same W3C trace context (the tracing scenario).
+INSERT INTO {{schema}}.intent (kind, payload, trace_context)
+SELECT $2, jsonb_build_object('k', g),
+       '{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}'::jsonb
+FROM generate_series(0, $1 - 1) AS g

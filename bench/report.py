@@ -34,6 +34,8 @@ _UNITS = {
     "p99_vs_pgqueuer": ("p99 × pgqueuer", 2),
     "vs_sink_alone": ("× sink alone", 2),
     "vs_unordered": ("× unordered", 2),
+    "vs_without": ("× without --http", 3),
+    "scrapes": ("scrapes", 0),
     "notifications": ("NOTIFYs heard", 0),
     "wake_p50_ms": ("wake-up p50 ms", 1),
     "wake_p99_ms": ("wake-up p99 ms", 1),

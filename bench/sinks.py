@@ -157,7 +157,11 @@ async def webhook_target() -> AsyncIterator[Target]:
                 "webhook",
                 {"url": f"{base}/hook", "body": {"order": 42, "total": "19.99"}},
                 lambda c, prefix: WebhookSink(
-                    secret="bench-secret", max_connections=c, id_prefix=prefix
+                    # The receiver is on 127.0.0.1: refused unless named (or private allowed).
+                    secret="bench-secret",
+                    allow_hosts=("127.0.0.1",),
+                    max_connections=c,
+                    id_prefix=prefix,
                 ),
                 received,
                 reset,

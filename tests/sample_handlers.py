@@ -47,6 +47,22 @@ async def crash(_intent: Intent) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@handlers.register("block")
+async def block(intent: Intent) -> None:
+    """The classic mistake: a blocking call inside an async handler holds the event loop
+    for payload['seconds'] seconds."""
+    time.sleep(float(intent.payload.get("seconds", 1)))  # noqa: ASYNC251
+
+
+@handlers.register("sleepy", threads=2)
+def sleepy(intent: Intent) -> None:
+    """Blocking calls in a plain function run in a thread: sleeps until the file
+    payload['until'] exists (at most a minute), and the event loop keeps turning."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(intent.payload["until"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @handlers.register("ordered")
 async def ordered(intent: Intent) -> None:
     """Records every attempt in the file $OUTBOX_TEST_ATTEMPTS (one JSON line at its start,

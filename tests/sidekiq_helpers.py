@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,23 +13,10 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis.asyncio as redis
 
-REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests import services
 
-
-def redis_or_skip(url: str = REDIS_URL) -> str:
-    """``url`` if Redis answers there; else skip in one line (fail in CI)."""
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or 6379), timeout=5).close()
-    except OSError as exc:
-        message = (
-            f"Redis is not reachable at {parts.hostname}:{parts.port or 6379} ({exc}); start "
-            "redis-server or set OUTBOX_TEST_REDIS_URL"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return url
+REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", services.REDIS_URL)
+redis_or_skip = services.redis_url  # the URL once Redis answers; else one line: skip (fail in CI)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Put it between the code under test and a server (PostgreSQL, SMTP, RabbitMQ, NATS), so the
 machine's shared server stays up while "the server" fails::
 
-    async with TcpProxy("127.0.0.1", 5432) as proxy:
+    async with TcpProxy("127.0.0.1", 5432) as proxy:   # or TcpProxy.to_postgres(pg_dsn)
         dsn = proxy.rewrite(pg_dsn)      # same DSN, host:port of the proxy
         proxy.freeze()                   # half-open: sockets stay open, no byte moves
         proxy.heal()                     # bytes held back flow again, as after TCP retransmits
@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = ["TcpProxy", "free_port"]
 
@@ -45,6 +45,7 @@ class TcpProxy:
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
+        self.target_path: str | None = None  # a Unix socket instead, see unix()
         self.port = 0  # chosen by the first start(), kept by the next ones
         self.refuse = False
         self.connections = 0  # connections accepted so far, refused ones included
@@ -56,6 +57,25 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+
+    @classmethod
+    def unix(cls, path: str) -> TcpProxy:
+        """A TCP proxy to a server on a Unix socket."""
+        proxy = cls("", 0)
+        proxy.target_path = path
+        return proxy
+
+    @classmethod
+    def to_postgres(cls, dsn: str) -> TcpProxy:
+        """A proxy to the server of a PostgreSQL URL, on TCP or on a Unix socket (libpq's
+        ``host=/dir``, as the embedded server's DSN has: it listens on no TCP port)."""
+        parts = urlsplit(dsn)
+        query = dict(parse_qsl(parts.query))
+        host = query.get("host") or parts.hostname or "localhost"
+        port = int(query.get("port") or parts.port or 5432)
+        if host.startswith("/"):
+            return cls.unix(f"{host}/.s.PGSQL.{port}")  # libpq's name for the socket file
+        return cls(host, port)
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -88,11 +108,18 @@ class TcpProxy:
         return len(self._tasks)
 
     def rewrite(self, url: str) -> str:
-        """``url`` with its host:port replaced by the proxy's (user, password, path kept)."""
+        """``url`` with its host:port replaced by the proxy's (user, password, path kept).
+
+        A libpq ``host=``/``port=`` query parameter (a Unix socket) would win over the netloc:
+        it is dropped."""
         parts = urlsplit(url)
         userinfo, _, _ = parts.netloc.rpartition("@")
         netloc = f"{userinfo}@" if userinfo else ""
-        return urlunsplit(parts._replace(netloc=f"{netloc}{self.host}:{self.port}"))
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, v) for k, v in pairs if k not in ("host", "port")])
+        return urlunsplit(parts._replace(netloc=f"{netloc}{self.host}:{self.port}", query=query))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -136,7 +163,10 @@ class TcpProxy:
             self._writers.add(writer)
             await self._flowing.wait()  # a partition swallows the SYN: nothing answers
             try:
-                up_reader, up_writer = await asyncio.open_connection(*self.target)
+                if self.target_path is not None:
+                    up_reader, up_writer = await asyncio.open_unix_connection(self.target_path)
+                else:
+                    up_reader, up_writer = await asyncio.open_connection(*self.target)
             except OSError:
                 _abort(writer)
                 return

@@ -9,14 +9,42 @@ import pytest
 
 from bench.sinks import main
 
+# The brokers' URL options and the fixtures that provide them: without RabbitMQ only its
+# part is skipped (tests/services.py).
+RABBITMQ, REDIS = ("--rabbitmq-url", "amqp_url"), ("--redis-url", "redis_url")
+BROKERS = {
+    "rabbitmq": RABBITMQ,
+    "nats": ("--nats-url", "nats_url"),
+    "sidekiq": REDIS,
+    "celery-amqp": RABBITMQ,
+    "celery-redis": REDIS,
+}
+
 
 @pytest.mark.timeout(120)
-def test_sink_bench_runs_at_a_tiny_size(pg_dsn: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sinks",
+    [
+        ("noop", "webhook"),
+        ("rabbitmq",),
+        ("nats",),
+        ("sidekiq",),
+        ("celery-amqp",),
+        ("celery-redis",),
+    ],
+    ids="+".join,
+)
+def test_sink_bench_runs_at_a_tiny_size(
+    sinks: tuple[str, ...], pg_dsn: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     out = tmp_path / "sinks.json"
-    args = ["--intents", "40", "--runs", "1", "--concurrency", "4", "--dsn", pg_dsn]
-    assert main([*args, "--json", str(out)]) == 0
+    args = ["--sinks", ",".join(sinks), "--intents", "40", "--runs", "1", "--concurrency", "4"]
+    for sink in sinks:
+        if sink in BROKERS:
+            option, fixture = BROKERS[sink]
+            args += [option, request.getfixturevalue(fixture)]
+    assert main([*args, "--dsn", pg_dsn, "--json", str(out)]) == 0
     rows = orjson.loads(out.read_bytes())["rows"]
-    sinks = ("noop", "webhook", "rabbitmq", "nats", "sidekiq", "celery-amqp", "celery-redis")
     assert {(r["sink"], r["mode"]) for r in rows} == {
         (sink, mode) for sink in sinks for mode in ("sink", "relay")
     }

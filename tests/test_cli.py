@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.conftest import count_by_status, wait_until
+from tests.conftest import count_by_status, embedded_pgdata, wait_until
 from worker.arguments import COMMANDS, build_parser
 from worker.migrate import schema_exists
 from worker.producer import enqueue
@@ -190,10 +189,8 @@ sys.exit(main(sys.argv[2:]))
 
 @pytest.fixture
 def pgdata() -> Iterator[Path]:
-    # Not under pytest's tmp_path: a concurrent pytest session makes /tmp/pytest-of-USER
-    # private again, which the embedded server's own OS user (when run as root) cannot cross.
-    with tempfile.TemporaryDirectory(prefix="outbox-cli-") as tmp:
-        yield Path(tmp) / "pgdata"
+    with embedded_pgdata("outbox-cli-") as path:
+        yield path
 
 
 def test_one_shot_commands_on_the_embedded_database_print_only_their_result(pgdata: Path):

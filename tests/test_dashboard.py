@@ -152,7 +152,7 @@ def test_idle_relay(width: int, height: int):
     assert "up 2m05s" in text
     assert "Slots 0/8 busy" in text and text.count("idle") >= 8
     assert "nothing sent in the last 60s" in text
-    assert "due 0" in text and "nothing due" in text
+    assert "pending 0 · none waiting · processing 0 · dead 0" in text
     assert "LISTEN ok (asleep)" in text
     assert "no errors in this run" in text and "nothing delivered yet" in text
     assert "q or Ctrl-C: stop gracefully" in text
@@ -168,10 +168,10 @@ def test_busy_relay(width: int, height: int):
     assert "Slots 6/8 busy" in text and "#90000" in text and "#90005" in text
     for kind in snap.kinds:
         assert re.search(rf"│\s+{kind.kind}\s+{kind.sent:,}\s+0\s+0\s+│", text), kind
-    assert "due 37" in text and "oldest due 0.3s" in text
+    assert "pending 42 · oldest waiting 0.3s · processing 6 · dead 0" in text
     assert "▁" in text or "█" in text  # the sparkline
     if width >= 160:
-        assert "scheduled 5" in text and "processing 6" in text
+        assert "pending: 37 due, 5 run_at later, 0 held" in text
         assert "vacuumed 42s ago" in text and "table 3.3MB" in text
 
 
@@ -180,7 +180,7 @@ def test_failing_relay(width: int, height: int):
     text = screen(failing_snapshot(), width, height, notice="warning: heartbeat failed")
     header = text.splitlines()[0]
     assert "database unreachable" in header
-    assert "due 10,000+" in text and "oldest due 1m35s" in text
+    assert "pending 10,000+ · oldest waiting 1m35s" in text
     assert "LISTEN down: polling until it is back" in text
     assert "oldest xact 30m00s, xact by pid 4242 (psql)" in text
     assert "retry" in text and "#555" in text and "dead" in text and "#556" in text
@@ -189,6 +189,28 @@ def test_failing_relay(width: int, height: int):
     assert "warning: heartbeat failed" in text
     if width >= 160:
         assert "queue 62.0%" in text
+
+
+@pytest.mark.parametrize("width", [80, 100, 121, 160, 237])
+def test_the_last_minute_chart_uses_the_whole_width(width: int):
+    snap, _, _ = busy_snapshot()  # every second of the last minute sent 100+
+    text = screen(snap, width, 24)
+    [row] = [line for line in text.splitlines() if line.startswith("│ last 60s")]
+    bars = row[len("│ last 60s") :].rstrip(" │")
+    # the panel's border and padding (4) and the label (10) take the rest
+    assert len(bars.strip()) == width - 14, row
+    assert set(bars.strip()) <= set("▁▂▃▄▅▆▇█")
+
+
+def test_queue_counts_are_the_table_statuses():
+    stats = Stats(4)
+    stats.on_db_health(
+        _health(pending_due=3, pending_later=4, pending_held=5, processing=2, dead=1)
+    )
+    text = screen(stats.snapshot(), 160, 30)
+    assert "pending 12 · none waiting · processing 2 · dead 1" in text
+    assert "pending: 3 due, 4 run_at later, 5 held" in text
+    assert "scheduled" not in text and "due 3 ·" not in text
 
 
 def test_stopping_relay_says_how_to_cancel():
@@ -225,7 +247,7 @@ def test_summary_line_for_logs():
     snap, _, _ = busy_snapshot()
     line = summary_line(snap)
     assert "over the last minute" in line and "busy slots 6/8" in line
-    assert "p50" in line and "due 37, oldest waiting 0.3s" in line
+    assert "p50" in line and "pending 42 (37 due), oldest waiting 0.3s, processing 6" in line
     assert "attention" not in line
     assert "attention: database unreachable" in summary_line(failing_snapshot())
 
@@ -248,7 +270,7 @@ async def test_summary_lines_are_logged_with_fresh_database_numbers(
     finally:
         await pool.close()
     line = next(r.getMessage() for r in caplog.records if "(1 in this run)" in r.getMessage())
-    assert "due 0, dead 0" in line and "db numbers" not in line
+    assert "pending 0 (0 due), processing 0, dead 0" in line and "db numbers" not in line
 
 
 def test_durations_read_at_a_glance():
@@ -309,6 +331,24 @@ async def test_health_query_counts_by_state_and_stops_at_the_cap(pg_dsn: str, db
     if health.oldest_xact_pid == holder:
         assert health.oldest_xact_seconds < 60
     assert (capped.pending_due, capped.count_cap) == (3, 3)
+
+
+async def test_the_dashboard_pending_count_is_the_table_pending_count(
+    pg_dsn: str, db, names: Names
+):
+    """Due, later and held (behind the head of their ordering key) add up to what
+    ``WHERE status = 'pending'`` counts, so an operator can go from the screen to SQL."""
+    table = f'"{names.schema}".intent'
+    await db.execute(
+        f"INSERT INTO {table} (kind, payload, run_at, ordering_key, ordering_held) VALUES "
+        "('k', '{}', now(), NULL, false), ('k', '{}', now() + interval '1h', NULL, false), "
+        "('k', '{}', now(), 'a', false), ('k', '{}', now(), 'a', true), "
+        "('k', '{}', now(), 'a', true)"
+    )
+    health = await _read_health(pg_dsn, names)
+    in_sql = await db.fetchval(f"SELECT count(*) FROM {table} WHERE status = 'pending'")
+    assert (health.pending_due, health.pending_later, health.pending_held) == (2, 1, 2)
+    assert health.pending == in_sql == 5
 
 
 async def _read_health(pg_dsn: str, names: Names) -> DbHealth:

@@ -17,6 +17,7 @@ import asyncpg
 import psutil
 import pytest
 
+from tests.conftest import embedded_pgdata
 from worker.embedded import EmbeddedPostgres, default_data_dir, start_embedded
 from worker.errors import ConfigError
 
@@ -35,14 +36,14 @@ pg.stop()
 
 
 @pytest.fixture(scope="module")
-def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def shared_dir() -> Iterator[Path]:
     """One data directory for the module: only the first test pays for initdb (~0.5-1.5 s)."""
-    pgdata = tmp_path_factory.mktemp("embedded") / "pgdata"
-    yield pgdata
-    pid = postmaster_pid(pgdata)
-    if pid is not None and server_alive(pid):  # a failed test leaked a handle
-        os.kill(pid, signal.SIGINT)  # fast shutdown
-        wait_for(lambda: not server_alive(pid), "leaked server to stop")
+    with embedded_pgdata("outbox-embedded-") as pgdata:
+        yield pgdata
+        pid = postmaster_pid(pgdata)
+        if pid is not None and server_alive(pid):  # a failed test leaked a handle
+            os.kill(pid, signal.SIGINT)  # fast shutdown
+            wait_for(lambda: not server_alive(pid), "leaked server to stop")
 
 
 @pytest.fixture

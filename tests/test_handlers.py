@@ -18,7 +18,8 @@ from worker.sqlfiles import Names
         ("no_such_module_xyz:handlers", "cannot import 'no_such_module_xyz'"),
         ("tests.sample_handlers:missing", "has no attribute 'missing'"),
         ("tests.sample_handlers:anyio", "expected a mapping of kind -> async callable"),
-        ("tests.test_handlers:SYNC_HANDLERS", "the handler for 'sync' is not an async callable"),
+        ("tests.test_handlers:SYNC_HANDLERS", "the handler for 'sync' is a plain function"),
+        ("tests.test_handlers:NOT_CALLABLE", "the handler for 'x' is not an async callable"),
     ],
 )
 def test_bad_handler_specs_are_clear_errors(spec: str, message: str):
@@ -27,6 +28,7 @@ def test_bad_handler_specs_are_clear_errors(spec: str, message: str):
 
 
 SYNC_HANDLERS = {"sync": lambda intent: None}
+NOT_CALLABLE = {"x": 42}
 
 
 class _Callable:

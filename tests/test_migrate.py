@@ -97,9 +97,9 @@ async def test_migrate_upgrades_a_table_from_before_ordering_keys(pg_dsn: str, n
         await conn.execute(_BEFORE_ORDERING_KEYS.format(s=s))
         await migrate(conn, names)
         row = await conn.fetchrow(
-            f"SELECT ordering_key, ordering_skipped, ordering_held FROM {s}.intent"
+            f"SELECT ordering_key, ordering_skipped, ordering_held, trace_context FROM {s}.intent"
         )
-        assert tuple(row) == (None, False, False)
+        assert tuple(row) == (None, False, False, None)
         indexes = {
             r["indexname"]
             for r in await conn.fetch(
@@ -116,6 +116,16 @@ async def test_migrate_upgrades_a_table_from_before_ordering_keys(pg_dsn: str, n
         )
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute(f"SELECT {s}.enqueue('email', '{{}}', ordering_key => '')")
+        # Trace context: the new argument, and its check (added NOT VALID) holds new rows.
+        context = '{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}'
+        traced = await conn.fetchval(
+            f"SELECT {s}.enqueue('email', '{{}}', trace_context => $1::jsonb)", context
+        )
+        stored = await conn.fetchval(f"SELECT trace_context FROM {s}.intent WHERE id = $1", traced)
+        assert stored == context
+        with pytest.raises(asyncpg.CheckViolationError, match="intent_trace_context_valid"):
+            await conn.execute(f"SELECT {s}.enqueue('email', '{{}}', trace_context => '{{}}')")
+        await migrate(conn, names)  # the constraint is there already: still idempotent
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
         await conn.close()

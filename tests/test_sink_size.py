@@ -21,8 +21,8 @@ from aiohttp import web
 from tests.conftest import statuses_are, wait_until
 from tests.sidekiq_helpers import redis_or_skip
 from tests.smtp_server import SmtpTestServer
-from tests.test_sink_nats import Stream, nats_url, stream  # noqa: F401 - fixtures
-from tests.test_sink_rabbitmq import Broker, amqp_url, broker  # noqa: F401 - fixtures
+from tests.test_sink_nats import Stream, stream  # noqa: F401 - fixture
+from tests.test_sink_rabbitmq import Broker, broker  # noqa: F401 - fixture
 from worker.app import build_sinks
 from worker.errors import ConfigError, PermanentError
 from worker.intent import Intent
@@ -202,7 +202,7 @@ async def test_a_20_mb_email_goes_out_when_the_server_takes_it(
 
 
 async def test_nats_over_max_payload_is_dead_and_the_connection_stays_up(
-    db: asyncpg.Connection, names: Names, start_relay: Any, nats_url: str,  # noqa: F811
+    db: asyncpg.Connection, names: Names, start_relay: Any, nats_url: str,
     stream: Stream,  # noqa: F811
 ) -> None:  # fmt: skip
     subject = f"{stream.prefix}.blobs"
@@ -238,7 +238,7 @@ def _intent(n: int, kind: str, payload: Any) -> Intent:
 
 
 async def test_rabbitmq_checks_the_body_against_the_brokers_default_or_the_cap(
-    amqp_url: str,  # noqa: F811
+    amqp_url: str,
     broker: Broker,  # noqa: F811
 ) -> None:
     def event(n: int, size: int) -> Intent:

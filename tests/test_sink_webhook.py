@@ -1,4 +1,8 @@
-"""The webhook sink against a real HTTP server (aiohttp.web, started by each test)."""
+"""The webhook sink against a real HTTP server (aiohttp.web, started by each test).
+
+The receiver listens on 127.0.0.1, which the sink refuses by default: the sinks here allow
+private destinations (``allow_private=True``) or name the host in the allow-list;
+tests/test_webhook_guard.py covers the refusal."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,8 +123,8 @@ class Receiver:
         return [r.headers["Idempotency-Key"] for r in self.requests]
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@pytest.fixture(name="receiver")  # imported by other modules under its function's name
+async def webhook_receiver() -> AsyncIterator[Receiver]:
     server = Receiver()
     await server.start()
     try:
@@ -131,7 +135,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @pytest.fixture
 async def sink() -> AsyncIterator[WebhookSink]:
-    webhook = WebhookSink(secret=SECRET, timeout=5.0, max_retry_after=30.0)
+    webhook = WebhookSink(secret=SECRET, allow_private=True, timeout=5.0, max_retry_after=30.0)
     try:
         yield webhook
     finally:
@@ -229,7 +233,7 @@ async def test_request_carries_body_key_and_a_valid_signature(
 
 
 async def test_method_and_headers_from_the_payload(receiver: Receiver) -> None:
-    webhook = WebhookSink(id_prefix="shop-")  # no secret: no signature header
+    webhook = WebhookSink(id_prefix="shop-", allow_private=True)  # no secret: no signature
     try:
         await webhook.deliver(
             _intent({"url": receiver.url, "method": "put", "headers": {"X-Trace": "abc"}})
@@ -279,7 +283,7 @@ async def test_other_statuses_are_permanent(
 
 async def test_slow_receiver_times_out_as_transient(receiver: Receiver) -> None:
     receiver.script.append(Reply(delay=5.0))
-    webhook = WebhookSink(timeout=0.3)
+    webhook = WebhookSink(allow_private=True, timeout=0.3)
     try:
         with pytest.raises(TransientError, match=r"no response within 0\.3s"):
             await webhook.deliver(_intent({"url": receiver.url}))
@@ -400,3 +404,55 @@ async def test_bad_status_is_dead_with_the_reason(
     assert error == (
         f'POST http://127.0.0.1:{receiver.port}: HTTP 422: {{"error": "amount must be positive"}}'
     )
+
+
+# --- trace context -----------------------------------------------------------------------------
+
+PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_intents_trace_context_replaces_the_payloads(sink: WebhookSink) -> None:
+    payload = {"url": "http://127.0.0.1/h", "headers": {"TraceParent": "mine", "X-Tenant": "a"}}
+    plain = _intent(payload)
+    assert sink.headers_for(plain, build_request(plain))["TraceParent"] == "mine"
+    traced = replace(plain, trace_context={"traceparent": PARENT, "tracestate": "a=1"})
+    headers = sink.headers_for(traced, build_request(traced))
+    assert "TraceParent" not in headers and headers["X-Tenant"] == "a"
+    assert (headers["traceparent"], headers["tracestate"]) == (PARENT, "a=1")
+    assert payload["headers"] == {"TraceParent": "mine", "X-Tenant": "a"}  # left as it was
+
+
+async def test_a_traced_delivery_sends_its_span_as_the_receivers_parent(
+    db, names: Names, start_relay, receiver: Receiver, sink: WebhookSink, traces
+) -> None:
+    async with start_relay({"webhook": sink}, tracer=traces.delivery_tracer):
+        with traces.tracer.start_as_current_span("place order") as producer:
+            async with db.transaction():
+                for n in range(3):
+                    payload = {"url": receiver.url, "body": {"n": n}}
+                    await enqueue(db, "webhook", payload, schema=names.schema)
+        await wait_until(lambda: statuses_are(db, names, {"sent": 3}))
+    traces.assert_carried(
+        producer,
+        {int(r.headers["Idempotency-Key"]): r.headers["traceparent"] for r in receiver.requests},
+    )
+
+
+async def test_untraced_the_producers_context_is_passed_on_and_none_is_added(
+    db, names: Names, start_relay, receiver: Receiver, sink: WebhookSink
+) -> None:
+    context = {"traceparent": PARENT, "tracestate": "congo=t61rcWkgMzE"}
+    async with start_relay({"webhook": sink}):
+        async with db.transaction():
+            payload = {"url": receiver.url}
+            with_context = await enqueue(
+                db, "webhook", payload, trace_context=context, schema=names.schema
+            )
+            without = await enqueue(db, "webhook", payload, schema=names.schema)
+        await wait_until(lambda: statuses_are(db, names, {"sent": 2}))
+    by_id = {int(r.headers["Idempotency-Key"]): r.headers for r in receiver.requests}
+    assert (by_id[with_context]["traceparent"], by_id[with_context]["tracestate"]) == (
+        PARENT,
+        "congo=t61rcWkgMzE",
+    )
+    assert not {"traceparent", "tracestate"} & {h.lower() for h in by_id[without]}

@@ -9,6 +9,7 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
+from worker.health import server_label
 from worker.producer import enqueue as producer_enqueue
 from worker.sqlfiles import Names, load_queries
 
@@ -23,8 +24,11 @@ async def status(conn: asyncpg.Connection, names: Names) -> dict[str, Any]:
     dead = sum(c.get("dead", 0) for c in counts.values())
     halted = await conn.fetchrow(q["halted_keys"])
     assert halted is not None  # one row, always
+    server = await conn.fetchrow(q["server"])
+    assert server is not None  # one row, always
     return {
         "schema": names.schema,
+        "server": server_label(server),
         "by_kind": counts,
         "oldest_pending_seconds": oldest,
         "dead": dead,
@@ -53,6 +57,7 @@ def print_status(report: dict[str, Any], console: Console) -> None:
     for kind, counts in sorted(report["by_kind"].items()):
         table.add_row(kind, *(str(counts.get(s, 0)) for s in statuses))
     console.print(table)
+    console.print(f"server: {report['server']}", markup=False)
     oldest = report["oldest_pending_seconds"]
     console.print(f"oldest due pending: {'none' if oldest is None else f'{oldest:.1f}s ago'}")
     console.print(

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 
 import anyio
+import asyncpg
 
 from worker.dashboard import run_dashboard
-from worker.db import connect, create_pool
+from worker.db import connect
 from worker.health import HealthMonitor
 from worker.migrate import ensure_schema
 from worker.relay import Relay
@@ -18,8 +20,11 @@ from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.sqlfiles import Names, load_queries
+from worker.startup import wait_for_database
 from worker.stats import Stats
 from worker.summary import log_summaries
+from worker.targets import check_targets, describe, log_targets
+from worker.tracing import from_env as tracer_from_env
 
 log = logging.getLogger("outbox")
 
@@ -66,8 +71,11 @@ async def run_worker(
 ) -> None:
     names = Names(settings.schema, settings.channel)
     sinks = build_sinks(settings)
-    await prepare_schema(dsn, settings, names)
-    pool = await create_pool(dsn, max_size=5, application_name="outbox-worker")
+    pool = await wait_for_database(
+        dsn, partial(prepare_schema, dsn, settings, names), application_name="outbox-worker"
+    )
+    if pool is None:  # stopped while waiting for the database
+        return
     try:
         queries = load_queries(names)
         relay = Relay(
@@ -77,12 +85,19 @@ async def run_worker(
             settings=settings,
             sinks=sinks,
             stats=stats,
+            tracer=tracer_from_env(),
         )
         if relay_holder is not None:
             relay_holder.append(relay)
-        async with anyio.create_task_group() as tg:
+        health = HealthMonitor(pool, queries, settings.schema, relay.stats)
+        targets = describe(settings, sinks)
+        log_targets(targets)
+        async with (
+            _http_endpoint(settings, relay, pool, health, sinks),
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(_stop_on_signals, relay)
-            health = HealthMonitor(pool, queries, settings.schema, relay.stats)
+            tg.start_soon(check_targets, targets)  # beside the relay: never delays the start
             if dashboard:
                 tg.start_soon(health.run)
                 tg.start_soon(partial(run_dashboard, relay, title=title))
@@ -93,6 +108,24 @@ async def run_worker(
     finally:
         await _close_sinks(sinks)
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _http_endpoint(
+    settings: Settings,
+    relay: Relay,
+    pool: asyncpg.Pool,
+    health: HealthMonitor,
+    sinks: Mapping[str, Sink],
+) -> AsyncIterator[None]:
+    """--http: open before the relay starts, closed after it has stopped (worker/http_server.py)."""
+    if settings.http is None:
+        yield
+        return
+    from worker.http_server import http_endpoint
+
+    async with http_endpoint(settings.http, relay, pool, health, sinks):
+        yield
 
 
 async def _stop_on_signals(relay: Relay) -> None:

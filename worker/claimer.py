@@ -17,14 +17,14 @@ from contextlib import suppress
 import anyio
 import asyncpg
 
-from worker.backoff import jittered, retry_delay
+from worker.backoff import jittered
 from worker.connection import DedicatedConnection
 from worker.db import DB_UNAVAILABLE
 from worker.dispatch import Dispatcher
 from worker.intent import Intent
 from worker.leases import Leases
 from worker.listener import Listener
-from worker.logs import one_line
+from worker.outage import RETRY_CAP, Outage
 from worker.settings import Settings
 from worker.stats import Stats
 from worker.wakeup import Wakeup
@@ -73,7 +73,10 @@ class Claimer:
         does it ask producers to notify it (see triggers/010_notify_on_commit.sql).
         """
         settings = self._settings
-        failures = 0
+        # Retry at least as often as we poll, so recovery after an outage of any length
+        # is as prompt as an idle worker's pickup; any reconnect elsewhere in the worker
+        # (listener, outcome writer) sets the wake-up and cuts the wait short.
+        outage = Outage(log, "claim loop", cap=min(RETRY_CAP, max(1.0, settings.poll_interval)))
         next_sweep = 0.0
         while not self._stopping:
             if self._dispatcher.free == 0:
@@ -86,6 +89,7 @@ class Claimer:
                         settings.poll_interval, settings.lease / 4
                     )
                 got, full = await self._claim_and_dispatch()
+                outage.recovered()
                 if full:
                     continue
                 # Linger only after activity: a poll that found nothing goes back to sleep
@@ -103,21 +107,14 @@ class Claimer:
                     if got:
                         continue
                 await self._wait_for_work()
-                failures = 0
             except asyncpg.UniqueViolationError:
                 # Two intents of one ordering key would have been in flight (a lower id that
                 # committed late); the database refused the whole claim. Claim again.
                 log.info("claim refused by intent_ordering_in_flight; claiming again")
                 await self._wakeup.wait(0.01)
             except DB_UNAVAILABLE as exc:
-                failures += 1
-                delay = retry_delay(failures, base=0.5, cap=30.0)
-                log.warning(
-                    "cannot claim: database unavailable (%s); retrying in %.1fs",
-                    one_line(exc),
-                    delay,
-                )
-                await self._wakeup.wait(delay)
+                self._stats.on_db_error("claim")
+                await self._wakeup.wait(outage.failed(exc))
         # If the database is gone, the flag is swept once its LISTEN connection is too.
         with anyio.CancelScope(shield=True), anyio.move_on_after(2), suppress(*DB_UNAVAILABLE):
             await self._declare_busy()
@@ -157,6 +154,7 @@ class Claimer:
                 r["created_at"],
                 r["run_at"],
                 r["ordering_key"],
+                r["trace_context"],
             )
             for r in rows
         ]
@@ -192,7 +190,7 @@ class Claimer:
 
     async def _sweep(self) -> None:
         """Periodic housekeeping: expired leases back to pending, stale idle flags away."""
-        await self._leases.rescue_expired(self._conn)
+        self._stats.on_rescued(await self._leases.rescue_expired(self._conn))
         await self._conn.execute(self._q["sweep_idle_workers"])
 
     async def _wait_for_work(self) -> None:

@@ -3,11 +3,13 @@
 A pooled query pays for the pool's reset (``UNLISTEN *; RESET ALL; ...``) after every
 statement, one more round trip; a connection that only one task ever uses needs none.
 After a failure that may have left the connection unusable (network, server restart,
-timeout) it is dropped, and the next statement reconnects.
+timeout, a failover: the server became read-only) it is dropped, and the next statement
+reconnects, through the DSN's hosts to the one that takes writes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -17,11 +19,18 @@ from worker.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, DB_UNAVAILABLE, init_con
 
 class DedicatedConnection:
     def __init__(
-        self, dsn: str, application_name: str, settings: dict[str, str] | None = None
+        self,
+        dsn: str,
+        application_name: str,
+        settings: dict[str, str] | None = None,
+        *,
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._server_settings = {"application_name": application_name, **(settings or {})}
         self._conn: asyncpg.Connection | None = None
+        self._on_reconnect = on_reconnect
+        self._dropped = False  # a connection was lost: the next connect is a reconnect
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -33,6 +42,9 @@ class DedicatedConnection:
             )
             await init_connection(conn)
             self._conn = conn
+            if self._dropped and self._on_reconnect is not None:
+                self._on_reconnect()
+            self._dropped = False
         return self._conn
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -45,7 +57,11 @@ class DedicatedConnection:
         await self._run("execute", query, args)
 
     async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
-        conn = await self._connection()
+        try:
+            conn = await self._connection()
+        except DB_UNAVAILABLE:
+            self._dropped = True
+            raise
         try:
             return await getattr(conn, method)(query, *args)
         except DB_UNAVAILABLE:
@@ -53,6 +69,7 @@ class DedicatedConnection:
             raise
 
     def _drop(self) -> None:
+        self._dropped = True
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None

@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import asyncpg
 import orjson
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, DatabaseUnavailable
 from worker.logs import one_line, redact_url
 
 # Errors that mean "the database can't serve us right now" (down, restarting, failing
 # over to a replica that is still read-only, out of connections, cancelled by an
 # operator): retry with backoff, never crash the worker.
 DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
+    OSError,  # refused by every host, reset, unreachable, DNS
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # CannotConnectNowError (starting up, shutting down, in recovery), AdminShutdownError...
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TransactionRollbackError,
+    # A write on a server that became a standby, or was set read-only, since we connected.
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # Every host of a multi-host DSN answered but none is read-write
+    # (target_session_attrs=read-write): a failover is under way.
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
 )
+
+# Caught by DB_UNAVAILABLE (they subclass InterfaceError or OSError) yet no wait will fix
+# them: the operator must. Wrong passwords and unknown databases are PostgresErrors outside
+# DB_UNAVAILABLE already.
+_MISCONFIGURED: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ClientConfigurationError,  # a bad DSN parameter
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+    ssl.SSLCertVerificationError,  # the server's certificate does not verify
+)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Will waiting help? True for an outage, False for a configuration error."""
+    return isinstance(exc, DB_UNAVAILABLE) and not isinstance(exc, _MISCONFIGURED)
+
 
 # Bounds a query on a frozen (half-open) connection; the caller then retries.
 COMMAND_TIMEOUT = 15.0
@@ -52,7 +74,7 @@ async def create_pool(dsn: str, *, max_size: int, application_name: str) -> asyn
             server_settings={"application_name": application_name},
         )
     except Exception as exc:
-        raise ConfigError(connect_error(dsn, exc)) from None
+        raise _connect_failure(dsn, exc) from None
     assert pool is not None
     return pool
 
@@ -61,10 +83,15 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     try:
         conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, **kwargs)
     except Exception as exc:
-        raise ConfigError(connect_error(dsn, exc)) from None
+        raise _connect_failure(dsn, exc) from None
     await init_connection(conn)
     return conn
 
 
 def connect_error(dsn: str, exc: BaseException) -> str:
     return f"cannot connect to PostgreSQL at {redact_url(dsn)}: {one_line(exc)}"
+
+
+def _connect_failure(dsn: str, exc: BaseException) -> ConfigError:
+    """One line either way; ``DatabaseUnavailable`` (a ConfigError) when waiting may help."""
+    return (DatabaseUnavailable if unavailable(exc) else ConfigError)(connect_error(dsn, exc))

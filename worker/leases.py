@@ -4,14 +4,14 @@ rows whose lease ran out (their worker crashed, hung or lost the database)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import anyio
 import asyncpg
 
 from worker.db import DB_UNAVAILABLE
 from worker.intent import Intent
-from worker.logs import one_line
+from worker.outage import Outage
 from worker.outcomes import Fetcher
 
 log = logging.getLogger("outbox.leases")
@@ -27,6 +27,7 @@ class Leases:
         lease: float,
         max_attempts: int,
         skip_dead: bool = False,  # --ordering-on-dead continue
+        on_db_error: Callable[[str], None] = lambda _operation: None,
     ) -> None:
         # Rows this worker holds a lease on, from claim until their outcome is recorded.
         self.held: dict[int, Intent] = {}
@@ -39,6 +40,7 @@ class Leases:
         self._lease = lease
         self._max_attempts = max_attempts
         self._skip_dead = skip_dead
+        self._on_db_error = on_db_error
 
     def claimed(self, intents: Iterable[Intent]) -> None:
         for intent in intents:
@@ -50,6 +52,7 @@ class Leases:
 
     async def heartbeat(self) -> None:
         """Every lease/3: extend the leases of the rows still being delivered."""
+        outage = Outage(log, "heartbeat")
         while True:
             await anyio.sleep(self._lease / 3)
             ids = [i for i in self.held if i not in self.submitted]
@@ -60,10 +63,15 @@ class Leases:
                     self._q["heartbeat"], self._worker_id, ids, self._lease
                 )
             except DB_UNAVAILABLE as exc:
-                log.warning(
-                    "heartbeat failed (%s); leases expire in <= %gs", one_line(exc), self._lease
-                )
+                self._on_db_error("heartbeat")
+                # Logged once per outage; the heartbeat keeps its own pace (lease/3).
+                outage.failed(exc, f"; heartbeat failed, leases expire in <= {self._lease:g}s")
+                if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+                    # Pooled connections on a server that stopped taking writes: reconnect
+                    # them, through the DSN's hosts, to the one that does.
+                    await self._pool.expire_connections()
                 continue
+            outage.recovered()
             # Still delivering and no longer ours: another worker has taken the row over.
             lost = [
                 r["id"]
@@ -75,8 +83,9 @@ class Leases:
                     "lost the lease of intents %s; their outcomes will be discarded", lost[:10]
                 )
 
-    async def rescue_expired(self, conn: Fetcher) -> None:
-        """Expired leases of any worker back to pending (or dead: a rescue is an attempt)."""
+    async def rescue_expired(self, conn: Fetcher) -> int:
+        """Expired leases of any worker back to pending (or dead: a rescue is an attempt).
+        Returns how many."""
         rows = await conn.fetch(
             self._q["rescue_expired"], self._max_attempts, list(self.held), self._skip_dead
         )
@@ -85,3 +94,4 @@ class Leases:
             log.warning(
                 "rescued %d intents whose lease expired (%d of them now dead)", len(rows), dead
             )
+        return len(rows)

@@ -15,6 +15,7 @@ import asyncpg
 
 from worker.backoff import retry_delay
 from worker.logs import one_line
+from worker.outage import RETRY_CAP
 from worker.stats import Stats
 from worker.wakeup import Wakeup
 
@@ -50,12 +51,18 @@ class Listener:
             try:
                 await self._session()
             except Exception as exc:  # never let the wake-up path take the relay down
-                # A session that got as far as LISTEN resets the backoff.
+                # A session that got as far as LISTEN resets the backoff. One line per
+                # outage: the failed reconnects after it are debug lines.
                 failures = 1 if self._connected else failures + 1
-                log.warning("LISTEN connection lost (%s); polling until it is back", one_line(exc))
+                if failures == 1:
+                    log.warning(
+                        "LISTEN connection lost (%s); polling until it is back", one_line(exc)
+                    )
+                else:
+                    log.debug("LISTEN reconnect failed (%s)", one_line(exc))
             # Back off even after a clean drop, so a server that accepts and immediately
             # closes connections never makes us spin.
-            await anyio.sleep(retry_delay(failures, base=0.5, cap=15.0))
+            await anyio.sleep(retry_delay(failures, base=0.5, cap=RETRY_CAP))
 
     async def _session(self) -> None:
         with anyio.fail_after(self._ping_timeout * 2):

@@ -96,6 +96,8 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:  # the loop watchdog's stack of a blocked event loop
+            entry["stack"] = record.stack_info
         return scrub(orjson.dumps(entry).decode())
 
 
@@ -112,6 +114,31 @@ class _OneLineReconnectFailures(logging.Filter):
         return True
 
 
+class _BrokerConnectionNoise(logging.Filter):
+    """aiormq logs an ERROR per failed connect (hundreds a minute while RabbitMQ is down) and
+    a warning with a traceback when a connection drops. The sink's ``ConnectGate`` says the
+    same once per outage ("down", "back"), so these are debug lines here (shown with -v)."""
+
+    _TEMPLATES = (
+        "error when creating transport",
+        "Unexpected connection close from remote",
+        "Cancelling cause reader exited abnormally",
+        "Server connection %r was stuck",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(self._TEMPLATES):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def _add_filter(logger: str, kind: type[logging.Filter]) -> None:
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, kind) for f in target.filters):
+        target.addFilter(kind())
+
+
 def setup(fmt: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -123,6 +150,5 @@ def setup(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    pool_log = logging.getLogger("asyncpg.pool")
-    if not any(isinstance(f, _OneLineReconnectFailures) for f in pool_log.filters):
-        pool_log.addFilter(_OneLineReconnectFailures())
+    _add_filter("asyncpg.pool", _OneLineReconnectFailures)
+    _add_filter("aiormq.connection", _BrokerConnectionNoise)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from worker.http_server import host_port
+
 _T = TypeVar("_T")
 
 
@@ -226,6 +228,15 @@ RUN_OPTIONS = [
         "comma-separated hosts webhooks may call (*.example.com for subdomains); unset: any host",
     ),
     Option(
+        "--webhook-allow-private",
+        "webhook_allow_private",
+        "OUTBOX_WEBHOOK_ALLOW_PRIVATE",
+        boolean,
+        "let webhooks call loopback, private and link-local addresses (refused by default; "
+        "a host named exactly in --webhook-allow-hosts is allowed without this)",
+        switch=True,
+    ),
+    Option(
         "--rabbitmq-url",
         "rabbitmq_url",
         "OUTBOX_RABBITMQ_URL",
@@ -277,6 +288,22 @@ RUN_OPTIONS = [
         _on_dead,
         "when an intent with an ordering key ends dead: halt the key's later intents until "
         "an operator runs retry-dead or skip-dead, or continue with the next one",
+    ),
+    Option(
+        "--http",
+        "http",
+        "OUTBOX_HTTP",
+        expecting("a HOST:PORT such as 127.0.0.1:9187")(host_port),
+        "serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 127.0.0.1:9187 "
+        "(needs the metrics extra; off by default)",
+    ),
+    Option(
+        "--loop-block-warning",
+        "loop_block_warning",
+        "OUTBOX_LOOP_BLOCK_WARNING",
+        non_negative_float,
+        "warn when the event loop does not turn for this many seconds (a handler that "
+        "blocks it), naming the intent; 0: don't watch",
     ),
     Option(
         "--migrate",

@@ -9,10 +9,9 @@ from typing import Any, Protocol
 
 import anyio
 
-from worker.backoff import retry_delay
 from worker.db import DB_UNAVAILABLE
 from worker.intent import Intent
-from worker.logs import one_line
+from worker.outage import Outage
 
 log = logging.getLogger("outbox.outcomes")
 
@@ -80,7 +79,9 @@ class OutcomeWriter:
         on_written: Callable[[Sequence[tuple[Intent, Outcome]], set[int]], None],
         *,
         skip_dead: bool = False,  # --ordering-on-dead continue
+        on_db_error: Callable[[str], None] = lambda _operation: None,
     ) -> None:
+        self._on_db_error = on_db_error
         self._conn = conn
         self._query = query
         self._worker_id = worker_id
@@ -89,6 +90,7 @@ class OutcomeWriter:
         self._pending: list[tuple[Intent, Outcome]] = []
         self._wake: anyio.Event | None = None  # set while the writer sleeps
         self._closed = False
+        self._outage = Outage(log, "outcome writer", base=0.2)
 
     def submit(self, intent: Intent, outcome: Outcome) -> None:
         self._pending.append((intent, outcome))
@@ -117,7 +119,6 @@ class OutcomeWriter:
 
     async def write(self, batch: Sequence[tuple[Intent, Outcome]]) -> None:
         columns = list(zip(*(_row(i, o) for i, o in batch), strict=True))
-        attempt = 0
         while True:
             try:
                 rows = await self._conn.fetch(
@@ -125,16 +126,11 @@ class OutcomeWriter:
                 )
                 break
             except DB_UNAVAILABLE as exc:
+                self._on_db_error("record")
                 # Keep the outcomes and try again: losing them would mean redelivery.
-                attempt += 1
-                delay = retry_delay(attempt, base=0.2, cap=10.0)
-                log.warning(
-                    "could not record %d outcomes (%s); retrying in %.1fs",
-                    len(batch),
-                    one_line(exc),  # str() of a TimeoutError is empty
-                    delay,
-                )
+                delay = self._outage.failed(exc, f"; could not record {len(batch)} outcomes")
                 await anyio.sleep(delay)
+        self._outage.recovered()
         written = {r["id"] for r in rows}
         if len(written) < len(batch):
             for intent, outcome in batch:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -28,15 +30,29 @@ async def enqueue(
     dedupe_key: str | None = None,
     max_attempts: int | None = None,
     ordering_key: str | None = None,
+    trace_context: Mapping[str, str] | None = None,
     schema: str = "outbox",
 ) -> int:
     """Insert an intent and return its id (the first one's, for a repeated ``dedupe_key``).
 
     Call it inside the transaction that writes your business rows: both commit or neither.
     Intents that share an ``ordering_key`` are delivered one at a time, in id order.
+    ``trace_context`` (``{"traceparent": ..., "tracestate": ...}``) defaults to the current
+    OpenTelemetry span's, if there is one; ``{}`` enqueues none.
     """
-    payload_text = orjson.dumps(payload).decode()
+    if trace_context is None and "opentelemetry.trace" in sys.modules:
+        # Only a process that loaded OpenTelemetry can have a span: others pay nothing here.
+        from worker.otel import current_trace_context
+
+        trace_context = current_trace_context()
     intent_id = await conn.fetchval(
-        _enqueue_sql(schema), kind, payload_text, run_at, dedupe_key, max_attempts, ordering_key
+        _enqueue_sql(schema),
+        kind,
+        orjson.dumps(payload).decode(),
+        run_at,
+        dedupe_key,
+        max_attempts,
+        ordering_key,
+        orjson.dumps(dict(trace_context)).decode() if trace_context else None,
     )
     return int(intent_id)

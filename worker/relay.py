@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -25,11 +26,15 @@ from worker.dispatch import Dispatcher
 from worker.intent import Intent
 from worker.leases import Leases
 from worker.listener import Listener
+from worker.loopwatch import LoopWatch
 from worker.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry, Sent
 from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.stats import Stats
 from worker.wakeup import Wakeup
+
+if TYPE_CHECKING:  # imported only when tracing is on
+    from worker.otel import DeliveryTracer
 
 log = logging.getLogger("outbox.relay")
 
@@ -53,6 +58,7 @@ class Relay:
         sinks: Mapping[str, Sink],
         stats: Stats | None = None,
         worker_id: str | None = None,
+        tracer: DeliveryTracer | None = None,  # worker.tracing.from_env(); None: no spans
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
@@ -70,7 +76,11 @@ class Relay:
         self._claim_conn = DedicatedConnection(
             dsn, f"{name} claims", settings={"enable_sort": "off"}
         )
-        self._write_conn = DedicatedConnection(dsn, f"{name} outcomes")
+        # The database is back (the writer retries outcomes through an outage): wake the
+        # claim loop from its backoff rather than let it sleep on.
+        self._write_conn = DedicatedConnection(
+            dsn, f"{name} outcomes", on_reconnect=self.wakeup.set
+        )
         self.leases = Leases(
             pool,
             queries,
@@ -78,6 +88,7 @@ class Relay:
             lease=settings.lease,
             max_attempts=settings.max_attempts,
             skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
         )
         self._writer = OutcomeWriter(
             self._write_conn,
@@ -85,6 +96,7 @@ class Relay:
             self.worker_id,
             self._on_written,
             skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
         )
         self._dispatcher = Dispatcher(
             concurrency=settings.concurrency,
@@ -93,6 +105,7 @@ class Relay:
             timeout=settings.delivery_timeout,
             stats=self.stats,
             on_outcome=self._on_delivered,
+            tracer=tracer,
         )
         self.listener = (
             Listener(
@@ -105,6 +118,11 @@ class Relay:
                 application_name=f"outbox-worker listener {self.worker_id}",
             )
             if settings.listen
+            else None
+        )
+        self.loopwatch = (
+            LoopWatch(settings.loop_block_warning, self.stats, self._dispatcher.running)
+            if settings.loop_block_warning
             else None
         )
         limited = {k: s.saturated for k, s in sinks.items() if hasattr(s, "saturated")}
@@ -174,6 +192,8 @@ class Relay:
                     services.start_soon(self.listener.run)
                 if self.settings.heartbeat:
                     services.start_soon(self.leases.heartbeat)
+                if self.loopwatch is not None:
+                    services.start_soon(self.loopwatch.run)
                 await self._pipeline(task_status)
                 await self._release_unfinished()
                 services.cancel_scope.cancel()
@@ -239,6 +259,8 @@ class Relay:
                 wake |= outcome.delay < self.settings.poll_interval
             elif isinstance(outcome, Dead):
                 log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
+            elif isinstance(outcome, Sent):  # a line each is too many at volume; -v shows it
+                log.debug("intent %d (%s) sent", intent.id, intent.kind)
         if wake:  # the claim loop claims again, or re-reads next_due (a retry soon)
             self.wakeup.set()
 

@@ -67,6 +67,7 @@ class Settings:
     # Built-in sinks beyond email (worker/sinks/extras.py); repr=False: they hold secrets.
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_allow_hosts: str | None = None
+    webhook_allow_private: bool = False  # loopback, private, link-local destinations
     rabbitmq_url: str | None = field(default=None, repr=False)
     nats_url: str | None = field(default=None, repr=False)
     sidekiq_redis_url: str | None = field(default=None, repr=False)
@@ -76,7 +77,11 @@ class Settings:
     # What a dead intent does to the later intents of its ordering key: "halt" them until an
     # operator acts (retry-dead, skip-dead), or "continue" with the next one.
     ordering_on_dead: str = "halt"
+    # Warn when the event loop does not turn for this many seconds (a handler blocking
+    # it, worker/loopwatch.py); 0: no watchdog.
+    loop_block_warning: float = 1.0
     migrate: bool = False
+    http: str | None = None  # HOST:PORT of /metrics, /healthz, /readyz (worker/http_server.py)
     heartbeat: bool = True  # off only in tests that prove the fence
 
     def __post_init__(self) -> None:

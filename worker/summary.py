@@ -34,13 +34,16 @@ def summary_line(snap: Snapshot) -> str:
         )
     db = snap.db
     if db is not None:
-        cap = "+" if db.pending_due >= db.count_cap else ""
+        cap = "+" if db.pending_capped else ""
         oldest = (
             f", oldest waiting {fmt_duration(db.oldest_due_seconds)}"
             if db.oldest_due_seconds is not None
             else ""
         )
-        parts.append(f"due {db.pending_due}{cap}{oldest}, dead {db.dead}")
+        parts.append(
+            f"pending {db.pending}{cap} ({db.pending_due} due){oldest}, "
+            f"processing {db.processing}, dead {db.dead}"
+        )
     if snap.listen:
         parts.append("LISTEN ok" if snap.listener_connected else "LISTEN down, polling")
     problems = assess(snap)

@@ -15,9 +15,11 @@ from bench.scenarios import (
     idle,
     latency,
     lost_notification,
+    monitoring,
     ordering,
     producer_cost,
     sinks,
+    tracing,
 )
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
@@ -34,4 +36,6 @@ SCENARIOS: dict[str, ModuleType] = {
     "sinks": sinks,
     "ordering": ordering,
     "backlog": backlog,
+    "http": monitoring,
+    "tracing": tracing,
 }

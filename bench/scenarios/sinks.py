@@ -15,7 +15,8 @@ MODES = {"sink": "sink alone", "relay": "through the relay"}
 
 
 async def run(ctx: Context) -> list[Row]:
-    why = await sinks.unreachable(sinks.URLS)
+    urls = ctx.broker_urls or sinks.URLS
+    why = await sinks.unreachable(urls)
     if why is not None:
         ctx.skipped["sinks"] = why
         ctx.progress(f"sinks: skipped, {why}")
@@ -39,7 +40,7 @@ async def run(ctx: Context) -> list[Row]:
 
     versions = await sinks.measure_rounds(
         list(sinks.SINKS), list(ctx.size.sink_concurrency), list(MODES),
-        ctx.size.sink_intents, ctx.runs, ctx.dsn, sinks.URLS, record,
+        ctx.size.sink_intents, ctx.runs, ctx.dsn, urls, record,
     )  # fmt: skip
     for row in rows.values():
         row.notes["versions"] = versions

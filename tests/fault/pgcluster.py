@@ -68,8 +68,15 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, settings: dict[str, str] | None = None) -> None:
         self.bindir = bindir
+        self.settings = {
+            "fsync": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "32MB",
+            "max_connections": "60",
+            **(settings or {}),
+        }
         self.user = _run_as_user()
         self.root = Path(tempfile.mkdtemp(prefix="outbox-fault-pg-"))
         self.data = self.root / "data"
@@ -117,11 +124,9 @@ class Cluster:
         pwfile.unlink()
 
     def start(self) -> None:
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-            f"-c unix_socket_directories={self.root} -c fsync=off -c full_page_writes=off "
-            "-c shared_buffers=32MB -c max_connections=60"
-        )
+        options = f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+        options += f"-c unix_socket_directories={self.root} "
+        options += " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                   "-o", options)  # fmt: skip
 
@@ -132,8 +137,25 @@ class Cluster:
             "-w", "-t", "60",
         )  # fmt: skip
 
+    def psql(self, sql: str) -> None:
+        self._run("psql", "-h", str(self.root), "-p", str(self.port), "-U", SUPERUSER,
+                  "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql)  # fmt: skip
+
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "60")
+
+    def base_backup_from(self, source: Cluster) -> None:
+        """Replace this cluster's data with a copy of ``source`` that streams from it
+        (``pg_basebackup -R``: standby.signal and primary_conninfo written for us)."""
+        shutil.rmtree(self.data, ignore_errors=True)
+        self._run(
+            "pg_basebackup", "-D", str(self.data), "-R", "-X", "stream", "-c", "fast",
+            "-d", source.conninfo(),
+        )  # fmt: skip
+
+    def promote(self) -> None:
+        """``pg_ctl promote``: the standby ends recovery and takes writes."""
+        self._run("pg_ctl", "promote", "-D", str(self.data), "-w", "-t", "60")
 
     def kill_backend(self, pid: int) -> None:
         """SIGKILL one backend, as the OOM killer would: the postmaster then resets every
@@ -162,18 +184,59 @@ class Cluster:
             auth += ":" + quote(password, safe="")
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
 
+    def conninfo(self) -> str:
+        """libpq key=value form, as pg_basebackup and primary_conninfo take it."""
+        return (
+            f"host=127.0.0.1 port={self.port} user={SUPERUSER} "
+            f"password={SUPERUSER_PASSWORD} application_name=standby"
+        )
 
-@contextlib.contextmanager
-def throwaway_cluster() -> Iterator[Cluster]:
+
+def _bindir() -> Path:
     bindir = find_bindir()
     if bindir is None:
         import pytest
 
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
-    cluster = Cluster(bindir)
+    return bindir
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[Cluster]:
+    cluster = Cluster(_bindir())
     try:
         cluster.init()
         cluster.start()
         yield cluster
     finally:
         cluster.destroy()
+
+
+# A base backup (and pg_rewind) of a server needs full-page writes; connections are logged
+# so that a test can count the attempts a host gets.
+_PAIR_SETTINGS = {"full_page_writes": "on", "log_connections": "on"}
+
+
+@contextlib.contextmanager
+def streaming_pair() -> Iterator[tuple[Cluster, Cluster]]:
+    """A primary and a hot standby streaming from it, started; replication synchronous (a
+    commit returns once the standby has flushed it), as for a managed database's failover
+    replica. The setting lives on the primary only: a promoted standby, with no standby of
+    its own, must not wait for one."""
+    bindir = _bindir()
+    if not all((bindir / tool).is_file() for tool in ("pg_basebackup", "psql")):
+        import pytest
+
+        pytest.skip(f"no pg_basebackup or psql in {bindir}: no standby to fail over to")
+    primary, standby = Cluster(bindir, _PAIR_SETTINGS), Cluster(bindir, _PAIR_SETTINGS)
+    try:
+        primary.init()
+        primary.start()
+        standby.base_backup_from(primary)
+        standby.start()
+        primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        primary.psql("SELECT pg_reload_conf()")
+        yield primary, standby
+    finally:
+        standby.destroy()
+        primary.destroy()

@@ -139,7 +139,7 @@ class AmqpPublisher:
         self._name = name
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._gate = ConnectGate()
+        self._gate = ConnectGate(f"RabbitMQ {self._where}", log)
         self._known_exchanges: set[str] = {""}  # the default exchange always exists
         self._closed = False
 
@@ -304,7 +304,8 @@ class AmqpPublisher:
             raise TransientError(
                 f"RabbitMQ {self._where}: cannot connect: {self._reason(exc)}"
             ) from None
-        log.info("connected to RabbitMQ %s", self._where)
+        if not self._gate.down:  # else the gate says it is back
+            log.info("connected to RabbitMQ %s", self._where)
         return connection
 
     async def _check_exchange(self, connection: AbstractConnection, name: str) -> None:

@@ -14,6 +14,10 @@ class Sink(Protocol):
     ``deliver`` returns normally on success and raises ``TransientError`` or
     ``PermanentError`` (from ``worker.errors``) otherwise; any other exception is treated
     as transient. It may be called from many tasks at once (one per delivery slot).
+
+    A sink that sends a message puts the intent's W3C trace context on it:
+    ``worker.tracing.with_trace_context(headers, intent)`` adds ``traceparent`` (and
+    ``tracestate``) to the message's headers, or to the fields a job queue reads them from.
     """
 
     async def deliver(self, intent: Intent) -> None: ...

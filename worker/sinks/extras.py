@@ -76,6 +76,7 @@ def _webhook(settings: Settings) -> Callable[[float, int | None], Sink]:
         return WebhookSink(
             secret=settings.webhook_secret,
             allow_hosts=parse_allow_hosts(settings.webhook_allow_hosts),
+            allow_private=settings.webhook_allow_private,
             timeout=timeout,
             max_connections=settings.concurrency,
             max_retry_after=settings.backoff_max,
@@ -173,7 +174,9 @@ def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, 
         ),
     ]
     explicit = {
-        "webhook": settings.webhook_secret is not None or bool(settings.webhook_allow_hosts),
+        "webhook": settings.webhook_secret is not None
+        or bool(settings.webhook_allow_hosts)
+        or settings.webhook_allow_private,
         "rabbitmq": settings.rabbitmq_url is not None,
         "nats": settings.nats_url is not None,
         "sidekiq": settings.sidekiq_redis_url is not None,

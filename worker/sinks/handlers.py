@@ -5,12 +5,18 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.errors import ConfigError
 from worker.intent import Intent
+from worker.sinks.threaded import Threaded
 
 Handler = Callable[[Intent], Awaitable[Any]]
+_Fn = TypeVar("_Fn", bound=Callable[[Intent], Any])
+_PLAIN = (
+    "is a plain function, which would block the event loop: make it async, or register "
+    "it with threads=N to run it in threads"
+)
 
 
 class Handlers(Mapping[str, Handler]):
@@ -20,16 +26,31 @@ class Handlers(Mapping[str, Handler]):
 
     @handlers.register("sms")
     async def send_sms(intent: Intent) -> None: ...
+
+    @handlers.register("invoice_pdf", threads=4)  # a plain function, run off the event loop
+    def render_invoice(intent: Intent) -> None: ...
     """
 
     def __init__(self) -> None:
         self._by_kind: dict[str, Handler] = {}
 
-    def register(self, kind: str) -> Callable[[Handler], Handler]:
-        def add(fn: Handler) -> Handler:
+    def register(self, kind: str, *, threads: int | None = None) -> Callable[[_Fn], _Fn]:
+        """``threads=N``: ``fn`` is a plain function that may block; it runs in at most N
+        threads of its own (worker/sinks/threaded.py)."""
+
+        def add(fn: _Fn) -> _Fn:
             if kind in self._by_kind:
                 raise ValueError(f"a handler for kind {kind!r} is already registered")
-            self._by_kind[kind] = fn
+            if threads is None:
+                if not _is_async(fn):
+                    raise TypeError(f"the handler for {kind!r} {_PLAIN}")
+                self._by_kind[kind] = fn
+            elif _is_async(fn):
+                raise TypeError(
+                    f"the handler for {kind!r} is async: threads= is for plain functions"
+                )
+            else:
+                self._by_kind[kind] = Threaded(fn, threads)
             return fn
 
         return add
@@ -82,10 +103,13 @@ def load_handlers(spec: str) -> Mapping[str, Handler]:
     for kind, fn in handlers.items():
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"--handlers {spec!r}: kind {kind!r} is not a non-empty string")
-        # A coroutine function, or an object whose class defines `async def __call__`.
-        call = fn if inspect.isroutine(fn) else type(fn).__call__
-        if not inspect.iscoroutinefunction(call):
-            raise ConfigError(
-                f"--handlers {spec!r}: the handler for {kind!r} is not an async callable"
-            )
+        if not _is_async(fn):
+            what = _PLAIN if inspect.isroutine(fn) else "is not an async callable"
+            raise ConfigError(f"--handlers {spec!r}: the handler for {kind!r} {what}")
     return handlers
+
+
+def _is_async(fn: object) -> bool:
+    """A coroutine function, or an object whose class defines `async def __call__`."""
+    call = fn if inspect.isroutine(fn) else type(fn).__call__
+    return inspect.iscoroutinefunction(call)

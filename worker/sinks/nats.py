@@ -8,7 +8,8 @@ Payload::
 ``Nats-Msg-Id`` is the intent id (with ``--message-id-prefix``), the same on every retry,
 so JetStream drops a retried publish that it had stored already, as long as the retry comes
 within the stream's duplicate window (``duplicate_window``, 2 minutes by default). The
-optional ``stream`` is checked by the server (``Nats-Expected-Stream``).
+optional ``stream`` is checked by the server (``Nats-Expected-Stream``). The intent's W3C
+trace context, if any, goes into the headers (``traceparent``, ``tracestate``).
 
 No PubAck in time, no stream for the subject, a server error or a lost connection are
 transient; a payload the server can never take (too large, wrong expected stream) is
@@ -40,9 +41,11 @@ from nats.aio.msg import Msg
 from nats.js.api import Header, PubAck
 
 from worker.errors import ConfigError, PermanentError, TransientError
+from worker.findings import fmt_duration
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import NATS_DEFAULT, SizeLimit
+from worker.tracing import with_trace_context
 
 __all__ = ["NatsSink", "build_publish", "parse_nats_url"]
 
@@ -127,7 +130,7 @@ def build_publish(
     if unknown:
         raise PermanentError("nats payload has unknown field(s): " + ", ".join(unknown))
     subject = _check_subject(payload.get("subject"))
-    headers = _check_headers(payload.get("headers"))
+    headers = dict(with_trace_context(_check_headers(payload.get("headers")), intent))
     headers["Nats-Msg-Id"] = f"{id_prefix}{intent.id}"
     stream = payload.get("stream")
     if stream is not None and not (isinstance(stream, str) and _STREAM_RE.match(stream)):
@@ -189,7 +192,8 @@ class NatsSink:
         self._inbox = ""  # the client's PubAck inbox prefix, "_INBOX.<nuid>."
         self._acks: dict[str, asyncio.Future[Msg]] = {}  # by token, until answered
         self._tokens = itertools.count()
-        self._gate = ConnectGate()
+        self._gate = ConnectGate(f"NATS {self._where}", log)
+        self._lost_at = 0.0  # anyio.current_time() when the connection was last lost
         self._closed = False
 
     def __repr__(self) -> str:
@@ -362,22 +366,35 @@ class NatsSink:
                 why = "timed out" if isinstance(exc, TimeoutError) else self._reason(exc)
                 raise TransientError(f"NATS {self._where}: cannot connect: {why}") from None
             raise
-        log.info("connected to NATS %s", self._where)
+        if not self._gate.down:  # else the gate says it is back
+            log.info("connected to NATS %s", self._where)
         return client, inbox
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS %s: %s", self._where, self._reason(exc))
 
+    # An outage of an established connection, in the words of ConnectGate's: the client
+    # reconnects by itself, every reconnect_wait seconds, and says nothing in between.
     async def _on_disconnected(self) -> None:
         if not self._closed:
-            log.warning("NATS %s: connection lost; reconnecting", self._where)
+            self._lost_at = anyio.current_time()
+            log.warning(
+                "NATS %s is down (connection lost); the client reconnects every %gs, its "
+                "intents are retried meanwhile",
+                self._where,
+                self._reconnect_wait,
+            )
 
     async def _on_reconnected(self) -> None:
-        log.info("NATS %s: reconnected", self._where)
+        down = fmt_duration(anyio.current_time() - self._lost_at)
+        log.warning("NATS %s is back after %s", self._where, down)
 
     async def aclose(self) -> None:
         async with self._gate.lock:
             self._closed = True
             client, self._client = self._client, None
         if client is not None:
-            await client.close()
+            try:
+                await client.close()
+            except Exception as exc:  # nats-py fails to close a connection while reconnecting
+                log.debug("closing the NATS connection: %s", self._reason(exc))

@@ -7,7 +7,8 @@ Payload::
 
 The message is persistent (delivery mode 2), ``application/json``, and its ``message_id``
 is the intent id (with ``--message-id-prefix``), the same on every retry, so a consumer can
-drop a duplicate. The intent is sent only once the broker has confirmed the message. A nack,
+drop a duplicate; the intent's W3C trace context, if any, is in its headers (``traceparent``,
+``tracestate``). The intent is sent only once the broker has confirmed the message. A nack,
 an unroutable message (``mandatory``, the default: no queue is bound for the routing key),
 a timeout or a connection lost before the confirm are transient. An exchange that does not
 exist is permanent: it is checked once per exchange name on a throwaway channel, because the
@@ -29,6 +30,7 @@ import orjson
 from worker.errors import PermanentError
 from worker.intent import Intent
 from worker.sinks.amqp import AmqpPublisher, Publish, parse_amqp_url
+from worker.tracing import with_trace_context
 
 __all__ = ["RabbitMQSink", "build_message", "parse_amqp_url"]
 
@@ -80,7 +82,7 @@ def build_message(intent: Intent, id_prefix: str = "") -> tuple[str, str, aio_pi
         timestamp=intent.created_at,
         type=message_type,
         app_id="outbox-worker",
-        headers=headers,
+        headers=dict(with_trace_context(headers, intent)),
     )
     return exchange, routing_key, message, mandatory
 

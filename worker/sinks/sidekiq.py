@@ -10,7 +10,8 @@ Payload::
 ``class`` and ``args`` are required; the rest is optional, with Sidekiq's defaults
 (``queue`` "default", ``retry`` true). The job hash gets ``jid`` (see :func:`job_id`),
 ``created_at`` (when the intent was committed) and, when pushed to a queue, ``enqueued_at``
-(now), both epoch seconds as floats, as Sidekiq 6 and 7 write them. Like
+(now), both epoch seconds as floats, as Sidekiq 6 and 7 write them, and the intent's W3C
+trace context, if any, as the top-level fields ``traceparent`` and ``tracestate``. Like
 ``Sidekiq::Client#atomic_push``: a job is ``SADD queues NAME`` + ``LPUSH queue:NAME json``;
 a job with a future ``at`` is ``ZADD schedule at json`` (no ``enqueued_at``: the server's
 poller sets it when the job is due), and an ``at`` already past is pushed at once, as
@@ -44,6 +45,7 @@ from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import REDIS_DEFAULT, SizeLimit
+from worker.tracing import with_trace_context
 
 __all__ = ["Job", "SidekiqSink", "build_job", "job_id", "parse_redis_url"]
 
@@ -164,13 +166,14 @@ def build_job(intent: Intent, id_prefix: str = "") -> Job:
     if not isinstance(args, list):
         raise _fail(f"'args' must be a list, got {type(args).__name__}")
     options = _check_options(payload)
-    item = {
+    job = {
         **options,
         "class": cls,
         "args": args,
         "jid": job_id(intent.id, id_prefix),
         "created_at": intent.created_at.timestamp(),
     }
+    item = dict(with_trace_context(job, intent))  # top-level fields, where Ruby's OTel looks
     return Job(item, options["queue"], _check_at(payload.get("at")))
 
 
@@ -227,7 +230,7 @@ class SidekiqSink:
         self._id_prefix = id_prefix
         self._client: Redis | None = None
         self._healthy = False  # False: ping (once, behind the gate) before the next push
-        self._gate = ConnectGate()
+        self._gate = ConnectGate(f"Redis {self._where}", log)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -337,7 +340,8 @@ class SidekiqSink:
         except Exception as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else self._reason(exc)
             raise TransientError(f"Redis {self._where}: cannot connect: {why}") from None
-        log.info("connected to Redis %s for the sidekiq kind", self._where)
+        if not self._gate.down:  # else the gate says it is back
+            log.info("connected to Redis %s for the sidekiq kind", self._where)
         return client
 
     async def aclose(self) -> None:

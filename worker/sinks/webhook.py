@@ -5,11 +5,14 @@ Payload::
     {"url": "https://api.example.com/hooks/orders", "method": "POST",
      "body": {...any JSON...}, "headers": {"Authorization": "Bearer ..."}}
 
-Every request carries ``Idempotency-Key`` (stable across retries of one intent) and, when a
-secret is configured, ``Outbox-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
+Every request carries ``Idempotency-Key`` (stable across retries of one intent), the intent's
+W3C trace context (``traceparent``, ``tracestate``) if it has one, and, when a secret is
+configured, ``Outbox-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
 "<t>.<body>">``. 2xx is sent; 408, 425, 429, 5xx and network errors are transient (a
 ``Retry-After`` is honoured); any other status is permanent. Redirects are not followed: a
 redirect could leave the allow-list, and a POST should go to the URL that was meant.
+Loopback, private and link-local destinations are refused unless allowed
+(worker/sinks/webhook_guard.py).
 
 Error messages name the scheme, host and port only: webhook URLs often carry a token in
 their path or query (Slack, Teams, Zapier) and ``last_error`` is stored and logged.
@@ -33,6 +36,8 @@ from yarl import URL
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.size import WEBHOOK_DEFAULT, SizeLimit
+from worker.sinks.webhook_guard import DestinationPolicy, DestinationRefused, GuardedConnector
+from worker.tracing import with_trace_context
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -234,6 +239,7 @@ class WebhookSink:
         *,
         secret: str | None = None,
         allow_hosts: Sequence[str] = (),
+        allow_private: bool = False,
         timeout: float = 30.0,
         max_connections: int = 100,
         max_retry_after: float = 3600.0,
@@ -245,6 +251,7 @@ class WebhookSink:
             raise ConfigError("--webhook-secret is empty")
         self._secret = secret
         self._allow_hosts = tuple(allow_hosts)
+        self._policy = DestinationPolicy(allow_private=allow_private, allow_hosts=allow_hosts)
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
         self._max_connections = max_connections
         self._max_retry_after = max_retry_after
@@ -255,20 +262,21 @@ class WebhookSink:
 
     def __repr__(self) -> str:
         allow = ",".join(self._allow_hosts) or "any host"
-        return f"WebhookSink(allow={allow}, signed={self._secret is not None})"
+        private = self._policy.allow_private
+        return f"WebhookSink(allow={allow}, private={private}, signed={self._secret is not None})"
 
     def _client(self) -> aiohttp.ClientSession:
         # Created on first use: a session belongs to the running event loop.
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                connector=GuardedConnector(self._policy, limit=self._max_connections),
                 timeout=self._timeout,
                 headers={"User-Agent": self._user_agent},
             )
         return self._session
 
     def headers_for(self, intent: Intent, request: WebhookRequest) -> dict[str, str]:
-        headers = dict(request.headers)
+        headers = dict(with_trace_context(request.headers, intent))
         headers["Idempotency-Key"] = f"{self._id_prefix}{intent.id}"
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, int(time.time()), request.body)
@@ -276,6 +284,7 @@ class WebhookSink:
 
     async def deliver(self, intent: Intent) -> None:
         request = build_request(intent, self._allow_hosts)
+        self._policy.check_literal(request.url.host or "")
         where = f"{request.method} {request.target}"
         self._size.check(f"{where}: request body", len(request.body or b""))
         try:
@@ -296,6 +305,8 @@ class WebhookSink:
         except TimeoutError:
             raise TransientError(f"{where}: no response within {self._timeout.total:g}s") from None
         except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, DestinationRefused):
+                raise PermanentError(str(exc.os_error)) from None
             # Transient: a resolver outage looks the same as a typo. A typo ends dead once the
             # attempts run out, with this message.
             raise TransientError(f"{where}: cannot resolve host ({exc.os_error})") from None

@@ -14,6 +14,12 @@ SELECT
                            WHERE status = 'pending' AND NOT ordering_held
                              AND run_at > now() LIMIT $1) AS l)
         AS pending_later,
+    -- Pending rows waiting behind the head of their ordering key (not in the pending index):
+    -- the blocking index has every keyed pending row, so this walks at most those.
+    (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
+                           WHERE ordering_key IS NOT NULL AND status = 'pending'
+                             AND ordering_held LIMIT $1) AS w)
+        AS pending_held,
     (SELECT count(*) FROM (SELECT 1 FROM {{schema}}.intent
                            WHERE status = 'processing' LIMIT $1) AS p)
         AS processing,
@@ -39,7 +45,11 @@ SELECT
     pg_table_size(t.relid) AS table_bytes,
     x.age AS oldest_xact_age,
     x.pid AS oldest_xact_pid,
-    x.application_name AS oldest_xact_application
+    x.application_name AS oldest_xact_application,
+    -- Which server this is (of a multi-host DSN's hosts); no address over a Unix socket.
+    host(inet_server_addr()) AS server_addr,
+    current_setting('port')::int AS server_port,
+    NOT pg_is_in_recovery() AS server_primary
 FROM (SELECT 1) AS one
 LEFT JOIN pg_stat_user_tables AS t ON t.schemaname = $2 AND t.relname = 'intent'
 -- The halting dead intent with the lowest id (the first halted of all); min(id), not ORDER BY
@@ -59,3 +69,9 @@ LEFT JOIN LATERAL (
     ORDER BY a.xact_start
     LIMIT 1
 ) AS x ON true
+
+-- name: server
+-- The server a connection landed on, as the dashboard's db_health reads it.
+SELECT host(inet_server_addr()) AS server_addr,
+       current_setting('port')::int AS server_port,
+       NOT pg_is_in_recovery() AS server_primary

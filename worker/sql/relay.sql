@@ -36,7 +36,7 @@ WHERE id = ANY(ARRAY(
     ORDER BY r.run_at, r.id
     LIMIT $3
     FOR UPDATE SKIP LOCKED))
-RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at, ordering_key
+RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at, ordering_key, trace_context
 
 -- name: hold_backlog
 -- Keep blocked rows out of the claim's way: among the first $1 due rows a claim would walk,

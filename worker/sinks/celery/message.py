@@ -13,7 +13,9 @@ The message is what ``send_welcome.apply_async(...)`` would send (celery/app/amq
 postpone the task, and every attempt sends the same message.
 
 The task id is ``uuid5(TASK_ID_NAMESPACE, f"{--message-id-prefix}{intent id}")``: the same
-on every retry, so a task can recognise a duplicate push (``self.request.id``).
+on every retry, so a task can recognise a duplicate push (``self.request.id``). The intent's
+W3C trace context, if any, goes into the headers (``traceparent``, ``tracestate``), which
+Celery's OpenTelemetry instrumentation reads as the task request's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import orjson
 
 from worker.errors import PermanentError
 from worker.intent import Intent
+from worker.tracing import with_trace_context
 
 __all__ = ["TASK_ID_NAMESPACE", "CeleryTask", "build_task", "task_id"]
 
@@ -163,4 +166,4 @@ def build_task(intent: Intent, id_prefix: str = "") -> CeleryTask:
         "stamped_headers": None,
         "stamps": {},
     }
-    return CeleryTask(tid, queue, headers, body)
+    return CeleryTask(tid, queue, dict(with_trace_context(headers, intent)), body)

@@ -114,7 +114,7 @@ class CeleryRedisSink:
             client_name=name,
         )
         self._healthy = False  # checked (PING) before the first use and after a failure
-        self._gate = ConnectGate()
+        self._gate = ConnectGate(f"Redis {self._where}", log)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -191,7 +191,8 @@ class CeleryRedisSink:
             raise TransientError(
                 f"Redis {self._where}: cannot connect: {self._reason(exc)}"
             ) from None
-        log.info("connected to Redis %s", self._where)
+        if not self._gate.down:  # else the gate says it is back
+            log.info("connected to Redis %s", self._where)
 
     async def aclose(self) -> None:
         async with self._gate.lock:

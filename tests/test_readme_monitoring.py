@@ -1,0 +1,160 @@
+"""The README's Monitoring section, run as written: the alert rules pass `promtool check
+rules` and fire (and stay quiet) in `promtool test rules`; the Kubernetes snippet's worker
+answers its probes on the port the snippet names; the metrics table lists exactly what
+/metrics serves, with the right types."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fault.workers import WorkerProcess
+from tests.monitoring import http_get, require_binary, wait_for_status
+from tests.readme import README, readme_snippet
+from tests.tcp_proxy import free_port
+from worker.http_server import READY_TIMEOUT
+from worker.settings import Settings
+
+SECTION = "Monitoring"
+
+
+def _rules() -> dict[str, Any]:
+    return yaml.safe_load(readme_snippet(SECTION, "yaml", "# outbox-alerts.yml").text)
+
+
+def _promtool(*args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        [require_binary("promtool"), *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_readme_alert_rules_pass_promtool_check(tmp_path: Path) -> None:
+    (tmp_path / "alerts.yml").write_text(readme_snippet(SECTION, "yaml", "# outbox-alerts").text)
+    assert "SUCCESS: 3 rules found" in _promtool("check", "rules", "alerts.yml", cwd=tmp_path)
+
+
+def _alert(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """What promtool must see firing: the rule's own labels and annotations on top."""
+    rule = next(r for r in _rules()["groups"][0]["rules"] if r["alert"] == name)
+    return {"exp_labels": {**labels, **rule["labels"]}, "exp_annotations": rule["annotations"]}
+
+
+def test_readme_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) -> None:
+    (tmp_path / "alerts.yml").write_text(readme_snippet(SECTION, "yaml", "# outbox-alerts").text)
+    w1 = 'instance="w1",job="outbox-worker"'
+    w2 = 'instance="w2",job="outbox-worker"'
+    series = [
+        # w1 and w2 read the same table: the oldest due intent ages past a minute.
+        (f"outbox_queue_oldest_due_age_seconds{{{w1}}}", "0 0 0 0 30 90+60x20"),
+        (f"outbox_queue_oldest_due_age_seconds{{{w2}}}", "0 0 0 0 30 90+60x20"),
+        # email: 5 dead per 100 sent a minute (5%); webhook: 1 per 1,000 (0.1%, below 1%).
+        (f'outbox_intents_sent_total{{kind="email",{w1}}}', "0+100x25"),
+        (f'outbox_intents_dead_total{{kind="email",{w1}}}', "0+5x25"),
+        (f'outbox_intents_sent_total{{kind="webhook",{w1}}}', "0+1000x25"),
+        (f'outbox_intents_dead_total{{kind="webhook",{w1}}}', "0+1x25"),
+        # w1's LISTEN connection drops at minute 3 and stays down; w2's blips for 2 minutes.
+        (f"outbox_listener_connected{{{w1}}}", "1 1 1 0x22"),
+        (f"outbox_listener_connected{{{w2}}}", "1 1 1 0 0 1x20"),
+    ]
+    tests = {
+        "rule_files": ["alerts.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "OutboxFallingBehind", "exp_alerts": []},
+                    {
+                        "eval_time": "12m",
+                        "alertname": "OutboxFallingBehind",
+                        "exp_alerts": [_alert("OutboxFallingBehind", {})],
+                    },
+                    {"eval_time": "3m", "alertname": "OutboxDeadRate", "exp_alerts": []},
+                    {
+                        "eval_time": "20m",
+                        "alertname": "OutboxDeadRate",
+                        "exp_alerts": [_alert("OutboxDeadRate", {"kind": "email"})],
+                    },
+                    {"eval_time": "8m", "alertname": "OutboxListenerDown", "exp_alerts": []},
+                    {
+                        "eval_time": "20m",
+                        "alertname": "OutboxListenerDown",
+                        "exp_alerts": [
+                            _alert("OutboxListenerDown", {"instance": "w1", "job": "outbox-worker"})
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(tests))
+    assert "SUCCESS" in _promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+
+
+def _metrics_table() -> dict[str, str]:
+    """metric name -> type, from the README table of the Monitoring section."""
+    text = README.read_text()
+    section = text[text.index(f"## {SECTION}\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return dict(re.findall(r"^\| `(outbox_\w+)` \| (\w+) \|", section, re.MULTILINE))
+
+
+def _exposed_name(name: str, kind: str) -> str:
+    """The family name prometheus-client's parser reports for a table row."""
+    suffix = "_total" if kind == "counter" else ""
+    return name.removesuffix(suffix)
+
+
+async def test_readme_kubernetes_probes_and_metrics_table(
+    pg_dsn: str, db: asyncpg.Connection, schema: str
+) -> None:
+    spec = yaml.safe_load(readme_snippet(SECTION, "yaml", "# pod spec").text)["spec"]
+    assert spec["terminationGracePeriodSeconds"] > Settings().grace
+    container = spec["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    args = list(container["args"])
+    listen = args[args.index("--http") + 1]
+    # The probes reach the port --http listens on.
+    assert listen.endswith(f":{ports[container['readinessProbe']['httpGet']['port']]}")
+    assert listen.endswith(f":{ports[container['livenessProbe']['httpGet']['port']]}")
+    assert container["readinessProbe"]["timeoutSeconds"] > READY_TIMEOUT
+
+    # The container, run here: its args as written (on a free port), DATABASE_URL from the
+    # "secret", the test's schema.
+    port = free_port()
+    args[args.index("--http") + 1] = listen.rpartition(":")[0] + f":{port}"
+    [env_var] = container["env"]
+    worker = WorkerProcess(args, env={env_var["name"]: pg_dsn, "OUTBOX_SCHEMA": schema})
+    await worker.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for probe in ("readinessProbe", "livenessProbe"):
+            await wait_for_status(base + container[probe]["httpGet"]["path"], 200)
+        status, text = await http_get(f"{base}/metrics")
+        assert status == 200
+    finally:
+        await worker.aclose()
+
+    table = _metrics_table()
+    exposed = {
+        family.name: family.type
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("outbox_")
+    }
+    documented = {_exposed_name(name, kind): kind for name, kind in table.items()}
+    assert set(exposed) <= set(documented), set(exposed) - set(documented)
+    # Only the gauges the table says may be absent are.
+    optional = {"outbox_table_bytes", "outbox_table_dead_tuples"}
+    optional |= {"outbox_oldest_transaction_age_seconds"}
+    assert set(documented) - set(exposed) <= optional
+    for name, kind in exposed.items():
+        assert documented[name] == kind, (name, kind)
