@@ -80,7 +80,8 @@ async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warn
         f"nats: nats://***@127.0.0.1:4222, nats://app@127.0.0.1:{closed} (JetStream)",
         f"sidekiq: redis://127.0.0.1:{closed}/3 (Sidekiq's Redis)",
         f"celery: amqp://app@127.0.0.1:{closed}/ (Celery's broker)",
-        "boom, crash, noop, ordered, reject, slow: your handlers (tests.sample_handlers:handlers)",
+        "block, boom, crash, noop, ordered, reject, sleepy, slow: your handlers "
+        "(tests.sample_handlers:handlers)",
     ]
     # The SMTP server and the NATS server on 4222 answer; the closed port does not.
     assert sorted(_messages(caplog, logging.WARNING)) == [
