@@ -7,6 +7,7 @@ of the same batch are delivered either way.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from worker.errors import ConfigError, PermanentError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
+from worker.sinks.amqp import _server_version
 from worker.sinks.celery.redis import CeleryRedisSink
 from worker.sinks.email import EmailSink, parse_smtp_url
 from worker.sinks.limits import parse_limits
@@ -246,6 +248,9 @@ async def test_rabbitmq_checks_the_body_against_the_brokers_default_or_the_cap(
         return _intent(n, "rabbitmq", {"exchange": broker.exchange, "routing_key": "order.x",
                                        "body": body})  # fmt: skip
 
+    # The default comes from the broker's version, read off the connection.
+    version = _server_version(broker.connection)
+    assert version is not None and re.match(r"^\d+\.\d+", version), version
     batch = [event(1, 10), event(2, BIG), event(3, 10)]
     default = RabbitMQSink(amqp_url, timeout=30)  # RabbitMQ 3.8-3.13: 128 MiB
     capped = RabbitMQSink(amqp_url, timeout=30, max_bytes=MIB)

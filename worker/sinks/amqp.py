@@ -200,6 +200,7 @@ class AmqpPublisher:
         with anyio.move_on_after(self._timeout):
             try:
                 connection, channel = await self._ready()
+                limit = self._size_limit(connection)
                 for _, entry in todo:
                     if entry.exchange not in exchanges:
                         exchanges[entry.exchange] = await self._checked_exchange(
@@ -214,7 +215,7 @@ class AmqpPublisher:
                 exchange = exchanges[entry.exchange]
                 if isinstance(exchange, BaseException):
                     results[i] = _copy(exchange)
-                elif (too_big := self._too_big(connection, entry)) is not None:
+                elif (too_big := self._too_big(limit, entry)) is not None:
                     results[i] = too_big
                 else:
                     jobs.append((i, exchange, entry))
@@ -230,20 +231,23 @@ class AmqpPublisher:
             self._failure(TimeoutError(), "", "") if isinstance(r, _Pending) else r for r in results
         ]
 
-    def _too_big(self, connection: AbstractConnection, entry: Publish) -> PermanentError | None:
+    def _too_big(self, limit: SizeLimit, entry: Publish) -> PermanentError | None:
         """A body over the broker's max_message_size: the broker would close the shared
-        channel over it, failing every publish in flight. RabbitMQ does not announce the
-        setting; the default of the broker's version stands in unless --limits says."""
-        version = _server_version(connection)
-        size = SizeLimit(self._kind, self._max_bytes, rabbitmq_default(version))
+        channel over it, failing every publish in flight."""
         try:
-            size.check(
+            limit.check(
                 f"{self._kind} message body to {entry.exchange or '(default exchange)'!r}",
                 len(entry.message.body),
             )
         except PermanentError as exc:
             return exc
         return None
+
+    def _size_limit(self, connection: AbstractConnection) -> SizeLimit:
+        """RabbitMQ does not announce max_message_size: the default of the broker's version
+        stands in, unless --limits says otherwise."""
+        default = rabbitmq_default(_server_version(connection))
+        return SizeLimit(self._kind, self._max_bytes, default)
 
     async def _checked_exchange(
         self, connection: AbstractConnection, channel: AbstractChannel, name: str
