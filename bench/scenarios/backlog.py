@@ -1,4 +1,4 @@
-"""10. A big backlog (issue 14): the relay was down for a day, a million intents wait.
+"""A big backlog (issue 14): the relay was down for a day, a million intents wait.
 
 One run: a fresh schema gets ``backlog_sent`` delivered rows (history) and then
 ``backlog_pending`` pending ones, each in one ``INSERT ... SELECT generate_series`` with the
@@ -6,11 +6,13 @@ notify trigger in place (a deferred per-row trigger: its events are queued and r
 commit; the first does the check, the rest return at once). Then, with the backlog there:
 
 - the claim's plan, by ``EXPLAIN ANALYZE`` of the relay's own claim statement in a
-  transaction that is rolled back: it must use an index, never scan the table;
+  transaction that is rolled back: it must use an index, never scan the table (again
+  half-way through the drain, with half a million dead entries at the head of its index);
 - producers commit flat out for a while with no worker running (the baseline);
 - one worker (a subprocess, concurrency ``backlog_concurrency``) drains it all while this
   process samples the worker's RSS, times the dashboard's health query and the ``status``
-  command, and runs the same producers again, flat out, in the middle of the drain.
+  command, and runs the same producers again, flat out, in the middle of the drain; what
+  the producers' server processes wait on is sampled both times (a lock, the WAL, ...).
 
 The worker keeps no per-intent bench bookkeeping (``per_intent: false``), so its memory is
 the relay's own.
