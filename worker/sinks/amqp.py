@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.sinks.base import DeliversBatchOfOne, error_text
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import SizeLimit, rabbitmq_default
 
@@ -104,7 +105,7 @@ def _server_version(connection: AbstractConnection) -> str | None:
     return version if isinstance(version, str) else None
 
 
-class AmqpPublisher:
+class AmqpPublisher(DeliversBatchOfOne):
     """One connection and one confirming channel, opened on first use and reopened after a
     failure; concurrent batches share the channel (confirms are pipelined, each publish
     waits for its own).
@@ -143,23 +144,12 @@ class AmqpPublisher:
         self._known_exchanges: set[str] = {""}  # the default exchange always exists
         self._closed = False
 
-    def _redact(self, text: str) -> str:
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text
-
     def _reason(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        return self._redact(f"{type(exc).__name__}: {text}"[:300])
+        return error_text(exc, [self._password])
 
     def _entry(self, intent: Intent) -> Publish:
         """What to publish for ``intent``; raises ``PermanentError`` for a bad payload."""
         raise NotImplementedError
-
-    async def deliver(self, intent: Intent) -> None:
-        [error] = await self.deliver_many([intent])
-        if error is not None:
-            raise error
 
     async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
         entries: list[Publish | PermanentError] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from worker.intent import Intent
@@ -39,3 +39,27 @@ class BatchSink(Sink, Protocol):
     max_batch: int
 
     async def deliver_many(self, intents: Sequence[Intent]) -> Sequence[BaseException | None]: ...
+
+
+def error_text(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
+    """``Type: message`` on one line, every secret replaced by ``***`` (before the cut, so no
+    part of one survives it), at most 300 characters: a sink's words for a failure, which
+    end up in ``last_error`` and the log."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text[:300]
+
+
+class DeliversBatchOfOne:
+    """``deliver`` for a sink whose work is in ``deliver_many``: a batch of one."""
+
+    async def deliver_many(self, intents: Sequence[Intent]) -> Sequence[BaseException | None]:
+        raise NotImplementedError
+
+    async def deliver(self, intent: Intent) -> None:
+        [error] = await self.deliver_many([intent])
+        if error is not None:
+            raise error

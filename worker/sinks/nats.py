@@ -43,6 +43,7 @@ from nats.js.api import Header, PubAck
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.findings import fmt_duration
 from worker.intent import Intent
+from worker.sinks.base import DeliversBatchOfOne, error_text
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import NATS_DEFAULT, SizeLimit
 from worker.tracing import with_trace_context
@@ -156,7 +157,7 @@ def _pub_ack(reply: Msg) -> PubAck:
     return PubAck.from_response(answer)
 
 
-class NatsSink:
+class NatsSink(DeliversBatchOfOne):
     """One NATS connection per worker, opened on first use; the client reconnects by itself
     after a drop (publishes in the meantime time out and are retried by the relay)."""
 
@@ -200,16 +201,7 @@ class NatsSink:
         return f"NatsSink({self._where})"
 
     def _reason(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split())
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text[:300]
-
-    async def deliver(self, intent: Intent) -> None:
-        [error] = await self.deliver_many([intent])
-        if error is not None:
-            raise error
+        return error_text(exc, self._secrets)
 
     async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
         """Publish every valid intent in order, then wait for all the PubAcks at once."""

@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.sinks.base import DeliversBatchOfOne, error_text
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import REDIS_DEFAULT, SizeLimit
 from worker.tracing import with_trace_context
@@ -211,7 +212,7 @@ def _copy(exc: BaseException) -> BaseException:
     return exc
 
 
-class SidekiqSink:
+class SidekiqSink(DeliversBatchOfOne):
     """One redis-py client (and its connection pool) per worker; a batch is one
     transaction on one pooled connection, so concurrent batches go in parallel."""
 
@@ -237,16 +238,7 @@ class SidekiqSink:
         return f"SidekiqSink({self._where})"
 
     def _reason(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split())
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text[:300]
-
-    async def deliver(self, intent: Intent) -> None:
-        [error] = await self.deliver_many([intent])
-        if error is not None:
-            raise error
+        return error_text(exc, [self._password])
 
     async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
         """Push every valid job of the batch in one MULTI/EXEC; one outcome per intent."""

@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
+from worker.sinks.base import DeliversBatchOfOne, error_text
 from worker.sinks.celery.message import CeleryTask, build_task
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import REDIS_DEFAULT, SizeLimit
@@ -84,7 +85,7 @@ def envelope(task: CeleryTask) -> bytes:
     )
 
 
-class CeleryRedisSink:
+class CeleryRedisSink(DeliversBatchOfOne):
     """One redis-py client (a connection pool) per worker. After a connection failure the
     next delivery checks the server with a PING before using it again; deliveries that were
     waiting for that check share its failure (:class:`ConnectGate`)."""
@@ -121,14 +122,7 @@ class CeleryRedisSink:
         return f"CeleryRedisSink({self._where})"
 
     def _reason(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        text = f"{type(exc).__name__}: {text}"[:300]
-        return text.replace(self._password, "***") if self._password else text
-
-    async def deliver(self, intent: Intent) -> None:
-        [error] = await self.deliver_many([intent])
-        if error is not None:
-            raise error
+        return error_text(exc, [self._password])
 
     async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
         """LPUSH every valid intent's message in one pipeline; the timeout covers it all."""
