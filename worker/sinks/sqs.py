@@ -21,6 +21,7 @@ credentials are transient; a missing queue, access denied, or a message SQS refu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -214,9 +215,13 @@ class SqsSink:
             if self._closed:
                 raise TransientError("sqs sink is closed")
             if self._client is None:
+                session = get_session()
+                # botocore reads AWS_DEFAULT_REGION and the profile; the other AWS SDKs (and
+                # ECS, Lambda) also set AWS_REGION: take it when botocore found nothing.
+                region = None if session.get_config_variable("region") else env_region()
                 try:
                     self._client = await self._stack.enter_async_context(
-                        get_session().create_client("sqs", config=self._config)
+                        session.create_client("sqs", region_name=region, config=self._config)
                     )
                 except BotoCoreError as exc:  # NoRegionError, a bad profile...
                     raise TransientError(f"sqs: cannot make the AWS client: {exc}") from None
@@ -232,6 +237,10 @@ class SqsSink:
             self._closed = True
             self._client = None
             await self._stack.aclose()
+
+
+def env_region() -> str | None:
+    return os.environ.get("AWS_REGION") or None
 
 
 def _chunks(messages: list[tuple[int, SqsMessage]]) -> list[list[tuple[int, SqsMessage]]]:

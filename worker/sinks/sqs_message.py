@@ -172,7 +172,9 @@ def build_message(intent: Intent, id_prefix: str = "") -> SqsMessage:
         raise _fail("payload has unknown field(s): " + ", ".join(unknown))
     queue_url = _check_queue_url(payload.get("queue_url"))
     fifo = is_fifo(queue_url)
-    body = _check_body(payload.get("body"))
+    if "body" not in payload:
+        raise _fail("payload needs 'body': a string, or any JSON to send serialised")
+    body = _check_body(payload["body"])
     message_id = f"{id_prefix}{intent.id}"
     values = dict(with_trace_context(_check_attributes(payload.get("attributes")), intent))
     values[ID_ATTRIBUTE] = message_id

@@ -1,0 +1,144 @@
+"""A real SQS-compatible server for the sqs tests: moto's server mode, started by the suite as a
+subprocess on a free port (moto is a wheel in the test extra, so it always starts; no skip).
+
+The ``sqs_server`` fixture sets the standard AWS variables for the whole session (dummy
+credentials, a region, ``AWS_ENDPOINT_URL_SQS``), so the sink, and any worker subprocess,
+find the server the way they would find AWS. ``SqsQueues`` creates queues of the test's own
+and reads them back through a client of its own, straight to the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiobotocore.session import get_session
+
+from tests.tcp_proxy import free_port
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "sekrit-aws-key",  # tests check it never shows
+    "AWS_REGION": "eu-west-1",
+}
+
+
+@dataclass
+class MotoServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="session")
+def sqs_server() -> Iterator[MotoServer]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+         "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    server = MotoServer(f"http://127.0.0.1:{port}", process)
+    try:
+        _wait_for_port(port, process)
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL_SQS": server.url}.items():
+                env.setenv(name, value)
+            for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+                env.delenv(name, raising=False)
+            yield server
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto's server exited at start ({process.returncode})")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("moto's server did not listen within 60 s")
+
+
+@dataclass
+class SqsQueues:
+    """Queues of this test's own (``t<random>_NAME``) on the server, and what they hold."""
+
+    client: Any
+    prefix: str
+
+    async def create(self, name: str, **attributes: str) -> str:
+        if name.endswith(".fifo"):
+            attributes["FifoQueue"] = "true"
+        reply = await self.client.create_queue(
+            QueueName=f"{self.prefix}{name}", Attributes=attributes
+        )
+        return str(reply["QueueUrl"])
+
+    async def count(self, queue_url: str) -> int:
+        """Messages stored and not yet received (received ones are deleted by ``drain``)."""
+        reply = await self.client.get_queue_attributes(
+            QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages",
+                                                "ApproximateNumberOfMessagesDelayed"]
+        )  # fmt: skip
+        return sum(int(v) for v in reply["Attributes"].values())
+
+    async def drain(self, queue_url: str) -> list[dict[str, Any]]:
+        """Every message of the queue, in the order a consumer gets them; deletes them."""
+        out: list[dict[str, Any]] = []
+        while True:
+            reply = await self.client.receive_message(
+                QueueUrl=queue_url,
+                MaxNumberOfMessages=10,
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+                VisibilityTimeout=60,
+            )
+            messages = reply.get("Messages", [])
+            if not messages:
+                return out
+            out.extend(messages)
+            await self.client.delete_message_batch(
+                QueueUrl=queue_url,
+                Entries=[
+                    {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]}
+                    for n, m in enumerate(messages)
+                ],
+            )
+
+
+@contextlib.asynccontextmanager
+async def sqs_queues(server: MotoServer) -> AsyncIterator[SqsQueues]:
+    async with get_session().create_client(
+        "sqs", endpoint_url=server.url, region_name=AWS_ENV["AWS_REGION"]
+    ) as client:
+        queues = SqsQueues(client, f"t{secrets.token_hex(4)}_")
+        try:
+            yield queues
+        finally:
+            listed = await client.list_queues(QueueNamePrefix=queues.prefix)
+            for url in listed.get("QueueUrls", []):
+                await client.delete_queue(QueueUrl=url)
+
+
+def attribute(message: dict[str, Any], name: str) -> str | None:
+    value = message.get("MessageAttributes", {}).get(name)
+    return None if value is None else str(value["StringValue"])
+
+
+def moto_env() -> dict[str, str]:
+    """The AWS variables the session set, for a worker subprocess."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
