@@ -3,6 +3,7 @@ by the suite (tests/sqs_helpers.py). "Server down" is a TCP proxy between the si
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -12,10 +13,12 @@ import orjson
 import pytest
 
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.sidekiq_helpers import code_blocks, readme_section
 from tests.sink_helpers import assert_outcomes
 from tests.sqs_helpers import MotoServer, SqsQueues, attribute, sqs_queues
 from tests.sqs_helpers import sqs_server as sqs_server  # the fixture
 from tests.tcp_proxy import TcpProxy
+from tests.test_cli import _env, worker_argv
 from tests.test_sink_extras import _without as without_extra
 from worker.app import build_sinks
 from worker.errors import ConfigError, PermanentError, TransientError
@@ -293,3 +296,82 @@ async def test_an_unreachable_server_is_transient_for_each_intent(
     )  # fmt: skip
     assert results[0] is not results[1]
     assert not any("sekrit-aws-key" in str(r) for r in results)
+
+
+async def test_a_publish_whose_answer_was_lost_to_a_killed_worker_is_dropped_by_fifo_dedup(
+    db, names: Names, pg_dsn: str, sqs_server: MotoServer, queues: SqsQueues
+) -> None:
+    """The lost response, for real: a worker process sends through a proxy that holds every
+    reply, so the message is stored but the worker never hears so; the test waits until the
+    server holds it, then kill -9s the worker before it can record anything. A second worker
+    rescues the intent when its lease runs out and sends it again, with the same
+    MessageDeduplicationId: SQS drops the copy, and the intent ends sent with 2 attempts."""
+    url = await queues.create("crash.fifo")
+    port = int(sqs_server.url.rpartition(":")[2])
+    payload = {"queue_url": url, "body": "first"}
+    async with TcpProxy("127.0.0.1", port) as proxy:
+        env = _env({"AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{proxy.port}"})
+        argv = worker_argv(pg_dsn, names.schema, "--sqs", "--lease", "3")
+        worker = _start(argv, env)
+        try:
+            first = await enqueue(db, "sqs", payload, ordering_key="k", schema=names.schema)
+            await wait_until(lambda: statuses_are(db, names, {"sent": 1}), timeout=60)
+            proxy.hold_replies()  # from now on the worker hears nothing back
+            second = await enqueue(
+                db, "sqs", {**payload, "body": "second"}, ordering_key="k", schema=names.schema
+            )
+            await wait_until(lambda: _stored(queues, url, 2))
+        finally:
+            worker.kill()  # SIGKILL: no outcome written, no lease released
+            worker.wait()
+        assert await _status(db, names, second) == "processing"
+        proxy.release_replies()
+        again = _start(argv, env)
+        try:
+            await wait_until(lambda: statuses_are(db, names, {"sent": 2}), timeout=60)
+        finally:
+            again.kill()
+            again.wait()
+    rows = await db.fetch(f'SELECT id, attempts FROM "{names.schema}".intent ORDER BY id')
+    assert [(r["id"], r["attempts"]) for r in rows] == [(first, 1), (second, 2)]
+    messages = await queues.drain(url)
+    assert [m["Body"] for m in messages] == ["first", "second"]
+
+
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _stored(queues: SqsQueues, url: str, n: int) -> bool:
+    return await queues.count(url) >= n
+
+
+async def _status(db: Any, names: Names, intent_id: int) -> str:
+    return str(
+        await db.fetchval(f'SELECT status FROM "{names.schema}".intent WHERE id = $1', intent_id)
+    )
+
+
+async def test_the_readme_sql_snippet_sends_both_messages(
+    db, names: Names, start_relay, sink: SqsSink, queues: SqsQueues,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    [sql] = code_blocks(readme_section("### `sqs`"), "sql")
+    emails, orders = await queues.create("emails"), await queues.create("orders.fifo")
+    aws = "https://sqs.eu-west-1.amazonaws.com/123456789012/"
+    sql = sql.replace(aws + "emails", emails).replace(aws + "orders.fifo", orders)
+    caplog.set_level("INFO", logger="worker.sinks.sqs")
+    await db.execute(sql.replace("outbox.", f'"{names.schema}".'))
+    async with start_relay({"sqs": sink}):
+        await wait_until(lambda: statuses_are(db, names, {"sent": 2}))
+    ids = [r["id"] for r in await db.fetch(f'SELECT id FROM "{names.schema}".intent ORDER BY id')]
+    [email] = await queues.drain(emails)
+    assert orjson.loads(email["Body"]) == {"user_id": 42}
+    assert (attribute(email, "tenant"), attribute(email, ID_ATTRIBUTE)) == ("acme", str(ids[0]))
+    [order] = await queues.drain(orders)
+    assert orjson.loads(order["Body"]) == {"order_id": 42, "status": "paid"}
+    assert order["Attributes"]["MessageGroupId"] == "order-42"
+    assert order["Attributes"]["MessageDeduplicationId"] == str(ids[1])
+    # The log names the region and endpoint in use, and no key.
+    assert "sqs client ready (region eu-west-1, endpoint http://127.0.0.1:" in caplog.text
+    assert "sekrit-aws-key" not in caplog.text
