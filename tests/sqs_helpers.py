@@ -1,5 +1,6 @@
 """A real SQS-compatible server for the sqs tests: moto's server mode, started by the suite as a
-subprocess on a free port (moto is a wheel in the test extra, so it always starts; no skip).
+subprocess on a free port (bench/sqs_targets.py has the code; moto is a wheel in the test
+extra, so it always starts: no skip).
 
 The ``sqs_server`` fixture sets the standard AWS variables for the whole session (dummy
 credentials, a region, ``AWS_ENDPOINT_URL_SQS``), so the sink, and any worker subprocess,
@@ -10,11 +11,8 @@ and reads them back through a client of its own, straight to the server.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +20,7 @@ from typing import Any
 import pytest
 from aiobotocore.session import get_session
 
-from tests.tcp_proxy import free_port
-
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "sekrit-aws-key",  # tests check it never shows
-    "AWS_REGION": "eu-west-1",
-}
+from bench.sqs_targets import AWS_ENV, REGION, moto_sqs_server
 
 
 @dataclass
@@ -39,38 +31,12 @@ class MotoServer:
 
 @pytest.fixture(scope="session")
 def sqs_server() -> Iterator[MotoServer]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
-         "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    server = MotoServer(f"http://127.0.0.1:{port}", process)
-    try:
-        _wait_for_port(port, process)
-        with pytest.MonkeyPatch.context() as env:
-            for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL_SQS": server.url}.items():
-                env.setenv(name, value)
-            for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-                env.delenv(name, raising=False)
-            yield server
-    finally:
-        process.kill()
-        process.wait()
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    import socket
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto's server exited at start ({process.returncode})")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("moto's server did not listen within 60 s")
+    with moto_sqs_server() as (url, process), pytest.MonkeyPatch.context() as env:
+        for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL_SQS": url}.items():
+            env.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        yield MotoServer(url, process)
 
 
 @dataclass
@@ -123,7 +89,7 @@ class SqsQueues:
 @contextlib.asynccontextmanager
 async def sqs_queues(server: MotoServer) -> AsyncIterator[SqsQueues]:
     async with get_session().create_client(
-        "sqs", endpoint_url=server.url, region_name=AWS_ENV["AWS_REGION"]
+        "sqs", endpoint_url=server.url, region_name=REGION
     ) as client:
         queues = SqsQueues(client, f"t{secrets.token_hex(4)}_")
         try:
@@ -137,8 +103,3 @@ async def sqs_queues(server: MotoServer) -> AsyncIterator[SqsQueues]:
 def attribute(message: dict[str, Any], name: str) -> str | None:
     value = message.get("MessageAttributes", {}).get(name)
     return None if value is None else str(value["StringValue"])
-
-
-def moto_env() -> dict[str, str]:
-    """The AWS variables the session set, for a worker subprocess."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
