@@ -311,7 +311,7 @@ async def test_a_publish_whose_answer_was_lost_to_a_killed_worker_is_dropped_by_
     payload = {"queue_url": url, "body": "first"}
     async with TcpProxy("127.0.0.1", port) as proxy:
         env = _env({"AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{proxy.port}"})
-        argv = worker_argv(pg_dsn, names.schema, "--sqs", "--lease", "3")
+        argv = worker_argv(pg_dsn, names.schema, "--sqs", "--lease", "5")
         worker = _start(argv, env)
         try:
             first = await enqueue(db, "sqs", payload, ordering_key="k", schema=names.schema)

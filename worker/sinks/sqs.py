@@ -146,7 +146,8 @@ class SqsSink:
             return [type(error)(str(error)) for _ in chunk]
         outcomes: list[BaseException | None] = [
             TransientError(f"sqs {queue_url}: SendMessageBatch answered nothing for the entry")
-        ] * len(chunk)
+            for _ in chunk
+        ]
         for ok in reply.get("Successful", []):
             outcomes[int(ok["Id"])] = None
         for failed in reply.get("Failed", []):
