@@ -375,3 +375,21 @@ async def test_the_readme_sql_snippet_sends_both_messages(
     # The log names the region and endpoint in use, and no key.
     assert "sqs client ready (region eu-west-1, endpoint http://127.0.0.1:" in caplog.text
     assert "sekrit-aws-key" not in caplog.text
+
+
+async def test_a_batch_refused_for_one_entry_is_sent_again_entry_by_entry(
+    sink: SqsSink, queues: SqsQueues
+) -> None:
+    """The queue's limit was lowered after the sink cached it: SQS refuses the whole batch
+    for the one entry now too large; sent one by one, only that one is dead."""
+    url = await queues.create("shrunk")
+    assert await sink.deliver_many([_intent({"queue_url": url, "body": "warm-up"}, n=1)]) == [None]
+    await queues.client.set_queue_attributes(
+        QueueUrl=url, Attributes={"MaximumMessageSize": "1024"}
+    )
+    results = await sink.deliver_many(
+        [_intent({"queue_url": url, "body": body}, n=n) for n, body in
+         [(2, "before"), (3, "x" * 2000), (4, "after")]]
+    )  # fmt: skip
+    assert_outcomes(results, [None, (PermanentError, "sqs refused the message for"), None])
+    assert sorted(m["Body"] for m in await queues.drain(url)) == ["after", "before", "warm-up"]
