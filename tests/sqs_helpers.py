@@ -34,8 +34,12 @@ def sqs_server() -> Iterator[MotoServer]:
     with moto_sqs_server() as (url, process), pytest.MonkeyPatch.context() as env:
         for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL_SQS": url}.items():
             env.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        # Nothing of the machine's own AWS set-up: no profile, no other region or endpoint.
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN",
+                     "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):  # fmt: skip
             env.delenv(name, raising=False)
+        for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            env.setenv(name, "/nonexistent/outbox-tests")
         yield MotoServer(url, process)
 
 

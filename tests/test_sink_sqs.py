@@ -144,7 +144,7 @@ def test_a_prefix_that_cannot_start_a_deduplication_id_is_refused() -> None:
 def test_wiring_configured_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     sinks = build_sinks(Settings())
     assert isinstance(sinks["sqs"], UnavailableSink)
-    assert "start it with --sqs or OUTBOX_SQS=true" in sinks["sqs"].reason
+    assert "start it with --sqs or OUTBOX_SQS=1" in sinks["sqs"].reason
     assert isinstance(build_sinks(Settings(sqs=True))["sqs"], SqsSink)
     without_extra(monkeypatch, "aiobotocore.config", "worker.sinks.sqs")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[sqs\]'"):

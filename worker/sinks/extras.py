@@ -169,7 +169,7 @@ def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, 
             "--celery-broker-url or OUTBOX_CELERY_BROKER_URL",
             _celery(settings),
         ),
-        _Builtin("sqs", settings.sqs, "--sqs or OUTBOX_SQS=true", _sqs(settings)),
+        _Builtin("sqs", settings.sqs, "--sqs or OUTBOX_SQS=1", _sqs(settings)),
     ]
     explicit = {
         "webhook": settings.webhook_secret is not None
