@@ -165,7 +165,8 @@ async def test_a_batch_to_a_standard_queue_is_stored_with_its_attributes(
         for n in range(1, 10)
     ]
     assert await sink.deliver_many(batch) == [None] * 10
-    await sink.deliver(_intent({"queue_url": url, "body": "late", "delay_seconds": 1}, n=110))
+    late = {"queue_url": url, "body": "late", "delay_seconds": 1, "group_id": "tenant-1"}
+    await sink.deliver(_intent(late, n=110))
     messages: list[dict[str, Any]] = []
 
     async def all_arrived() -> bool:  # the delayed one comes a second later
@@ -176,6 +177,9 @@ async def test_a_batch_to_a_standard_queue_is_stored_with_its_attributes(
     by_id = {attribute(m, ID_ATTRIBUTE): m for m in messages}
     assert sorted(by_id) == [str(n) for n in range(100, 111)]
     assert orjson.loads(by_id["105"]["Body"]) == {"n": 5} and by_id["110"]["Body"] == "late"
+    # A group on a standard queue is passed on (SQS fair queues); none unless given.
+    assert by_id["110"]["Attributes"]["MessageGroupId"] == "tenant-1"
+    assert "MessageGroupId" not in by_id["105"]["Attributes"]
     assert attribute(by_id["105"], "tenant") == "acme"
     assert attribute(by_id["100"], "traceparent") == TRACE["traceparent"]
     assert attribute(by_id["101"], "traceparent") is None
