@@ -34,14 +34,18 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_sqs_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """moto's server in a subprocess on 127.0.0.1: (its URL, the process), once it listens."""
+def moto_sqs_server(
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """moto's server in a subprocess on 127.0.0.1 (with ``env`` added to its environment):
+    (its URL, the process), once it listens."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
          "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

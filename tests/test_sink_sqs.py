@@ -11,7 +11,9 @@ from typing import Any
 
 import orjson
 import pytest
+from aiobotocore.session import get_session
 
+from bench.sqs_targets import REGION, moto_sqs_server
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
 from tests.sidekiq_helpers import code_blocks, readme_section
 from tests.sink_helpers import assert_outcomes
@@ -397,3 +399,59 @@ async def test_a_batch_refused_for_one_entry_is_sent_again_entry_by_entry(
     )  # fmt: skip
     assert_outcomes(results, [None, (PermanentError, "sqs refused the message for"), None])
     assert sorted(m["Body"] for m in await queues.drain(url)) == ["after", "before", "warm-up"]
+
+
+async def test_with_iam_checks_a_denied_queue_is_dead_and_a_wrong_key_is_transient(
+    sqs_server: MotoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second moto server, with its IAM checks on: the first 5 requests (the set-up, with
+    the session's dummy key) go unchecked, then each needs a key and a policy allowing it."""
+    with moto_sqs_server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "5"}) as (url, _):
+        session = get_session()
+        async with (
+            session.create_client("sqs", endpoint_url=url, region_name=REGION) as sqs,
+            session.create_client("iam", endpoint_url=url, region_name=REGION) as iam,
+        ):
+            allowed = (await sqs.create_queue(QueueName="allowed"))["QueueUrl"]
+            denied = (await sqs.create_queue(QueueName="denied"))["QueueUrl"]
+            await iam.create_user(UserName="relay")
+            # AWS authorises SendMessageBatch as sqs:SendMessage; moto wants it by name too.
+            # No sqs:GetQueueAttributes: the sink checks sizes against 1 MiB only.
+            statement = {"Effect": "Allow", "Action": ["sqs:SendMessage", "sqs:SendMessageBatch"],
+                         "Resource": "arn:aws:sqs:eu-west-1:123456789012:allowed"}  # fmt: skip
+            await iam.put_user_policy(
+                UserName="relay",
+                PolicyName="outbox",
+                PolicyDocument=orjson.dumps(
+                    {"Version": "2012-10-17", "Statement": [statement]}
+                ).decode(),
+            )
+            key = (await iam.create_access_key(UserName="relay"))["AccessKey"]
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", url)
+        monkeypatch.setenv("AWS_REGION", REGION)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        results = []
+        for secret in (key["SecretAccessKey"], "wrong-secret-key"):
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+            sqs_sink = SqsSink(timeout=5)
+            try:
+                results.append(
+                    await sqs_sink.deliver_many(
+                        [
+                            _intent({"queue_url": q, "body": "hi"}, n=n)
+                            for n, q in enumerate([allowed, denied])
+                        ]
+                    )
+                )
+            finally:
+                await sqs_sink.aclose()
+    right, wrong = results
+    assert_outcomes(
+        right, [None, (PermanentError, f"sqs access denied to {denied} (AccessDenied: User")]
+    )
+    assert "no sqs:GetQueueAttributes permission on" in caplog.text
+    # A key the server does not accept is the operator's to fix: retried, not dead.
+    assert_outcomes(wrong, [(TransientError, "SignatureDoesNotMatch")] * 2)
+    assert not any(
+        key["SecretAccessKey"] in str(r) or "wrong-secret-key" in str(r) for r in right + wrong
+    )

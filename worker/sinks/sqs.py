@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -60,9 +61,24 @@ _REFUSED = frozenset(
 _SDK_RETRIES_OFF = {"total_max_attempts": 1, "mode": "standard"}
 
 
+# An XML error document answered to a JSON request (moto's server does so for its IAM
+# checks): botocore leaves the document in Message, and the HTTP status in Code.
+_XML_CODE_RE = re.compile(r"<Code>([\w.]+)</Code>")
+_XML_MESSAGE_RE = re.compile(r"<Message>([^<]*)</Message>")
+
+
 def _codes(exc: ClientError) -> set[str]:
     error = exc.response.get("Error", {})
-    return {str(error.get("Code", "")), str(error.get("QueryErrorCode", ""))} - {""}
+    codes = {str(error.get("Code", "")), str(error.get("QueryErrorCode", ""))}
+    codes.update(_XML_CODE_RE.findall(str(error.get("Message", ""))))
+    named = {c for c in codes if c and not c.isdigit()}
+    return named or codes - {""}
+
+
+def _message(exc: ClientError) -> str:
+    text = str(exc.response.get("Error", {}).get("Message", ""))
+    inner = _XML_MESSAGE_RE.search(text)
+    return " ".join((inner.group(1) if inner else text).split())
 
 
 class SqsSink:
@@ -193,8 +209,7 @@ class SqsSink:
             return exc
         if isinstance(exc, ClientError):
             codes = _codes(exc)
-            text = " ".join(str(exc.response.get("Error", {}).get("Message", "")).split())
-            what = f"{'/'.join(sorted(codes))}: {text}"[:300]
+            what = f"{'/'.join(sorted(codes))}: {_message(exc)}"[:300]
             if codes & _QUEUE_GONE:
                 return PermanentError(f"sqs queue {queue_url} does not exist")
             if codes & _DENIED:
