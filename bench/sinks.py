@@ -1,4 +1,4 @@
-"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats, sidekiq and celery
+"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats, sidekiq, celery and sqs
 sinks against the local servers, alone and through the relay (and of a no-op sink, as the
 relay's baseline).
 
@@ -15,7 +15,9 @@ Two modes per sink and concurrency:
 The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
 127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222, Redis 127.0.0.1:6379 (--rabbitmq-url,
 --nats-url, --redis-url); sidekiq pushes to a queue of the run's own on Redis; celery-amqp and
-celery-redis push to a queue on RabbitMQ and on Redis (bench/celery_targets.py). Each figure
+celery-redis push to a queue on RabbitMQ and on Redis (bench/celery_targets.py); sqs and
+sqs-fifo send to a standard and a FIFO queue on moto's SQS server, which the run starts
+(bench/sqs_targets.py). Each figure
 is the median of --runs runs, with min-max; the modes alternate within each round, and
 "× sink alone" is the relay's rate over the sink's in the same round (concurrency 8, 32, 64
 by default). Every run checks that the server got all N.
@@ -55,8 +57,12 @@ from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sqlfiles import Names, load_queries
 
-SINKS = ("noop", "webhook", "rabbitmq", "nats", "sidekiq", "celery-amqp", "celery-redis")
-ON_REQUEST = ("kombu-amqp",)  # Celery's own client, for comparison: --sinks kombu-amqp
+SINKS = (
+    "noop", "webhook", "rabbitmq", "nats", "sidekiq", "celery-amqp", "celery-redis", "sqs",
+    "sqs-fifo",
+)  # fmt: skip
+# For comparison: Celery's own client (--sinks kombu-amqp), aiobotocore alone (sqs-*client).
+ON_REQUEST = ("kombu-amqp", "sqs-client", "sqs-fifo-client")
 CONCURRENCY = (8, 32, 64)
 URLS = {
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
@@ -430,7 +436,7 @@ async def measure_rounds(
     modes is taken within a round; ``record(kind, concurrency, {mode: intents/s})`` after
     each round. ``urls`` holds "rabbitmq", "nats" and "redis". Returns the client/server
     versions."""
-    from bench import celery_targets
+    from bench import celery_targets, sqs_targets
 
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
         "noop": noop_target,
@@ -441,11 +447,15 @@ async def measure_rounds(
         "celery-amqp": lambda: celery_targets.celery_amqp_target(urls["rabbitmq"]),
         "celery-redis": lambda: celery_targets.celery_redis_target(urls["redis"]),
         "kombu-amqp": lambda: celery_targets.kombu_amqp_target(urls["rabbitmq"]),
+        "sqs": lambda: sqs_targets.sqs_target("sqs"),
+        "sqs-fifo": lambda: sqs_targets.sqs_target("sqs-fifo"),
+        "sqs-client": lambda: sqs_targets.sqs_target("sqs-client"),
+        "sqs-fifo-client": lambda: sqs_targets.sqs_target("sqs-fifo-client"),
     }
     versions = []
     for kind in kinds:
         async with factories[kind]() as target:
-            if target.version:
+            if target.version and target.version not in versions:
                 versions.append(target.version)
             for concurrency in concurrencies:
                 for _ in range(runs):

@@ -31,6 +31,7 @@ BROKERS = {
         ("sidekiq",),
         ("celery-amqp",),
         ("celery-redis",),
+        ("sqs", "sqs-fifo"),  # the bench starts moto's server itself
     ],
     ids="+".join,
 )

@@ -266,12 +266,22 @@ RUN_OPTIONS = [
         "or redis://[:pass@]host[:port]/db",
     ),
     Option(
+        "--sqs",
+        "sqs",
+        "OUTBOX_SQS",
+        boolean,
+        "turn on the sqs kind (Amazon SQS); credentials, region and endpoint come from the "
+        "standard AWS settings (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL_SQS, ...)",
+        switch=True,
+    ),
+    Option(
         "--message-id-prefix",
         "message_id_prefix",
         "OUTBOX_MESSAGE_ID_PREFIX",
         str,
-        "prefix of the intent id in Idempotency-Key, AMQP message_id, Nats-Msg-Id and the Sidekiq "
-        "jid; set one per database when several outboxes publish to the same place",
+        "prefix of the intent id in Idempotency-Key, AMQP message_id, Nats-Msg-Id, the Sidekiq "
+        "jid and SQS's MessageDeduplicationId; set one per database when several outboxes "
+        "publish to the same place",
     ),
     Option(
         "--limits",

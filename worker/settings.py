@@ -72,6 +72,7 @@ class Settings:
     nats_url: str | None = field(default=None, repr=False)
     sidekiq_redis_url: str | None = field(default=None, repr=False)
     celery_broker_url: str | None = field(default=None, repr=False)
+    sqs: bool = False  # the sqs kind; AWS settings come from the standard AWS configuration
     message_id_prefix: str = ""
     limits: str | None = None  # per-kind limits, parsed by worker.sinks.limits
     # What a dead intent does to the later intents of its ordering key: "halt" them until an

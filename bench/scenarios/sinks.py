@@ -1,7 +1,8 @@
-"""8. The webhook, RabbitMQ, NATS, Sidekiq and celery (on RabbitMQ, on Redis) sinks (and a
-no-op one): each driven alone from C tasks, then through the relay with C delivery slots, in
-turn within each round (bench/sinks.py). Needs RabbitMQ, NATS and Redis on their default
-local ports; skipped, with the reason, without."""
+"""8. The webhook, RabbitMQ, NATS, Sidekiq, celery (on RabbitMQ, on Redis) and SQS (standard,
+FIFO; on moto's server, which the run starts) sinks (and a no-op one): each driven alone from C
+tasks, then through the relay with C delivery slots, in turn within each round
+(bench/sinks.py). Needs RabbitMQ, NATS and Redis on their default local ports; skipped, with
+the reason, without."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The built-in sinks that need a pip extra (webhook, rabbitmq, nats, sidekiq): build each
-one, or say exactly what is missing.
+"""The built-in sinks that need a pip extra (webhook, rabbitmq, nats, sidekiq, celery, sqs):
+build each one, or say exactly what is missing.
 
 A kind that is configured (its URL, secret or allow-list is set) but whose extra is not
 installed stops the worker at start-up. A kind that is not configured, or whose extra is
@@ -29,6 +29,7 @@ _DEFAULT_TIMEOUT = {
     "nats": 10.0,
     "sidekiq": 10.0,
     "celery": 30.0,
+    "sqs": 10.0,
 }
 
 
@@ -147,6 +148,20 @@ def _celery(settings: Settings) -> Callable[[float, int | None], Sink]:
     return build
 
 
+def _sqs(settings: Settings) -> Callable[[float, int | None], Sink]:
+    def build(timeout: float, max_bytes: int | None) -> Sink:
+        from worker.sinks.sqs import SqsSink
+
+        return SqsSink(
+            timeout=timeout,
+            id_prefix=settings.message_id_prefix,
+            concurrency=settings.concurrency,
+            max_bytes=max_bytes,
+        )
+
+    return build
+
+
 def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, Sink]:
     builtins = [
         # A webhook needs no URL of its own (it comes with each intent): always on.
@@ -172,6 +187,7 @@ def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, 
             "--celery-broker-url or OUTBOX_CELERY_BROKER_URL",
             _celery(settings),
         ),
+        _Builtin("sqs", settings.sqs, "--sqs or OUTBOX_SQS=1", _sqs(settings)),
     ]
     explicit = {
         "webhook": settings.webhook_secret is not None
@@ -181,6 +197,7 @@ def extra_sinks(settings: Settings, limits: dict[str, KindLimits]) -> dict[str, 
         "nats": settings.nats_url is not None,
         "sidekiq": settings.sidekiq_redis_url is not None,
         "celery": settings.celery_broker_url is not None,
+        "sqs": settings.sqs,
     }
     sinks: dict[str, Sink] = {}
     for builtin in builtins:
