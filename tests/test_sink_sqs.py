@@ -208,7 +208,7 @@ async def test_a_mixed_batch_has_one_outcome_per_intent_and_sends_nothing_too_la
             None,
             (
                 PermanentError,
-                "larger than the limit of 1,024 bytes, the queue's MaximumMessageSize",
+                "of 1,024 bytes (1 KiB), the queue's MaximumMessageSize; nothing was sent",
             ),
             (PermanentError, f"sqs queue {missing} does not exist"),
             (PermanentError, "FIFO queue needs a message group"),
