@@ -11,15 +11,8 @@ import pytest
 from worker import logs
 from worker.intent import Intent
 from worker.outcomes import Dead, Released, Retry, Sent
-from worker.stats import (
-    WINDOW,
-    DbHealth,
-    Stats,
-    bin_upper_edge,
-    latency_bin,
-    percentiles,
-    redact,
-)
+from worker.stats import DbHealth, Stats, redact
+from worker.windows import WINDOW, bin_upper_edge, latency_bin, percentiles
 
 
 class Clock:

@@ -11,7 +11,7 @@ import math
 import re
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from worker.histogram import Histogram
@@ -19,14 +19,9 @@ from worker.intent import Intent
 from worker.logs import scrub
 from worker.loopwatch import LoopStall, StallView, stall_view
 from worker.outcomes import Dead, Outcome, Released, Retry, Sent
+from worker.windows import WINDOW, Latency, SecondBuckets, latency_bin, percentiles
 
-WINDOW = 60  # seconds covered by the sparkline, the per-minute rates and the percentiles
 RATE_NOW_SPAN = 5  # "now" is the average of the last complete seconds, so it does not jump
-
-# Latency histogram: bin edges at 1 ms * 2**(k/16), i.e. each bin 4.4% wide. Reported
-# percentiles are bin upper edges (capped at the largest sample), so at most 4.4% high.
-_BIN_FLOOR = 0.001
-_BINS_PER_DOUBLING = 16
 
 # user:password@ inside any URL an error message may quote (a broker URL in an exception).
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@")
@@ -35,16 +30,6 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]*:
 def redact(text: str) -> str:
     """Passwords out of error text: registered secrets and credentials in any URL."""
     return _URL_CREDENTIALS.sub(r"\g<scheme>***@", scrub(text))
-
-
-def latency_bin(seconds: float) -> int:
-    if seconds <= _BIN_FLOOR:
-        return 0
-    return math.ceil(math.log2(seconds / _BIN_FLOOR) * _BINS_PER_DOUBLING)
-
-
-def bin_upper_edge(index: int) -> float:
-    return float(_BIN_FLOOR * 2 ** (index / _BINS_PER_DOUBLING))
 
 
 @dataclass(slots=True)
@@ -98,75 +83,6 @@ class DbHealth:
     def pending_capped(self) -> bool:
         """A part of ``pending`` stopped at the cap: the total is "at least"."""
         return max(self.pending_due, self.pending_later, self.pending_held) >= self.count_cap
-
-
-@dataclass(slots=True)
-class _Second:
-    """What happened during one second of the monotonic clock."""
-
-    second: int
-    sent: int = 0
-    retried: int = 0
-    dead: int = 0
-    latency: Counter[int] = field(default_factory=Counter)
-    latency_max: float = 0.0
-
-    def reset(self, second: int) -> None:
-        self.second = second
-        self.sent = self.retried = self.dead = 0
-        self.latency.clear()
-        self.latency_max = 0.0
-
-
-class SecondBuckets:
-    """A ring of per-second buckets covering the last ``span`` seconds."""
-
-    def __init__(self, span: int = WINDOW) -> None:
-        self._ring = [_Second(-1) for _ in range(span + 1)]
-
-    def at(self, now: float) -> _Second:
-        second = math.floor(now)
-        bucket = self._ring[second % len(self._ring)]
-        if bucket.second != second:
-            bucket.reset(second)
-        return bucket
-
-    def between(self, first: int, last: int) -> Iterator[_Second | None]:
-        """Seconds ``first``..``last`` inclusive, oldest first; None for a second with nothing."""
-        for second in range(first, last + 1):
-            bucket = self._ring[second % len(self._ring)]
-            yield bucket if bucket.second == second else None
-
-
-@dataclass(frozen=True, slots=True)
-class Latency:
-    """Commit (created_at) to recorded as sent, over the last ``WINDOW`` seconds."""
-
-    count: int
-    p50: float | None
-    p95: float | None
-    p99: float | None
-
-
-def percentiles(histogram: Counter[int], largest: float, qs: tuple[float, ...]) -> list[float]:
-    """Nearest-rank percentiles of a latency histogram (bin upper edges, capped at ``largest``)."""
-    total = sum(histogram.values())
-    if total == 0:
-        return []
-    result: list[float] = []
-    ranks = [max(1, math.ceil(q * total)) for q in qs]
-    seen = 0
-    pending = iter(ranks)
-    rank = next(pending)
-    for index in sorted(histogram):
-        seen += histogram[index]
-        while seen >= rank:
-            result.append(min(bin_upper_edge(index), largest))
-            try:
-                rank = next(pending)
-            except StopIteration:
-                return result
-    return result
 
 
 @dataclass(frozen=True, slots=True)
