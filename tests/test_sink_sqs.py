@@ -147,6 +147,12 @@ def test_wiring_configured_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     sinks = build_sinks(Settings())
     assert isinstance(sinks["sqs"], UnavailableSink)
     assert "start it with --sqs or OUTBOX_SQS=1" in sinks["sqs"].reason
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # no profile's region either
+    with pytest.raises(ConfigError, match="the sqs kind needs an AWS region: set AWS_REGION"):
+        build_sinks(Settings(sqs=True))
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
     assert isinstance(build_sinks(Settings(sqs=True))["sqs"], SqsSink)
     without_extra(monkeypatch, "aiobotocore.config", "worker.sinks.sqs")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[sqs\]'"):

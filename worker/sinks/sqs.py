@@ -32,7 +32,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.errors import PermanentError, TransientError
+from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.base import DeliversBatchOfOne, error_text
 from worker.sinks.reconnect import ConnectGate
@@ -97,6 +97,13 @@ class SqsSink(DeliversBatchOfOne):
         max_bytes: int | None = None,
     ):
         check_id_prefix(id_prefix)
+        # Without a region no request can be made, and waiting will not bring one: say so at
+        # start-up rather than retry every sqs intent until its attempts run out.
+        if not (get_session().get_config_variable("region") or env_region()):
+            raise ConfigError(
+                "the sqs kind needs an AWS region: set AWS_REGION or AWS_DEFAULT_REGION "
+                "(or a region in the AWS profile)"
+            )
         self._size = SizeLimit("sqs", max_bytes, MAX_REQUEST_BYTES)
         self._timeout = timeout
         self._id_prefix = id_prefix
@@ -109,7 +116,9 @@ class SqsSink(DeliversBatchOfOne):
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._queue_sizes: dict[str, tuple[float, int]] = {}  # url -> (expires, max size)
-        self._gate = ConnectGate()  # queue look-ups
+        # One gate per queue: a look-up that fails is shared by the deliveries waiting for
+        # that queue, never by those of another.
+        self._gates: dict[str, ConnectGate] = {}
         self._client_lock = anyio.Lock()
         self._closed = False
 
@@ -184,7 +193,10 @@ class SqsSink(DeliversBatchOfOne):
         cached = self._queue_sizes.get(queue_url)
         if cached is not None and cached[0] > anyio.current_time():
             return cached[1]
-        async with self._gate.turn() as turn:  # one look-up at a time; a failure is shared
+        gate = self._gates.get(queue_url)
+        if gate is None:
+            gate = self._gates[queue_url] = ConnectGate(f"SQS queue {queue_url}", log)
+        async with gate.turn() as turn:  # one look-up per queue at a time; its failure shared
             cached = self._queue_sizes.get(queue_url)
             if cached is not None and cached[0] > anyio.current_time():
                 return cached[1]
