@@ -55,6 +55,13 @@ ALTER TABLE {{schema}}.intent
 -- scan a large table under the exclusive lock; new and updated rows are checked all the same.
 DO $$
 BEGIN
+    -- Checked first: ADD CONSTRAINT takes its exclusive lock before it finds the constraint
+    -- there, and a re-run of the migration must not queue producers behind a long transaction.
+    IF EXISTS (SELECT FROM pg_catalog.pg_constraint
+               WHERE conrelid = '{{schema}}.intent'::regclass
+                 AND conname = 'intent_trace_context_valid') THEN
+        RETURN;
+    END IF;
     ALTER TABLE {{schema}}.intent ADD CONSTRAINT intent_trace_context_valid CHECK (
         CASE WHEN jsonb_typeof(trace_context) = 'object' THEN
             (trace_context - 'traceparent' - 'tracestate' = '{}'::jsonb
@@ -65,7 +72,7 @@ BEGIN
              AND coalesce(trace_context ->> 'tracestate', '') ~ '^[\t -~]*$'
              AND coalesce(length(trace_context ->> 'tracestate'), 0) <= 512) IS TRUE
         ELSE trace_context IS NULL END) NOT VALID;
-EXCEPTION WHEN duplicate_object THEN NULL;  -- added by an earlier migration
+EXCEPTION WHEN duplicate_object THEN NULL;  -- a concurrent migrator added it first
 END
 $$;
 

@@ -11,7 +11,8 @@ import anyio
 import asyncpg
 import pytest
 
-from worker.migrate import migrate, schema_exists
+from worker.errors import ConfigError
+from worker.migrate import ensure_schema, migrate, schema_exists
 from worker.sqlfiles import Names, migration_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,3 +130,35 @@ async def test_migrate_upgrades_a_table_from_before_ordering_keys(pg_dsn: str, n
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
         await conn.close()
+
+
+async def test_a_worker_without_migrate_refuses_an_older_table_in_one_line(
+    db: asyncpg.Connection, names: Names
+) -> None:
+    await ensure_schema(db, names, apply=False)  # migrated by the fixture: current
+    # The table as a worker from before trace context left it; the rolling upgrade's new
+    # worker starts before anyone ran migrate.
+    await db.execute(f'ALTER TABLE "{names.schema}".intent DROP COLUMN trace_context CASCADE')
+    with pytest.raises(ConfigError, match="intent is older than this worker: run `outbox-"):
+        await ensure_schema(db, names, apply=False)
+    await migrate(db, names)  # `outbox-worker migrate` always applies the SQL
+    await ensure_schema(db, names, apply=False)
+
+
+async def test_a_second_migration_takes_no_lock_on_the_intent_table(
+    db: asyncpg.Connection, names: Names
+) -> None:
+    """Producers must not queue behind a re-run of the migration (--migrate at every start):
+    a re-run of the same SQL takes no lock on the table at all."""
+    async with db.transaction():
+        await ensure_schema(db, names, apply=True)
+        locks = await db.fetch(
+            "SELECT mode FROM pg_locks WHERE pid = pg_backend_pid() AND relation = $1::regclass",
+            f'"{names.schema}".intent',
+        )
+    assert locks == []
+    # Another SQL (a newer worker's) is applied, and marked as applied.
+    await db.execute(f"COMMENT ON SCHEMA \"{names.schema}\" IS 'an older version'")
+    await db.execute(f'DROP INDEX "{names.schema}".intent_pending_free')
+    await ensure_schema(db, names, apply=True)
+    assert await db.fetchval("SELECT to_regclass($1)", f'"{names.schema}".intent_pending_free')

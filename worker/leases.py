@@ -52,7 +52,7 @@ class Leases:
 
     async def heartbeat(self) -> None:
         """Every lease/3: extend the leases of the rows still being delivered."""
-        outage = Outage(log, "heartbeat")
+        outage = Outage(log, "heartbeat", cap=self._lease / 3)  # it keeps its own pace
         while True:
             await anyio.sleep(self._lease / 3)
             ids = [i for i in self.held if i not in self.submitted]

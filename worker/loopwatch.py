@@ -69,7 +69,8 @@ class LoopWatch:
         self.threshold = threshold
         # How often the loop beats and the thread looks: a stall is reported within
         # threshold + interval, and its length is known to within an interval.
-        self.interval = min(threshold / 4, 0.25)
+        # (At least 10 ms: a tiny --loop-block-warning must not turn it into a busy loop.)
+        self.interval = max(0.01, min(threshold / 4, 0.25))
         self._stats = stats
         self._locate = locate
         self._beat = time.monotonic()

@@ -74,8 +74,10 @@ class Threaded:
             error: BaseException | None = None
             try:
                 self._fn(call.intent)
-            except BaseException as exc:  # the handler's outcome, raised on the loop
+            except Exception as exc:  # the handler's outcome, raised on the loop
                 error = exc
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: not the worker's end
+                error = RuntimeError(f"the handler raised {type(exc).__name__}: {exc}")
             if call.abandoned:
                 continue
             # RuntimeError: the event loop has finished, nobody waits for the outcome.

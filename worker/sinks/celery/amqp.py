@@ -59,5 +59,5 @@ class CeleryAmqpSink(AmqpPublisher):
     def _unroutable(self, exchange: str, routing_key: str) -> str:
         return (
             f"RabbitMQ has no queue {routing_key!r}: start a Celery worker that consumes it "
-            "(it declares the queue); retried until then"
+            "(it declares the queue); retried until then, up to the intent's max attempts"
         )
