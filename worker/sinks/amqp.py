@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
-from worker.sinks.base import DeliversBatchOfOne, error_text
+from worker.sinks.base import DeliversBatchOfOne, copy_error, error_text
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import SizeLimit, rabbitmq_default
 
@@ -77,15 +77,6 @@ class _Pending:
 
 
 _PENDING = _Pending()
-
-
-def _copy(exc: BaseException) -> BaseException:
-    """The same delivery error for another intent (one exception object per result)."""
-    if isinstance(exc, TransientError):
-        return TransientError(str(exc), retry_after=exc.retry_after)
-    if isinstance(exc, PermanentError):
-        return PermanentError(str(exc))
-    return exc
 
 
 def _alive(connection: AbstractConnection) -> bool:
@@ -198,13 +189,13 @@ class AmqpPublisher(DeliversBatchOfOne):
                         )
             except Exception as exc:
                 for i, entry in todo:
-                    results[i] = _copy(self._failure(exc, entry.exchange, entry.routing_key))
+                    results[i] = copy_error(self._failure(exc, entry.exchange, entry.routing_key))
                 todo = []
             jobs = []
             for i, entry in todo:
                 exchange = exchanges[entry.exchange]
                 if isinstance(exchange, BaseException):
-                    results[i] = _copy(exchange)
+                    results[i] = copy_error(exchange)
                 elif (too_big := self._too_big(limit, entry)) is not None:
                     results[i] = too_big
                 else:

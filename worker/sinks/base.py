@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
+from worker.errors import PermanentError, TransientError
 from worker.intent import Intent
 
 
@@ -51,6 +52,15 @@ def error_text(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text[:300]
+
+
+def copy_error(exc: BaseException) -> BaseException:
+    """The same delivery error for another intent (one exception object per result)."""
+    if isinstance(exc, TransientError):
+        return TransientError(str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, PermanentError):
+        return PermanentError(str(exc))
+    return exc
 
 
 class DeliversBatchOfOne:

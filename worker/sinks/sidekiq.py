@@ -43,7 +43,7 @@ from redis.backoff import NoBackoff
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
-from worker.sinks.base import DeliversBatchOfOne, error_text
+from worker.sinks.base import DeliversBatchOfOne, copy_error, error_text
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import REDIS_DEFAULT, SizeLimit
 from worker.tracing import with_trace_context
@@ -203,15 +203,6 @@ class _Commands:
         return out
 
 
-def _copy(exc: BaseException) -> BaseException:
-    """The same delivery error for another intent (one exception object per result)."""
-    if isinstance(exc, TransientError):
-        return TransientError(str(exc), retry_after=exc.retry_after)
-    if isinstance(exc, PermanentError):
-        return PermanentError(str(exc))
-    return exc
-
-
 class SidekiqSink(DeliversBatchOfOne):
     """One redis-py client (and its connection pool) per worker; a batch is one
     transaction on one pooled connection, so concurrent batches go in parallel."""
@@ -267,7 +258,7 @@ class SidekiqSink(DeliversBatchOfOne):
         except Exception as exc:
             error = self._failure(exc)
             for i in {i for group in entries for i in group}:
-                results[i] = _copy(error)
+                results[i] = copy_error(error)
             return results
         for group, reply in zip(entries, replies, strict=True):
             if isinstance(reply, Exception):  # e.g. WRONGTYPE: that queue's key is no list
