@@ -2,9 +2,11 @@
 
 A pooled query pays for the pool's reset (``UNLISTEN *; RESET ALL; ...``) after every
 statement, one more round trip; a connection that only one task ever uses needs none.
-After a failure that may have left the connection unusable (network, server restart,
-timeout, a failover: the server became read-only) it is dropped, and the next statement
-reconnects, through the DSN's hosts to the one that takes writes.
+After any failure other than a statement's own error (network, server restart, timeout, a
+failover: the server became read-only, a broken client protocol state, a cancelled call) it
+is dropped, and the next statement reconnects, through the DSN's hosts to the one that takes
+writes. A lock makes "one operation at a time" a property of the connection, not a promise
+of its callers: asyncpg refuses a second one in flight with an error that names neither.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import asyncpg
 
 from worker.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, DB_UNAVAILABLE, init_connection
@@ -31,9 +34,12 @@ class DedicatedConnection:
         self._conn: asyncpg.Connection | None = None
         self._on_reconnect = on_reconnect
         self._dropped = False  # a connection was lost: the next connect is a reconnect
+        self._busy = anyio.Lock()
 
     async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
+        if self._conn is not None and self._conn.is_closed():  # lost while idle
+            self._drop()
+        if self._conn is None:
             conn = await asyncpg.connect(
                 self._dsn,
                 timeout=CONNECT_TIMEOUT,
@@ -57,16 +63,23 @@ class DedicatedConnection:
         await self._run("execute", query, args)
 
     async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
-        try:
-            conn = await self._connection()
-        except DB_UNAVAILABLE:
-            self._dropped = True
-            raise
-        try:
-            return await getattr(conn, method)(query, *args)
-        except DB_UNAVAILABLE:
-            self._drop()
-            raise
+        async with self._busy:
+            try:
+                conn = await self._connection()
+            except DB_UNAVAILABLE:
+                self._dropped = True
+                raise
+            try:
+                return await getattr(conn, method)(query, *args)
+            except asyncpg.PostgresError as exc:
+                # The statement failed and the connection is fine (a unique violation, say),
+                # unless the error is the connection's own.
+                if isinstance(exc, DB_UNAVAILABLE):
+                    self._drop()
+                raise
+            except BaseException:
+                self._drop()
+                raise
 
     def _drop(self) -> None:
         self._dropped = True

@@ -28,6 +28,10 @@ DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
     # Every host of a multi-host DSN answered but none is read-write
     # (target_session_attrs=read-write): a failover is under way.
     asyncpg.exceptions.TargetServerAttributeNotMatched,
+    # The client's protocol state is broken ("cannot switch to state 12; another operation
+    # (2) is in progress"): seen when a server restart hits a statement half-way. The
+    # connection is useless, the database may be fine: reconnect, as after any loss.
+    asyncpg.exceptions.InternalClientError,
 )
 
 # Caught by DB_UNAVAILABLE (they subclass InterfaceError or OSError) yet no wait will fix

@@ -1,5 +1,6 @@
 """PostgreSQL itself goes away during delivery: `pg_ctl restart -m immediate` (a crash and
-crash recovery) and a backend killed by SIGKILL (the postmaster then resets every
+crash recovery), `-m fast` (every backend told to terminate), the server stopped for a while
+then started, and a backend killed by SIGKILL (the postmaster then resets every
 connection), on a cluster this suite starts itself.
 
 Invariant: the worker recovers without help (same process, no restart), every committed
@@ -37,8 +38,14 @@ async def _connect(dsn: str, timeout: float = 60) -> asyncpg.Connection:
 async def _crash(own_pg: Cluster, outbox: Outbox, how: str) -> frozenset[int]:
     """Bring the server down ``how``; return the ids processing at the crash."""
     before = await outbox.processing()
-    if how == "restart":
-        await anyio.to_thread.run_sync(own_pg.restart)
+    if how in ("restart", "immediate"):
+        await anyio.to_thread.run_sync(own_pg.restart, "immediate")
+    elif how == "fast":
+        await anyio.to_thread.run_sync(own_pg.restart, "fast")
+    elif how == "stopped":  # down long enough for every worker to notice, then back
+        await anyio.to_thread.run_sync(own_pg.stop, "fast")
+        await anyio.sleep(3)
+        await anyio.to_thread.run_sync(own_pg.start)
     else:  # a backend killed like by the OOM killer: every connection is reset
         own_pg.kill_backend(outbox.conn.get_server_pid())
     outbox.conn = await _connect(own_pg.dsn())
@@ -47,15 +54,21 @@ async def _crash(own_pg: Cluster, outbox: Outbox, how: str) -> frozenset[int]:
     return before | await outbox.processing()
 
 
-async def _deliver_through_crashes(own_pg: Cluster, smtp, spawn, crashes: list[str], n: int):
+async def _deliver_through_crashes(
+    own_pg: Cluster, smtp, spawn, crashes: list[str], n: int, workers: int = 1
+):
     schema = f"t_{secrets.token_hex(5)}"
     dsn = own_pg.dsn()
     conn = await asyncpg.connect(dsn)
     await migrate(conn, Names(schema, default_channel(schema)))
     outbox = Outbox(conn, schema)
     try:
-        worker = await spawn(dsn=dsn, schema=schema, smtp_url=smtp.url(), concurrency=16)
-        await worker.ready()
+        pool = [
+            await spawn(dsn=dsn, schema=schema, smtp_url=smtp.url(), concurrency=16)
+            for _ in range(workers)
+        ]
+        for worker in pool:
+            await worker.ready()
         committed = await outbox.enqueue_emails(n, per_transaction=500)
         faults: list[Fault] = []
         for k, how in enumerate(crashes):
@@ -74,14 +87,23 @@ async def _deliver_through_crashes(own_pg: Cluster, smtp, spawn, crashes: list[s
         report = await check_ledger(outbox, delivered(smtp), committed=committed, faults=faults)
         print(f"{len(committed)} intents through {crashes}: {report.line()}")
         assert report.counts == {"sent": len(committed)}
-        assert worker.running, worker.tail()
-        assert worker.logged("database unavailable") or worker.logged("could not record")
+        for worker in pool:
+            assert worker.running, worker.tail()
+            assert worker.logged("database unavailable") or worker.logged("could not record")
     finally:
         await outbox.conn.close()
 
 
 async def test_worker_survives_immediate_restart_and_a_killed_backend(own_pg, smtp, spawn):
     await _deliver_through_crashes(own_pg, smtp, spawn, ["restart", "backend killed"], n=3000)
+
+
+@pytest.mark.timeout(300)
+async def test_two_workers_survive_restarts_of_every_kind(own_pg, smtp, spawn):
+    """A restart is an outage, never the end of a worker: fast and immediate restarts and a
+    stop of a few seconds, twice over, with two workers delivering throughout."""
+    crashes = ["fast", "immediate", "stopped"] * 2
+    await _deliver_through_crashes(own_pg, smtp, spawn, crashes, n=4000, workers=2)
 
 
 @pytest.mark.slow
