@@ -18,10 +18,10 @@ from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
-from worker.sinks.extras import UnavailableSink
 from worker.sinks.limits import LimitedSink
 from worker.sinks.nats import NatsSink
 from worker.sinks.rabbitmq import RabbitMQSink
+from worker.sinks.registry import UnavailableSink
 from worker.sinks.webhook import WebhookSink
 from worker.sqlfiles import Names
 
@@ -45,8 +45,10 @@ def test_default_worker_has_webhooks_and_explains_unconfigured_brokers() -> None
 
 def test_configured_brokers_and_limits() -> None:
     settings = Settings(
-        rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/",
-        nats_url="nats://127.0.0.1:4222",
+        sink_options={
+            "rabbitmq_url": "amqp://guest:guest@127.0.0.1:5672/",
+            "nats_url": "nats://127.0.0.1:4222",
+        },
         limits="nats:concurrency=2;webhook:rate=5/s",
     )
     sinks = build_sinks(settings)
@@ -62,12 +64,12 @@ def test_configured_kind_with_missing_extra_stops_the_start(
 ) -> None:
     _without(monkeypatch, "aio_pika", "worker.sinks.rabbitmq")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[rabbitmq\]'"):
-        build_sinks(Settings(rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/"))
+        build_sinks(Settings(sink_options={"rabbitmq_url": "amqp://guest:guest@127.0.0.1:5672/"}))
     _without(monkeypatch, "aiohttp", "worker.sinks.webhook")
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra \(aiohttp is not"):
-        build_sinks(Settings(webhook_secret="s3cret"))
+        build_sinks(Settings(sink_options={"webhook_secret": "s3cret"}))
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra"):
-        build_sinks(Settings(webhook_allow_private=True))
+        build_sinks(Settings(sink_options={"webhook_allow_private": True}))
 
 
 async def test_unconfigured_kind_with_missing_extra_is_a_dead_intent(
