@@ -116,10 +116,8 @@ def _check(loaded: list[tuple[str, SinkSpec]]) -> None:
 @functools.cache
 def specs() -> tuple[SinkSpec, ...]:
     """The built-in specs, then the installed plugins' (once per process)."""
-    loaded = [
-        (f"built-in {module.rsplit('.', 1)[-1]} sink", importlib.import_module(module).SPEC)
-        for module in _BUILTIN
-    ]
+    builtins = [importlib.import_module(module).SPEC for module in _BUILTIN]
+    loaded = [(f"built-in {', '.join(spec.kinds)} sink", spec) for spec in builtins]
     plugins = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
     loaded += [(f"sink plugin {e.name!r} ({e.value})", _plugin(e)) for e in plugins]
     _check(loaded)
