@@ -3,6 +3,7 @@ per-kind limits from the settings."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ import pytest
 from tests.conftest import count_by_status, wait_until
 from tests.tcp_proxy import free_port
 from tests.test_cli import cli
+from worker import logs
 from worker.app import build_sinks
 from worker.cli import parse_args, settings_from
 from worker.errors import ConfigError, PermanentError, TransientError
@@ -21,7 +23,7 @@ from worker.settings import Settings
 from worker.sinks.limits import LimitedSink
 from worker.sinks.nats import NatsSink
 from worker.sinks.rabbitmq import RabbitMQSink
-from worker.sinks.registry import UnavailableSink
+from worker.sinks.registry import UnavailableSink, register_secrets
 from worker.sinks.webhook import WebhookSink
 from worker.sqlfiles import Names
 
@@ -151,3 +153,16 @@ def test_cli_never_shows_the_broker_password() -> None:
 
 async def _dead(db, names: Names) -> bool:
     return await count_by_status(db, names) == {"dead": 1}
+
+
+def test_every_secret_option_is_masked_in_the_logs() -> None:
+    """A URL's password, each of a NATS list's, and a webhook key as a whole."""
+    secrets = [f"pw-{n}-{os.urandom(4).hex()}" for n in range(4)]
+    args = parse_args([
+        "run",
+        "--rabbitmq-url", f"amqp://app:{secrets[0]}@127.0.0.1/",
+        "--nats-url", f"nats://a:{secrets[1]}@h1,nats://b:{secrets[2]}@h2",
+        "--webhook-secret", secrets[3],
+    ])  # fmt: skip
+    register_secrets(settings_from(args))
+    assert logs.scrub(" ".join(secrets)) == "*** *** *** ***"

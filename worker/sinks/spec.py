@@ -28,7 +28,7 @@ Writing your own sink (a "third-party" sink, from another distribution)
            options=(SinkOption("--kafka-url", "OUTBOX_KAFKA_URL",
                                "brokers for the kafka kind: kafka://host:port", secret="url"),),
            build=build,
-           describe=lambda values: url_target("kafka", values["kafka_url"]),
+           describe=lambda values: url_target("kafka", values["kafka_url"], default_port=9092),
        )
 
 3. Name it in your ``pyproject.toml``; the worker finds it wherever your distribution is
@@ -85,6 +85,7 @@ __all__ = [
     "SinkOption",
     "SinkSpec",
     "Target",
+    "Values",
     "shown_url",
     "url_target",
 ]
@@ -178,9 +179,9 @@ def shown_url(scheme: str, user: str | None, host: str, port: int, path: str = "
 
 def url_target(kind: str, url: str, what: str = "", default_port: int = 0) -> Target:
     """A server at one URL (RabbitMQ, Redis, ...): scheme, user, host, port and path, no
-    password; probed at start-up."""
+    password; probed at start-up when its port is known."""
     parts = urlsplit(url.strip())
     port = parts.port or _DEFAULT_PORTS.get(parts.scheme, default_port)
     host = parts.hostname or ""
     where = shown_url(parts.scheme, parts.username, host, port, parts.path)
-    return Target(kind, where + what, (Endpoint(host, port, where),))
+    return Target(kind, where + what, (Endpoint(host, port, where),) if port else ())
