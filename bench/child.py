@@ -115,11 +115,13 @@ class RelayWorker:
 
         cfg = self.cfg
         # The relay's own defaults for whatever the scenario does not set.
-        tunable = ("concurrency", "batch_size", "poll_interval", "listen", "smtp_url")
+        tunable = ("concurrency", "batch_size", "poll_interval", "listen")
         self.settings = Settings(
             dsn=cfg["dsn"],
             schema=cfg["schema"],
             channel=cfg["channel"],
+            # The email sink's server (worker/sinks/email/spec.py).
+            sink_options={"smtp_url": cfg["smtp_url"]} if "smtp_url" in cfg else {},
             **{key: cfg[key] for key in tunable if key in cfg},
         )
         self.pool = await create_pool(

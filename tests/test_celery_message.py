@@ -21,7 +21,7 @@ from worker.sinks.celery import celery_sink
 from worker.sinks.celery.amqp import CeleryAmqpSink
 from worker.sinks.celery.message import TASK_ID_NAMESPACE, build_task, task_id
 from worker.sinks.celery.redis import CeleryRedisSink, envelope, parse_redis_url
-from worker.sinks.extras import UnavailableSink, extra_sinks
+from worker.sinks.registry import UnavailableSink, build_sinks
 
 CREATED = datetime(2026, 12, 4, 8, 0, 0, 250000, tzinfo=UTC)
 
@@ -140,14 +140,14 @@ def test_the_broker_url_picks_the_transport() -> None:
 
 
 def test_the_kind_is_wired_only_when_configured() -> None:
-    sinks = extra_sinks(Settings(), {})
+    sinks = build_sinks(Settings(), {})
     assert isinstance(sinks["celery"], UnavailableSink)
     assert sinks["celery"].reason == (
         "the celery kind is not configured in this worker: start it with --celery-broker-url "
         "or OUTBOX_CELERY_BROKER_URL"
     )
-    settings = Settings(celery_broker_url="redis://:s3cret@127.0.0.1:6379/0")
-    sink = extra_sinks(settings, {})["celery"]
+    settings = Settings(sink_options={"celery_broker_url": "redis://:s3cret@127.0.0.1:6379/0"})
+    sink = build_sinks(settings, {})["celery"]
     assert isinstance(sink, CeleryRedisSink)
     assert "s3cret" not in repr(settings) + repr(sink)
 
@@ -159,7 +159,7 @@ def test_a_configured_kind_without_its_extra_stops_the_worker(
     monkeypatch.setitem(sys.modules, "redis", None)  # type: ignore[arg-type]
     monkeypatch.delitem(sys.modules, "worker.sinks.celery.redis", raising=False)
     with pytest.raises(ConfigError) as e:
-        extra_sinks(Settings(celery_broker_url="redis://127.0.0.1:6379/0"), {})
+        build_sinks(Settings(sink_options={"celery_broker_url": "redis://127.0.0.1:6379/0"}), {})
     assert str(e.value) == (
         "the celery kind needs the 'celery' extra (redis is not installed): "
         "pip install 'pg-outbox-relay[celery]'"

@@ -76,7 +76,9 @@ def test_settings_validate_their_relations():
 
 
 def test_settings_repr_hides_secrets():
-    settings = Settings(dsn="postgresql://u:dbpw@h/d", smtp_url="smtp://u:mailpw@h:587")
+    settings = Settings(
+        dsn="postgresql://u:dbpw@h/d", sink_options={"smtp_url": "smtp://u:mailpw@h:587"}
+    )
     assert "dbpw" not in repr(settings) and "mailpw" not in repr(settings)
 
 

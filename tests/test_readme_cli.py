@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.smtp_server import SmtpTestServer
 from worker.migrate import schema_exists
-from worker.options import RUN_OPTIONS
+from worker.options import run_options
 from worker.producer import enqueue
 from worker.sqlfiles import Names
 
@@ -149,7 +149,7 @@ def test_the_flag_table_lists_every_worker_flag_with_its_variable():
         for flags, variables in rows
         for flag in re.findall(r"`(--[a-z-]+)`", flags)
     }
-    for opt in RUN_OPTIONS:
+    for opt in run_options():
         # `OUTBOX_PING_*` stands for a family; `_MAX` after `OUTBOX_BACKOFF_BASE` for its sibling.
         assert any(
             opt.env == name
@@ -157,5 +157,5 @@ def test_the_flag_table_lists_every_worker_flag_with_its_variable():
             or (name.startswith("_") and opt.env.endswith(name))
             for name in table.get(opt.flag, [])
         ), (opt.flag, opt.env)
-    known = {opt.flag for opt in RUN_OPTIONS} | {"--log-format", "--dashboard", "--no-dashboard"}
+    known = {opt.flag for opt in run_options()} | {"--log-format", "--dashboard", "--no-dashboard"}
     assert set(table) == known

@@ -3,6 +3,7 @@ per-kind limits from the settings."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -12,16 +13,17 @@ import pytest
 from tests.conftest import count_by_status, wait_until
 from tests.tcp_proxy import free_port
 from tests.test_cli import cli
+from worker import logs
 from worker.app import build_sinks
 from worker.cli import parse_args, settings_from
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
-from worker.sinks.extras import UnavailableSink
 from worker.sinks.limits import LimitedSink
 from worker.sinks.nats import NatsSink
 from worker.sinks.rabbitmq import RabbitMQSink
+from worker.sinks.registry import UnavailableSink, register_secrets
 from worker.sinks.webhook import WebhookSink
 from worker.sqlfiles import Names
 
@@ -45,8 +47,10 @@ def test_default_worker_has_webhooks_and_explains_unconfigured_brokers() -> None
 
 def test_configured_brokers_and_limits() -> None:
     settings = Settings(
-        rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/",
-        nats_url="nats://127.0.0.1:4222",
+        sink_options={
+            "rabbitmq_url": "amqp://guest:guest@127.0.0.1:5672/",
+            "nats_url": "nats://127.0.0.1:4222",
+        },
         limits="nats:concurrency=2;webhook:rate=5/s",
     )
     sinks = build_sinks(settings)
@@ -62,12 +66,12 @@ def test_configured_kind_with_missing_extra_stops_the_start(
 ) -> None:
     _without(monkeypatch, "aio_pika", "worker.sinks.rabbitmq")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[rabbitmq\]'"):
-        build_sinks(Settings(rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/"))
+        build_sinks(Settings(sink_options={"rabbitmq_url": "amqp://guest:guest@127.0.0.1:5672/"}))
     _without(monkeypatch, "aiohttp", "worker.sinks.webhook")
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra \(aiohttp is not"):
-        build_sinks(Settings(webhook_secret="s3cret"))
+        build_sinks(Settings(sink_options={"webhook_secret": "s3cret"}))
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra"):
-        build_sinks(Settings(webhook_allow_private=True))
+        build_sinks(Settings(sink_options={"webhook_allow_private": True}))
 
 
 async def test_unconfigured_kind_with_missing_extra_is_a_dead_intent(
@@ -149,3 +153,16 @@ def test_cli_never_shows_the_broker_password() -> None:
 
 async def _dead(db, names: Names) -> bool:
     return await count_by_status(db, names) == {"dead": 1}
+
+
+def test_every_secret_option_is_masked_in_the_logs() -> None:
+    """A URL's password, each of a NATS list's, and a webhook key as a whole."""
+    secrets = [f"pw-{n}-{os.urandom(4).hex()}" for n in range(4)]
+    args = parse_args([
+        "run",
+        "--rabbitmq-url", f"amqp://app:{secrets[0]}@127.0.0.1/",
+        "--nats-url", f"nats://a:{secrets[1]}@h1,nats://b:{secrets[2]}@h2",
+        "--webhook-secret", secrets[3],
+    ])  # fmt: skip
+    register_secrets(settings_from(args))
+    assert logs.scrub(" ".join(secrets)) == "*** *** *** ***"

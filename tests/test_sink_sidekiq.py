@@ -37,7 +37,7 @@ from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
 from worker.sinks.base import BatchSink
-from worker.sinks.extras import UnavailableSink
+from worker.sinks.registry import UnavailableSink
 from worker.sinks.sidekiq import SidekiqSink, build_job, job_id, parse_redis_url
 from worker.sqlfiles import Names
 
@@ -189,15 +189,16 @@ def test_wiring_configured_or_not() -> None:
     assert isinstance(sinks["sidekiq"], UnavailableSink)
     assert "--sidekiq-redis-url or OUTBOX_SIDEKIQ_REDIS_URL" in sinks["sidekiq"].reason
     url = "redis://:hunter2-pw@127.0.0.1:6379/0"
-    sidekiq_sink = build_sinks(Settings(sidekiq_redis_url=url))["sidekiq"]
+    settings = Settings(sink_options={"sidekiq_redis_url": url})
+    sidekiq_sink = build_sinks(settings)["sidekiq"]
     assert isinstance(sidekiq_sink, SidekiqSink)
-    assert "hunter2" not in repr(sidekiq_sink) + repr(Settings(sidekiq_redis_url=url))
+    assert "hunter2" not in repr(sidekiq_sink) + repr(settings)
 
 
 def test_configured_without_the_extra_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
     without_extra(monkeypatch, "redis", "worker.sinks.sidekiq")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[sidekiq\]'"):
-        build_sinks(Settings(sidekiq_redis_url="redis://127.0.0.1:6379/0"))
+        build_sinks(Settings(sink_options={"sidekiq_redis_url": "redis://127.0.0.1:6379/0"}))
 
 
 def test_cli_reports_a_bad_url_in_one_line_without_the_password() -> None:

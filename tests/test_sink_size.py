@@ -128,7 +128,8 @@ async def test_webhook_refuses_a_body_over_its_cap_and_sends_one_under_it(
         for body in bodies:
             await enqueue(db, "webhook", {"url": url, "body": body}, schema=names.schema)
         # Allowed by name: loopback targets may be refused by default.
-        sinks = build_sinks(replace(settings, limits=limits, webhook_allow_hosts="127.0.0.1"))
+        sinks = allowed = {"webhook_allow_hosts": "127.0.0.1"}
+        sinks = build_sinks(replace(settings, limits=limits, sink_options=allowed))
         try:
             async with start_relay({"webhook": sinks["webhook"]}):
                 expected = {"sent": 3} if big_status == "sent" else {"sent": 2, "dead": 1}

@@ -28,7 +28,7 @@ from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
 from worker.sinks.base import BatchSink
-from worker.sinks.extras import UnavailableSink
+from worker.sinks.registry import UnavailableSink
 from worker.sinks.sqs import SqsSink
 from worker.sinks.sqs_message import ID_ATTRIBUTE, build_message
 from worker.sqlfiles import Names
@@ -143,6 +143,9 @@ def test_a_prefix_that_cannot_start_a_deduplication_id_is_refused() -> None:
         SqsSink(id_prefix="bad prefix ")
 
 
+SQS_ON = Settings(sink_options={"sqs": True})
+
+
 def test_wiring_configured_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     sinks = build_sinks(Settings())
     assert isinstance(sinks["sqs"], UnavailableSink)
@@ -151,12 +154,12 @@ def test_wiring_configured_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # no profile's region either
     with pytest.raises(ConfigError, match="the sqs kind needs an AWS region: set AWS_REGION"):
-        build_sinks(Settings(sqs=True))
+        build_sinks(SQS_ON)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    assert isinstance(build_sinks(Settings(sqs=True))["sqs"], SqsSink)
+    assert isinstance(build_sinks(SQS_ON)["sqs"], SqsSink)
     without_extra(monkeypatch, "aiobotocore.config", "worker.sinks.sqs")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[sqs\]'"):
-        build_sinks(Settings(sqs=True))
+        build_sinks(SQS_ON)
 
 
 # --- against the server ----------------------------------------------------------------------

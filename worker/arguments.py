@@ -13,12 +13,12 @@ from typing import Any, NoReturn
 import orjson
 
 from worker.options import (
-    RUN_OPTIONS,
     duration,
     expecting,
     non_negative_float,
     positive_float,
     positive_int,
+    run_options,
 )
 from worker.settings import Settings
 
@@ -87,8 +87,8 @@ def _add_dashboard_flag(parser: _Container) -> None:
 
 def _add_run_options(parser: _Container) -> None:
     _add_common(parser)
-    for opt in RUN_OPTIONS:
-        default = _DEFAULTS[opt.field]
+    for opt in run_options():
+        default = opt.default if opt.sink else _DEFAULTS[opt.field]
         shown = "" if opt.switch or default in (None, "") else f"; default: {default}"
         help = f"{opt.help} [env: {opt.env}{shown}]"
         if opt.switch:

@@ -22,8 +22,9 @@ from worker.db import connect
 from worker.errors import ConfigError
 from worker.eventloop import backend_options
 from worker.migrate import ensure_schema, migrate
-from worker.options import RUN_OPTIONS, Option
+from worker.options import Option, run_options
 from worker.settings import Settings, default_channel
+from worker.sinks.registry import register_secrets
 from worker.sqlfiles import Names, migration_sql
 
 
@@ -56,20 +57,21 @@ def _name_arg(value: Any, env: str) -> str | None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {}
-    for opt in RUN_OPTIONS if args.command == "run" else []:
+    sink_values: dict[str, Any] = {}  # the sinks' own, by name (worker/sinks/spec.py)
+    for opt in run_options() if args.command == "run" else []:
         value = getattr(args, opt.field)
         if value is not None and opt.field == "listen":
             value = False
         if value is None:
             value = _from_env(opt)
         if value is not None:
-            values[opt.field] = value
+            (sink_values if opt.sink else values)[opt.field] = value
     schema = _name_arg(args.schema, "OUTBOX_SCHEMA")
     schema = "outbox" if schema is None else schema
     channel = _name_arg(args.channel, "OUTBOX_CHANNEL")
     channel = default_channel(schema) if channel is None else channel
     dsn = getattr(args, "dsn", None) or os.environ.get("DATABASE_URL") or None
-    return Settings(dsn=dsn, schema=schema, channel=channel, **values)
+    return Settings(dsn=dsn, schema=schema, channel=channel, sink_options=sink_values, **values)
 
 
 def _log_format(args: argparse.Namespace) -> str:
@@ -112,12 +114,7 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(migration_sql(names))
         return 0
     logs.register_secret_url(settings.dsn)
-    logs.register_secret_url(settings.smtp_url)
-    logs.register_secret_url(settings.rabbitmq_url)
-    logs.register_secret_url(settings.sidekiq_redis_url)
-    logs.register_secret_url(settings.celery_broker_url)
-    for nats_server in (settings.nats_url or "").split(","):
-        logs.register_secret_url(nats_server.strip())
+    register_secrets(settings)
     if args.command == "demo":
         return _demo(args)
     with database(settings.dsn) as dsn:
@@ -206,7 +203,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:  # a sink plugin that cannot be loaded, or clashes
+        print(f"outbox-worker: error: {exc}", file=sys.stderr)
+        return 2
     try:
         # Run and demo tell what they are doing; a one-shot command prints its result and
         # logs only what went wrong (the embedded server's start-up is no news there).

@@ -227,9 +227,9 @@ async def run_demo(dsn: str, options: DemoOptions) -> DemoResult:
             max_attempts=4,
             backoff_base=1.0,
             backoff_max=8.0,
-            smtp_url=catcher.url,
-            mail_from="shop@demo.example.com",
             handlers="worker.demo:handlers",
+            # The email kind's options (worker/sinks/email/spec.py): mail to the catcher.
+            sink_options={"smtp_url": catcher.url, "mail_from": "shop@demo.example.com"},
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce, dsn, schema, options.rate, relay, enqueued)

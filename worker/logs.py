@@ -69,6 +69,12 @@ def register_secret_url(url: str | None) -> None:
         _secrets.update(p for p in _passwords(url) if p)
 
 
+def register_secret(value: str | None) -> None:
+    """Remember ``value`` itself (a token, a signing key) so no log line can ever show it."""
+    if value:
+        _secrets.add(value)
+
+
 def scrub(text: str) -> str:
     # Longest first: a password that contains another one must go whole.
     for secret in sorted(_secrets, key=len, reverse=True):

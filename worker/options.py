@@ -1,5 +1,6 @@
 """The `run` flags: each one's name, environment variable, converter and help, in one list
-(worker/arguments.py builds the parser from it; the README's configuration table mirrors it)."""
+(worker/arguments.py builds the parser from it; the README's configuration table mirrors it).
+The sinks' own flags come from their specs (worker/sinks/registry.py), after --handlers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from worker.errors import ConfigError
 from worker.http_server import host_port
+from worker.sinks.spec import SinkOption
 
 _T = TypeVar("_T")
 
@@ -92,9 +95,11 @@ class Option:
     convert: Callable[[str], Any]
     help: str
     switch: bool = False  # a --flag with no value
+    sink: bool = False  # a sink's own: its value goes to Settings.sink_options
+    default: Any = None  # a sink's default (the others' are the Settings fields')
 
 
-RUN_OPTIONS = [
+WORKER_OPTIONS = [
     Option(
         "--concurrency",
         "concurrency",
@@ -191,88 +196,11 @@ RUN_OPTIONS = [
         "seconds a ping may take before the LISTEN connection is declared dead",
     ),
     Option(
-        "--smtp-url",
-        "smtp_url",
-        "OUTBOX_SMTP_URL",
-        str,
-        "SMTP server for the email kind: smtp[s]://[user:pass@]host[:port][?tls=starttls|none"
-        "&cafile=PATH]",
-    ),
-    Option(
-        "--mail-from",
-        "mail_from",
-        "OUTBOX_MAIL_FROM",
-        str,
-        "sender address when a payload has no 'from'",
-    ),
-    Option(
         "--handlers",
         "handlers",
         "OUTBOX_HANDLERS",
         str,
         "MODULE:ATTRIBUTE, a mapping of kind -> async handler(intent)",
-    ),
-    Option(
-        "--webhook-secret",
-        "webhook_secret",
-        "OUTBOX_WEBHOOK_SECRET",
-        str,
-        "key for the Outbox-Signature (HMAC-SHA256) of webhook requests; prefer the "
-        "environment variable, flags show in ps",
-    ),
-    Option(
-        "--webhook-allow-hosts",
-        "webhook_allow_hosts",
-        "OUTBOX_WEBHOOK_ALLOW_HOSTS",
-        str,
-        "comma-separated hosts webhooks may call (*.example.com for subdomains); unset: any host",
-    ),
-    Option(
-        "--webhook-allow-private",
-        "webhook_allow_private",
-        "OUTBOX_WEBHOOK_ALLOW_PRIVATE",
-        boolean,
-        "let webhooks call loopback, private and link-local addresses (refused by default; "
-        "a host named exactly in --webhook-allow-hosts is allowed without this)",
-        switch=True,
-    ),
-    Option(
-        "--rabbitmq-url",
-        "rabbitmq_url",
-        "OUTBOX_RABBITMQ_URL",
-        str,
-        "broker for the rabbitmq kind: amqp[s]://user:pass@host[:port][/vhost]",
-    ),
-    Option(
-        "--nats-url",
-        "nats_url",
-        "OUTBOX_NATS_URL",
-        str,
-        "server(s) for the nats kind (JetStream): nats://[user:pass@]host[:port][,...]",
-    ),
-    Option(
-        "--sidekiq-redis-url",
-        "sidekiq_redis_url",
-        "OUTBOX_SIDEKIQ_REDIS_URL",
-        str,
-        "Sidekiq's Redis for the sidekiq kind: redis[s]://[:pass@]host[:port][/db]",
-    ),
-    Option(
-        "--celery-broker-url",
-        "celery_broker_url",
-        "OUTBOX_CELERY_BROKER_URL",
-        str,
-        "broker of the Celery workers, for the celery kind: amqp://user:pass@host[:port]/vhost "
-        "or redis://[:pass@]host[:port]/db",
-    ),
-    Option(
-        "--sqs",
-        "sqs",
-        "OUTBOX_SQS",
-        boolean,
-        "turn on the sqs kind (Amazon SQS); credentials, region and endpoint come from the "
-        "standard AWS settings (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL_SQS, ...)",
-        switch=True,
     ),
     Option(
         "--message-id-prefix",
@@ -324,3 +252,42 @@ RUN_OPTIONS = [
         switch=True,
     ),
 ]
+
+
+def _from_spec(option: SinkOption) -> Option:
+    convert = boolean if option.switch else option.convert
+    return Option(
+        option.flag,
+        option.name,
+        option.env,
+        convert,
+        option.help,
+        switch=option.switch,
+        sink=True,
+        default=option.default,
+    )
+
+
+# Taken by the flags every command has (worker/arguments.py) and their variables.
+_COMMON_FIELDS = frozenset(
+    {"dsn", "schema", "channel", "log_format", "verbose", "dashboard", "no_dashboard", "help"}
+)
+_COMMON_ENVS = frozenset({"DATABASE_URL", "OUTBOX_SCHEMA", "OUTBOX_CHANNEL", "OUTBOX_LOG_FORMAT"})
+
+
+@functools.cache
+def run_options() -> list[Option]:
+    """The worker's flags, the sinks' after --handlers. Loads the sinks' specs (plugins too):
+    a broken or clashing plugin is a ConfigError here."""
+    from worker.sinks.registry import sink_options
+
+    sinks = [_from_spec(option) for option in sink_options()]
+    fields = _COMMON_FIELDS | {opt.field for opt in WORKER_OPTIONS}
+    envs = _COMMON_ENVS | {opt.env for opt in WORKER_OPTIONS}
+    for opt in sinks:
+        if opt.field in fields or opt.env in envs:
+            raise ConfigError(
+                f"the sink option {opt.flag} ({opt.env}) clashes with a worker option"
+            )
+    at = next(i for i, opt in enumerate(WORKER_OPTIONS) if opt.field == "handlers") + 1
+    return [*WORKER_OPTIONS[:at], *sinks, *WORKER_OPTIONS[at:]]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.errors import ConfigError
 
@@ -61,18 +63,10 @@ class Settings:
     listen: bool = True
     ping_interval: float = 5.0
     ping_timeout: float = 5.0
-    smtp_url: str = field(default="smtp://localhost:25", repr=False)
-    mail_from: str = "outbox@localhost"
     handlers: str | None = None
-    # Built-in sinks beyond email (worker/sinks/extras.py); repr=False: they hold secrets.
-    webhook_secret: str | None = field(default=None, repr=False)
-    webhook_allow_hosts: str | None = None
-    webhook_allow_private: bool = False  # loopback, private, link-local destinations
-    rabbitmq_url: str | None = field(default=None, repr=False)
-    nats_url: str | None = field(default=None, repr=False)
-    sidekiq_redis_url: str | None = field(default=None, repr=False)
-    celery_broker_url: str | None = field(default=None, repr=False)
-    sqs: bool = False  # the sqs kind; AWS settings come from the standard AWS configuration
+    # Every sink's own options by name (--rabbitmq-url: "rabbitmq_url"), as given; a sink's
+    # spec (worker/sinks/spec.py) has their defaults. repr=False: they hold secrets.
+    sink_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     message_id_prefix: str = ""
     limits: str | None = None  # per-kind limits, parsed by worker.sinks.limits
     # What a dead intent does to the later intents of its ordering key: "halt" them until an

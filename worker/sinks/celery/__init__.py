@@ -4,7 +4,8 @@ publisher confirms) or Redis (``redis://``, kombu's list layout).
 
 message.py builds the message (the payload's checks, the headers, the derived task id);
 amqp.py and redis.py put it on the broker. Only the transport the URL names is imported,
-so each needs only its own client library (both are in the ``celery`` extra).
+so each needs only its own client library (both are in the ``celery`` extra). spec.py
+declares the kind and its flag to the registry.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Three layers, each testable alone:
   that raises ``PermanentError`` for anything that could not be sent safely;
 * ``EmailSink`` keeps a small pool of connected clients and maps SMTP outcomes to
   ``TransientError`` / ``PermanentError``.
+
+``spec.py`` declares the kind and its flags to the registry (worker/sinks/registry.py).
 """
 
 from worker.sinks.email.config import SmtpConfig, TlsMode, parse_smtp_url
