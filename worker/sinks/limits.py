@@ -13,24 +13,36 @@ A delivery never waits for its turn inside a relay slot: when its kind is at its
 intent is deferred (back to pending, attempt refunded, due again shortly), and the claim
 skips kinds that are at their limit, so a backlog of a tightly limited kind never holds up
 the intents of other kinds behind it.
+
+A sink that batches (``BatchSink``) stays one under its limits: a chunk takes its tokens at
+once, one per intent, and only the intents that get none now are deferred.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 from aiolimiter import AsyncLimiter
 
 from worker.errors import ConfigError, Deferred, TransientError
 from worker.intent import Intent
-from worker.sinks.base import Sink
+from worker.sinks.base import BatchSink, Sink
 from worker.sinks.handlers import HandlerSink
 from worker.sinks.size import parse_size
 
-__all__ = ["KindLimits", "LimitedSink", "apply_limits", "parse_limits"]
+__all__ = [
+    "KindLimits",
+    "LimitedBatchSink",
+    "LimitedSink",
+    "apply_limits",
+    "limit_sink",
+    "parse_limits",
+]
 
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _KIND_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -129,6 +141,8 @@ def parse_limits(text: str | None) -> dict[str, KindLimits]:
 # How soon a deferred intent is due again when its kind has no free concurrency slot.
 _DEFER_FOR_SLOT = 0.2
 
+T = TypeVar("T")
+
 
 class LimitedSink:
     """Wraps one kind's sink: takes a concurrency slot and a rate token without waiting
@@ -138,7 +152,9 @@ class LimitedSink:
         self.kind = kind
         self.sink = sink
         self.limits = limits
-        self._slots = anyio.Semaphore(limits.concurrency) if limits.concurrency else None
+        # A counter, not a semaphore: a batch takes many slots at once, and the loop is
+        # single-threaded (nothing yields between the check and the count).
+        self._in_flight = 0
         self._limiter: AsyncLimiter | None = None
         if limits.rate is not None:
             # aiolimiter cannot hand out a whole token from a bucket smaller than one:
@@ -148,47 +164,114 @@ class LimitedSink:
         self._token_interval = limits.per / limits.rate if limits.rate else 0.0
 
     def __repr__(self) -> str:
-        return f"LimitedSink({self.kind!r}, {self.sink!r}, {self.limits.describe()})"
+        return f"{type(self).__name__}({self.kind!r}, {self.sink!r}, {self.limits.describe()})"
 
     def saturated(self) -> bool:
         """A delivery of this kind started now would be deferred: the relay's claim skips
         the kind until this turns false."""
-        if self._slots is not None and self._slots.value == 0:
+        if self.limits.concurrency is not None and self._in_flight >= self.limits.concurrency:
             return True
         return self._limiter is not None and not self._limiter.has_capacity()
 
     async def deliver(self, intent: Intent) -> None:
-        if self._slots is None:
-            await self._deliver(intent)
-            return
+        _granted, deferred = await self._take(1)
+        if deferred is not None:
+            raise deferred
         try:
-            self._slots.acquire_nowait()
-        except anyio.WouldBlock:
-            raise Deferred(
-                f"{self.kind}: concurrency limit reached", retry_after=_DEFER_FOR_SLOT
-            ) from None
-        try:
-            await self._deliver(intent)
+            await self._timed(self.sink.deliver(intent))
         finally:
-            self._slots.release()
+            self._in_flight -= 1
 
-    async def _deliver(self, intent: Intent) -> None:
-        if self._limiter is not None:
-            if not self._limiter.has_capacity():
-                raise Deferred(f"{self.kind}: rate limit reached", retry_after=self._token_interval)
-            await self._limiter.acquire()  # has capacity: returns without waiting
+    async def _take(self, wanted: int) -> tuple[int, Deferred | None]:
+        """Start up to ``wanted`` deliveries now, without waiting: count them in flight and
+        take their rate tokens. Returns how many may start and, if fewer than ``wanted``,
+        the ``Deferred`` for the rest."""
+        granted, deferred = wanted, None
+        if self.limits.concurrency is not None:
+            free = max(self.limits.concurrency - self._in_flight, 0)
+            if free < wanted:
+                granted = free
+                deferred = Deferred(
+                    f"{self.kind}: concurrency limit reached", retry_after=_DEFER_FOR_SLOT
+                )
+        if self._limiter is not None and granted:
+            tokens = _tokens_now(self._limiter, granted)
+            if tokens < granted:
+                granted = tokens
+                deferred = Deferred(
+                    f"{self.kind}: rate limit reached", retry_after=self._token_interval
+                )
+            if granted:
+                await self._limiter.acquire(granted)  # has capacity: returns without waiting
+        self._in_flight += granted
+        return granted, deferred
+
+    async def _timed(self, delivery: Awaitable[T]) -> T:
+        """``delivery`` under the kind's timeout (one for a whole batch)."""
         if self.limits.timeout is None:
-            await self.sink.deliver(intent)
-            return
-        with anyio.move_on_after(self.limits.timeout) as scope:
-            await self.sink.deliver(intent)
-        if scope.cancelled_caught:
-            raise TransientError(
-                f"{self.kind} delivery timed out after {self.limits.timeout:g}s (--limits)"
-            )
+            return await delivery
+        with anyio.move_on_after(self.limits.timeout):
+            return await delivery
+        raise TransientError(
+            f"{self.kind} delivery timed out after {self.limits.timeout:g}s (--limits)"
+        )
 
     async def aclose(self) -> None:
         await self.sink.aclose()
+
+
+class LimitedBatchSink(LimitedSink):
+    """A ``LimitedSink`` around a ``BatchSink`` that is one itself, so the relay keeps
+    handing it chunks: a chunk takes a slot and a token per intent (``concurrency=N`` stays
+    "at most N intents of this kind in flight", as the relay's ``--concurrency`` counts
+    them), the part that gets none now is deferred, and the timeout covers the chunk."""
+
+    def __init__(self, kind: str, sink: BatchSink, limits: KindLimits) -> None:
+        super().__init__(kind, sink, limits)
+        self._batch_sink = sink
+        # No bigger than the limits allow at once: a larger chunk would always be cut.
+        caps = [sink.max_batch]
+        if limits.concurrency is not None:
+            caps.append(limits.concurrency)
+        if self._limiter is not None:
+            caps.append(max(int(self._limiter.max_rate), 1))
+        self.max_batch = min(caps)
+
+    async def deliver_many(self, intents: Sequence[Intent]) -> Sequence[BaseException | None]:
+        granted, deferred = await self._take(len(intents))
+        rest = [deferred] * (len(intents) - granted)
+        if not granted:
+            return rest
+        results: Sequence[BaseException | None]
+        try:
+            results = await self._timed(self._batch_sink.deliver_many(intents[:granted]))
+        except Exception as exc:  # as the relay would: every intent of the chunk fails with it
+            results = [exc] * granted
+        finally:
+            self._in_flight -= granted
+        return [*results, *rest]
+
+
+def _tokens_now(limiter: AsyncLimiter, wanted: int) -> int:
+    """How many of ``wanted`` tokens the bucket holds now (aiolimiter only answers yes or no
+    for an amount, and refuses one above its size, which this never exceeds)."""
+    if limiter.has_capacity(wanted):
+        return wanted
+    low, high = 0, wanted - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if limiter.has_capacity(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def limit_sink(kind: str, sink: Sink, limits: KindLimits) -> LimitedSink:
+    """The wrapper that fits ``sink``: one that still batches if ``sink`` does."""
+    if isinstance(sink, BatchSink):
+        return LimitedBatchSink(kind, sink, limits)
+    return LimitedSink(kind, sink, limits)
 
 
 def apply_limits(sinks: dict[str, Sink], limits: dict[str, KindLimits]) -> dict[str, Sink]:
@@ -206,7 +289,7 @@ def apply_limits(sinks: dict[str, Sink], limits: dict[str, KindLimits]) -> dict[
                 "the decoded payload and decides itself what is too big"
             )
     return {
-        kind: LimitedSink(kind, sink, limits[kind])
+        kind: limit_sink(kind, sink, limits[kind])
         if kind in limits and limits[kind].paces
         else sink
         for kind, sink in sinks.items()
