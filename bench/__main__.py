@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rabbitmq-url", default=sinks.URLS["rabbitmq"], help="for 'sinks'")
     parser.add_argument("--nats-url", default=sinks.URLS["nats"], help="for 'sinks' (JetStream)")
     parser.add_argument("--redis-url", default=sinks.URLS["redis"], help="for 'sinks' (job queues)")
+    parser.add_argument(
+        "--limited",
+        default="nats",
+        metavar="KIND[,KIND]",
+        help="for 'sinks': kinds also run through the relay under --limits KIND:concurrency=C, "
+        "C the relay's slots (default: nats; 'none': none)",
+    )
     parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
     parser.add_argument(
         "--from-json",
@@ -80,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    args.limited = tuple(k for k in args.limited.split(",") if k.strip() not in ("", "none"))
+    if set(args.limited) - set(sinks.SINKS):
+        parser.error(f"--limited: choose from {', '.join(sinks.SINKS)}")
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 "nats": args.nats_url,
                 "redis": args.redis_url,
             },
+            limited_sinks=args.limited,
         )
         if old_relay is None:
             ctx.skipped["baseline"] = baseline_line

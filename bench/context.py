@@ -118,6 +118,8 @@ class Context:
     skipped: dict[str, str] = field(default_factory=dict)
     # The brokers of the sinks scenario, "rabbitmq" and "nats" (default: bench.sinks.URLS).
     broker_urls: dict[str, str] = field(default_factory=dict)
+    # The sinks scenario's kinds that also run under --limits KIND:concurrency=C.
+    limited_sinks: tuple[str, ...] = ("nats",)
 
     @contextlib.asynccontextmanager
     async def admin(self) -> AsyncIterator[asyncpg.Connection]:

@@ -33,6 +33,7 @@ _UNITS = {
     "p50_vs_pgqueuer": ("p50 × pgqueuer", 2),
     "p99_vs_pgqueuer": ("p99 × pgqueuer", 2),
     "vs_sink_alone": ("× sink alone", 2),
+    "vs_relay": ("× without --limits", 2),
     "vs_unordered": ("× unordered", 2),
     "vs_without": ("× without --http", 3),
     "scrapes": ("scrapes", 0),
@@ -143,6 +144,7 @@ def targets(rows: Sequence[Row], skipped: Mapping[str, str] | None = None) -> li
         out += _drain_targets(rows, skipped.get("baseline", "no baseline row"))
     if "sinks" in scenarios or "sinks" in skipped:
         out.append(_sinks_target(rows, skipped.get("sinks", "no row at concurrency 64")))
+        out.append(_limited_target(rows, skipped.get("sinks", "no nats row under --limits")))
     if "alternatives" in scenarios:
         out.append(_latency_target(rows))
     if "email" in scenarios:
@@ -231,6 +233,21 @@ def _sinks_target(rows: Sequence[Row], why: str) -> Target:
     if missing:
         text += f" ({', '.join(missing)} not measured)"
     return Target(name, goal, text, all(r >= 0.7 for r in ratios.values()) and not missing)
+
+
+def _limited_target(rows: Sequence[Row], why: str) -> Target:
+    name = "nats under --limits nats:concurrency=64"
+    goal = "within 10 % of nats without --limits, same round (issue 19)"
+    row = _one(rows, "sinks", sink="nats", mode="limited", concurrency=64)
+    if row is None:
+        return _not_measured(name, goal, why)
+    ratio = row.median("vs_relay")
+    return Target(
+        name,
+        goal,
+        f"{row.median('intents_per_s'):,.0f}/s = {ratio:.2f}× without",
+        abs(ratio - 1) <= 0.1,
+    )
 
 
 def _latency_target(rows: Sequence[Row]) -> Target:

@@ -5,12 +5,15 @@ relay's baseline).
     python -m bench.sinks                            # every sink, 5,000 intents, 3 runs
     python -m bench.sinks --sinks nats --intents 20000 --concurrency 8,64
     python -m bench.sinks --intents 200 --runs 1     # a quick check that it all works
+    python -m bench.sinks --sinks nats --concurrency 64 --modes sink,relay,limited
 
-Two modes per sink and concurrency:
+Two modes per sink and concurrency, and a third on request:
 * ``sink``: N deliveries straight into the sink from C tasks (no database): what the client
   library and the server can do;
 * ``relay``: N intents committed in one INSERT, drained by a relay with C delivery slots;
-  the clock runs from the commit to the last ``sent`` outcome recorded.
+  the clock runs from the commit to the last ``sent`` outcome recorded;
+* ``limited``: as ``relay``, with the sink under ``--limits KIND:concurrency=C`` (C the
+  relay's slots: a limit that changes nothing, so this should match ``relay``).
 
 The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
 127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222, Redis 127.0.0.1:6379 (--rabbitmq-url,
@@ -34,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -55,6 +58,7 @@ from worker.migrate import migrate
 from worker.relay import Relay
 from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
+from worker.sinks.limits import apply_limits, parse_limits
 from worker.sqlfiles import Names, load_queries
 
 SINKS = (
@@ -410,6 +414,9 @@ async def once(target: Target, mode: str, concurrency: int, intents: int, dsn: s
         if mode == "sink":
             elapsed = await sink_only(target, sink, intents, concurrency)
         else:
+            if mode == "limited":  # as `outbox-worker run --limits` wraps it
+                limits = parse_limits(f"{target.kind}:concurrency={concurrency}")
+                sink = apply_limits({target.kind: sink}, limits)[target.kind]
             elapsed = await through_relay(target, sink, intents, concurrency, dsn)
     finally:
         await sink.aclose()
@@ -431,11 +438,12 @@ async def measure_rounds(
     dsn: str,
     urls: dict[str, str],
     record: Record,
+    limited: Collection[str] = (),
 ) -> list[str]:
     """Per sink and concurrency, ``runs`` rounds of every mode in turn, so that a ratio of
     modes is taken within a round; ``record(kind, concurrency, {mode: intents/s})`` after
-    each round. ``urls`` holds "rabbitmq", "nats" and "redis". Returns the client/server
-    versions."""
+    each round. ``urls`` holds "rabbitmq", "nats" and "redis"; the kinds in ``limited`` also
+    run the "limited" mode. Returns the client/server versions."""
     from bench import celery_targets, sqs_targets
 
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
@@ -457,9 +465,14 @@ async def measure_rounds(
         async with factories[kind]() as target:
             if target.version and target.version not in versions:
                 versions.append(target.version)
+            kind_modes = (
+                [*modes, "limited"] if kind in limited and "limited" not in modes else modes
+            )
             for concurrency in concurrencies:
                 for _ in range(runs):
-                    rates = {m: await once(target, m, concurrency, intents, dsn) for m in modes}
+                    rates = {
+                        m: await once(target, m, concurrency, intents, dsn) for m in kind_modes
+                    }
                     record(kind, concurrency, rates)
     return versions
 
@@ -484,6 +497,7 @@ class Row:
     concurrency: int
     rates: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)  # through the relay / alone, per round
+    vs_relay: list[float] = field(default_factory=list)  # limited / relay, per round
 
     def summary(self) -> dict[str, float]:
         out = {
@@ -493,7 +507,22 @@ class Row:
         }
         if self.ratios:
             out["vs_sink_alone"] = statistics.median(self.ratios)
+        if self.vs_relay:
+            out["vs_relay"] = statistics.median(self.vs_relay)
         return out
+
+
+MODE_LABELS = {
+    "sink": "sink alone",
+    "relay": "through relay",
+    "limited": "through relay, --limits KIND:concurrency=C",
+}
+
+
+def _ratio(values: list[float]) -> str:
+    if not values:
+        return ""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def table(rows: list[Row], intents: int, runs: int, versions: list[str]) -> Table:
@@ -501,23 +530,22 @@ def table(rows: list[Row], intents: int, runs: int, versions: list[str]) -> Tabl
         title=f"Sink throughput, intents/s: median of {runs} runs (min-max), {intents:,} each",
         caption="; ".join(versions),
     )
-    columns = ("sink", "mode", "concurrency", "intents/s", "min-max", "× sink alone (min-max)")
+    columns = (
+        "sink", "mode", "concurrency", "intents/s", "min-max", "× sink alone (min-max)",
+        "× relay without --limits (min-max)",
+    )  # fmt: skip
     for column in columns:
         out.add_column(column, justify="left" if column in ("sink", "mode") else "right")
     for row in rows:
         s = row.summary()
-        ratio = (
-            f"{s['vs_sink_alone']:.2f} ({min(row.ratios):.2f}-{max(row.ratios):.2f})"
-            if row.ratios
-            else ""
-        )
         out.add_row(
             row.sink,
-            "sink alone" if row.mode == "sink" else "through relay",
+            MODE_LABELS[row.mode],
             str(row.concurrency),
             f"{s['median']:,.0f}",
             f"{s['min']:,.0f}-{s['max']:,.0f}",
-            ratio,
+            _ratio(row.ratios),
+            _ratio(row.vs_relay),
         )
     return out
 
@@ -530,8 +558,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
         for mode, rate in rates.items():
             row = rows.setdefault((kind, concurrency, mode), Row(kind, mode, concurrency))
             row.rates.append(rate)
-            if mode == "relay" and "sink" in rates:
+            if mode != "sink" and "sink" in rates:
                 row.ratios.append(rate / rates["sink"])
+            if mode == "limited" and "relay" in rates:
+                row.vs_relay.append(rate / rates["relay"])
             console.log(f"{kind} {mode} c={concurrency}: {rate:,.0f}/s")
 
     urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url, "redis": args.redis_url}
@@ -561,7 +591,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sinks", type=_csv(str), default=list(SINKS), help=",".join(SINKS + ON_REQUEST)
     )
-    parser.add_argument("--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay")
+    parser.add_argument(
+        "--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay[,limited]"
+    )
     parser.add_argument(
         "--concurrency", type=_csv(int), default=list(CONCURRENCY), help="e.g. 8,32,64"
     )
@@ -574,7 +606,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve-webhook", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.sinks) - set(SINKS + ON_REQUEST) or set(args.modes) - {"sink", "relay"}
+    unknown = set(args.sinks) - set(SINKS + ON_REQUEST) or set(args.modes) - set(MODE_LABELS)
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     return args

@@ -94,6 +94,12 @@ def test_the_sinks_scenario_runs_at_a_tiny_size(
     document = _run_tiny(pg_dsn, tmp_path, ["sinks"], *urls)
     relay_rows = [r for r in document["by_scenario"]["sinks"] if r["params"]["mode"] == "relay"]
     assert relay_rows and all("vs_sink_alone" in r["summary"] for r in relay_rows)
+    # NATS also ran under --limits nats:concurrency=64, against the relay without, same round.
+    limited = [r for r in document["by_scenario"]["sinks"] if r["params"]["mode"] == "limited"]
+    assert [r["params"]["sink"] for r in limited] == ["nats"]
+    assert limited[0]["summary"]["vs_relay"]["median"] > 0
+    targets = {t["name"] for t in document["targets"]}
+    assert "nats under --limits nats:concurrency=64" in targets
     assert "guest:guest" not in document["meta"]["command"]  # the URLs' passwords
 
 

@@ -1,8 +1,10 @@
 """8. The webhook, RabbitMQ, NATS, Sidekiq, celery (on RabbitMQ, on Redis) and SQS (standard,
 FIFO; on moto's server, which the run starts) sinks (and a no-op one): each driven alone from C
 tasks, then through the relay with C delivery slots, in turn within each round
-(bench/sinks.py). Needs RabbitMQ, NATS and Redis on their default local ports; skipped, with
-the reason, without."""
+(bench/sinks.py). The kinds of ``--limited`` (default: nats) run a third time in each round,
+through the relay under ``--limits KIND:concurrency=C``: a limit that changes nothing, so it
+should cost nothing. Needs RabbitMQ, NATS and Redis on their default local ports; skipped,
+with the reason, without."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from bench.context import Context
 from bench.figures import Row
 
 TITLE = "Sinks alone and through the relay (intents/s, same round)"
-METRICS = ("intents_per_s", "vs_sink_alone")
+METRICS = ("intents_per_s", "vs_sink_alone", "vs_relay")
 MODES = {"sink": "sink alone", "relay": "through the relay"}
+LIMITED = "through the relay with --limits {kind}:concurrency={c}"
 
 
 async def run(ctx: Context) -> list[Row]:
@@ -25,7 +28,10 @@ async def run(ctx: Context) -> list[Row]:
     rows: dict[tuple[str, int, str], Row] = {}
     for kind in sinks.SINKS:
         for c in ctx.size.sink_concurrency:
-            for mode, label in MODES.items():
+            labels = dict(MODES)
+            if kind in ctx.limited_sinks:
+                labels["limited"] = LIMITED.format(kind=kind, c=c)
+            for mode, label in labels.items():
                 params = {"sink": kind, "mode": mode, "concurrency": c}
                 rows[kind, c, mode] = Row("sinks", f"{kind}, {label}, concurrency {c}", params)
 
@@ -38,10 +44,18 @@ async def run(ctx: Context) -> list[Row]:
         rows[kind, concurrency, "relay"].add(
             {"intents_per_s": rates["relay"], "vs_sink_alone": rates["relay"] / rates["sink"]}
         )
+        if "limited" in rates:
+            rows[kind, concurrency, "limited"].add(
+                {
+                    "intents_per_s": rates["limited"],
+                    "vs_sink_alone": rates["limited"] / rates["sink"],
+                    "vs_relay": rates["limited"] / rates["relay"],
+                }
+            )
 
     versions = await sinks.measure_rounds(
         list(sinks.SINKS), list(ctx.size.sink_concurrency), list(MODES),
-        ctx.size.sink_intents, ctx.runs, ctx.dsn, urls, record,
+        ctx.size.sink_intents, ctx.runs, ctx.dsn, urls, record, ctx.limited_sinks,
     )  # fmt: skip
     for row in rows.values():
         row.notes["versions"] = versions
