@@ -440,10 +440,11 @@ async def measure_rounds(
     record: Record,
     limited: Collection[str] = (),
 ) -> list[str]:
-    """Per sink and concurrency, ``runs`` rounds of every mode in turn, so that a ratio of
-    modes is taken within a round; ``record(kind, concurrency, {mode: intents/s})`` after
-    each round. ``urls`` holds "rabbitmq", "nats" and "redis"; the kinds in ``limited`` also
-    run the "limited" mode. Returns the client/server versions."""
+    """Per sink and concurrency, ``runs`` rounds of every mode in turn (each round starting
+    with the next mode), so that a ratio of modes is taken within a round; ``record(kind,
+    concurrency, {mode: intents/s})`` after each round. ``urls`` holds "rabbitmq", "nats" and
+    "redis"; the kinds in ``limited`` also run the "limited" mode. Returns the client/server
+    versions."""
     from bench import celery_targets, sqs_targets
 
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
@@ -469,10 +470,11 @@ async def measure_rounds(
                 [*modes, "limited"] if kind in limited and "limited" not in modes else modes
             )
             for concurrency in concurrencies:
-                for _ in range(runs):
-                    rates = {
-                        m: await once(target, m, concurrency, intents, dsn) for m in kind_modes
-                    }
+                for run in range(runs):
+                    # Each round starts with the next mode, so no mode always runs first.
+                    turn = run % len(kind_modes)
+                    order = kind_modes[turn:] + kind_modes[:turn]
+                    rates = {m: await once(target, m, concurrency, intents, dsn) for m in order}
                     record(kind, concurrency, rates)
     return versions
 
