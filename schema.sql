@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS {{schema}}.intent (
     sent_at       timestamptz,
     dedupe_key    text,
     -- Intents that share an ordering key are delivered one at a time, in id order (see the
-    -- claim in worker/sql/relay.sql). NULL: unordered.
+    -- claim in worker/store/sql/relay.sql). NULL: unordered.
     ordering_key  text CONSTRAINT intent_ordering_key_not_empty CHECK (ordering_key <> ''),
     -- A dead intent that no longer holds up its key (discarded by an operator, or written
     -- by a worker running with --ordering-on-dead continue).

@@ -35,7 +35,7 @@ from bench.figures import Row
 from bench.machine import at_start
 from bench.scenarios import SCENARIOS
 from bench.server import server_info
-from worker.embedded import any_database
+from worker.cli.embedded import any_database
 from worker.eventloop import backend_options
 from worker.logs import redact_url
 

@@ -16,7 +16,7 @@ parent never share an event loop or a GIL with it. Driven by JSON lines:
 started at ``t``. Every time is ``time.monotonic()``, which on Linux is one clock for all
 processes, so the parent subtracts its own commit times from them directly.
 
-Kinds: ``relay`` (worker.relay.Relay on worker.db.create_pool, as ``outbox-worker run``
+Kinds: ``relay`` (worker.relay.core.Relay on worker.store.db.create_pool, as ``outbox-worker run``
 wires it), ``bare`` (a SKIP LOCKED claim-and-delete loop: the floor), ``pgqueuer`` and
 ``procrastinate`` (each driven through its public API).
 """
@@ -107,11 +107,11 @@ class RelayWorker:
         self.cfg, self.rec = cfg, rec
 
     async def setup(self) -> None:
-        from worker.db import create_pool
-        from worker.relay import Relay
+        from worker.relay.core import Relay
         from worker.settings import Settings
         from worker.sinks.handlers import HandlerSink
-        from worker.sqlfiles import Names, load_queries
+        from worker.store.db import create_pool
+        from worker.store.sqlfiles import Names, load_queries
 
         cfg = self.cfg
         # The relay's own defaults for whatever the scenario does not set.
@@ -153,7 +153,7 @@ class RelayWorker:
         await self._endpoint.enter_async_context(self._http())
 
     def _email_sink(self, which: str) -> Any:
-        from worker.app import build_sinks
+        from worker.cli.app import build_sinks
 
         pooled = build_sinks(self.settings)["email"]
         cfg = self.cfg
@@ -165,8 +165,8 @@ class RelayWorker:
         """``--http`` as `outbox-worker run` serves it, when the scenario sets ``http``."""
         if not self.cfg.get("http"):
             return contextlib.nullcontext()
-        from worker.health import HealthMonitor
-        from worker.http_server import http_endpoint
+        from worker.observe.health import HealthMonitor
+        from worker.observe.http_server import http_endpoint
 
         stats = self.relay.stats
         health = HealthMonitor(self.pool, self.queries, self.settings.schema, stats)
@@ -210,7 +210,7 @@ def _tracer() -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from worker.otel import DeliveryTracer
+    from worker.observe.otel import DeliveryTracer
 
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
@@ -272,7 +272,7 @@ class BareWorker:
         import asyncpg
 
         from bench.sql import query
-        from worker.sqlfiles import Names
+        from worker.store.sqlfiles import Names
 
         self.conn = await asyncpg.connect(
             self.cfg["dsn"], server_settings={"application_name": f"bare {self.cfg['tag']}"}

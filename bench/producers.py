@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 
 from worker.producer import enqueue
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 Enqueue = Callable[[int], Awaitable[None]]  # commits the intent carrying key k
 

@@ -11,9 +11,9 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import asyncpg
 
-from worker.migrate import migrate
 from worker.settings import default_channel
-from worker.sqlfiles import Names, quote_ident
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names, quote_ident
 
 SETTINGS_REPORTED = (
     "fsync",

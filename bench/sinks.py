@@ -50,16 +50,16 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from worker.db import create_pool
-from worker.embedded import LOCAL_DSN
+from worker.cli.embedded import LOCAL_DSN
 from worker.eventloop import backend_options
 from worker.intent import Intent
-from worker.migrate import migrate
-from worker.relay import Relay
+from worker.relay.core import Relay
 from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sinks.limits import apply_limits, parse_limits
-from worker.sqlfiles import Names, load_queries
+from worker.store.db import create_pool
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names, load_queries
 
 SINKS = (
     "noop", "webhook", "rabbitmq", "nats", "sidekiq", "celery-amqp", "celery-redis", "sqs",
@@ -146,7 +146,7 @@ class Target:
 async def webhook_target() -> AsyncIterator[Target]:
     import aiohttp
 
-    from worker.sinks.webhook import WebhookSink
+    from worker.sinks.webhook.sink import WebhookSink
 
     with webhook_receiver() as base:
         async with aiohttp.ClientSession() as client:
@@ -183,7 +183,7 @@ async def webhook_target() -> AsyncIterator[Target]:
 async def rabbitmq_target(url: str) -> AsyncIterator[Target]:
     import aio_pika
 
-    from worker.sinks.rabbitmq import RabbitMQSink
+    from worker.sinks.rabbitmq.sink import RabbitMQSink
 
     name = f"outbox_bench_{secrets.token_hex(4)}"
     connection = await aio_pika.connect(url)
@@ -220,7 +220,7 @@ async def rabbitmq_target(url: str) -> AsyncIterator[Target]:
 async def nats_target(url: str) -> AsyncIterator[Target]:
     import nats
 
-    from worker.sinks.nats import NatsSink
+    from worker.sinks.nats.sink import NatsSink
 
     name = f"OUTBOX_BENCH_{secrets.token_hex(4)}"
     client = await nats.connect(url)
@@ -251,7 +251,7 @@ async def nats_target(url: str) -> AsyncIterator[Target]:
 async def sidekiq_target(url: str) -> AsyncIterator[Target]:
     import redis.asyncio as redis
 
-    from worker.sinks.sidekiq import SidekiqSink
+    from worker.sinks.sidekiq.sink import SidekiqSink
 
     queue = f"outbox_bench_{secrets.token_hex(4)}"
     client = redis.Redis.from_url(url)

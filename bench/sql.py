@@ -6,7 +6,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 _NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 OURS = Path(__file__).parent / "queries.sql"

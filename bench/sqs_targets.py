@@ -115,7 +115,7 @@ async def sqs_target(kind: str) -> AsyncIterator[Any]:
     from aiobotocore.session import get_session
 
     from bench.sinks import Target
-    from worker.sinks.sqs import SqsSink
+    from worker.sinks.sqs.sink import SqsSink
 
     fifo = kind.startswith("sqs-fifo")
     suffix = ".fifo" if fifo else ""

@@ -17,7 +17,7 @@ import orjson
 from bench import producers
 from bench.server import fresh_schema
 from bench.sql import query
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 
 @dataclass(frozen=True)

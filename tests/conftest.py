@@ -22,15 +22,15 @@ import asyncpg
 import pytest
 
 from tests import services
-from worker.db import create_pool
-from worker.embedded import any_database
+from worker.cli.embedded import any_database
 from worker.intent import Intent
-from worker.migrate import migrate
-from worker.relay import Relay
+from worker.relay.core import Relay
 from worker.settings import Settings, default_channel
 from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink
-from worker.sqlfiles import Names, load_queries
+from worker.store.db import create_pool
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names, load_queries
 
 
 @contextlib.contextmanager
@@ -139,7 +139,7 @@ async def start_relay(
     async def start(
         sinks: Mapping[str, Sink | Callable[[Intent], Awaitable[Any]]], **overrides: Any
     ) -> AsyncIterator[Relay]:
-        tracer = overrides.pop("tracer", None)  # a worker.otel.DeliveryTracer: spans
+        tracer = overrides.pop("tracer", None)  # a worker.observe.otel.DeliveryTracer: spans
         relay_settings = replace(settings, **overrides)
         pool = await create_pool(pg_dsn, max_size=5, application_name="outbox-worker test")
         wrapped = {k: v if hasattr(v, "deliver") else HandlerSink(v) for k, v in sinks.items()}

@@ -8,7 +8,7 @@
   without one, its tests are skipped, with one line saying how to start it.
 
 In CI (``CI`` set) every service must already run: a missing one fails its tests instead.
-PostgreSQL is chosen by worker.embedded.any_database (tests/conftest.py ``pg_dsn``).
+PostgreSQL is chosen by worker.cli.embedded.any_database (tests/conftest.py ``pg_dsn``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from tests.test_cli import REPO, _env, worker_argv
 from tests.test_sink_nats import Stream, stream  # noqa: F401 - fixtures
 from tests.test_sink_rabbitmq import Broker, broker  # noqa: F401 - fixtures
 from worker.producer import enqueue
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 Payload = Callable[[int], dict[str, Any]]
 

@@ -16,7 +16,7 @@ import pytest
 from tests.celery_worker import CeleryWorker, broker_url, forget_queue, queue_name
 from tests.conftest import statuses_are, wait_until
 from worker.sinks.celery import celery_sink
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 
 def _readme_after_snippet() -> str:

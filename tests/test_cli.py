@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from tests.conftest import count_by_status, embedded_pgdata, wait_until
-from worker.arguments import COMMANDS, build_parser
-from worker.migrate import schema_exists
+from worker.cli.arguments import COMMANDS, build_parser
 from worker.producer import enqueue
-from worker.sqlfiles import Names
+from worker.store.migrate import schema_exists
+from worker.store.sqlfiles import Names
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,9 +180,9 @@ def test_an_operator_command_on_a_database_without_the_schema_is_one_line(
 EMBEDDED_MAIN = """
 import sys
 from pathlib import Path
-import worker.embedded
-worker.embedded.default_data_dir = lambda: Path(sys.argv[1])
-from worker.cli import main
+import worker.cli.embedded
+worker.cli.embedded.default_data_dir = lambda: Path(sys.argv[1])
+from worker.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -9,8 +9,8 @@ import anyio
 import asyncpg
 import pytest
 
-from worker.connection import DedicatedConnection
-from worker.db import DB_UNAVAILABLE
+from worker.store.connection import DedicatedConnection
+from worker.store.db import DB_UNAVAILABLE
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import pytest
 
 from tests.conftest import count_by_status, wait_until
 from worker import PermanentError, TransientError
-from worker.delivery import RetryPolicy
-from worker.dispatch import Dispatcher
 from worker.intent import Intent
-from worker.outcomes import Dead, Outcome, Retry, Sent
+from worker.observe.stats import Stats
+from worker.relay.delivery import RetryPolicy
+from worker.relay.dispatch import Dispatcher
+from worker.relay.outcomes import Dead, Outcome, Retry, Sent
 from worker.sinks.handlers import HandlerSink
-from worker.sqlfiles import Names
-from worker.stats import Stats
+from worker.store.sqlfiles import Names
 
 POLICY = RetryPolicy(max_attempts=5, backoff_base=1.0, backoff_max=10.0)
 NOW = datetime.now(UTC)

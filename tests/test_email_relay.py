@@ -6,7 +6,7 @@ from tests.conftest import wait_until
 from tests.smtp_server import Script, SmtpTestServer, reply
 from worker.producer import enqueue
 from worker.sinks.email import EmailSink, parse_smtp_url
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 WELCOME = {
     "to": ["Ann <ann@example.com>"],

@@ -1,4 +1,5 @@
-"""Embedded PostgreSQL (worker.embedded): start, connect, share, recover from crashed holders."""
+"""Embedded PostgreSQL (worker.cli.embedded): start, connect, share, recover from crashed
+holders."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import embedded_pgdata
-from worker.embedded import EmbeddedPostgres, default_data_dir, start_embedded
+from worker.cli.embedded import EmbeddedPostgres, default_data_dir, start_embedded
 from worker.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys
 from pathlib import Path
-from worker.embedded import start_embedded
+from worker.cli.embedded import start_embedded
 pg = start_embedded(Path(sys.argv[1]))
 print(pg.dsn, flush=True)
 sys.stdin.read()  # hold until stdin closes or we are killed

@@ -8,7 +8,7 @@ from tests.conftest import wait_until
 from worker.errors import ConfigError
 from worker.producer import enqueue
 from worker.sinks.handlers import load_handlers
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 
 @pytest.mark.parametrize(

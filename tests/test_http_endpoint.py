@@ -15,12 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Recorder, RelayFactory, wait_until
 from tests.test_cli import cli
 from worker.errors import ConfigError, PermanentError
-from worker.histogram import BUCKETS, Histogram
-from worker.http_server import host_port, require_extra
 from worker.intent import Intent
-from worker.metrics import UNKNOWN_KIND, relay_registry
-from worker.outcomes import Released
-from worker.stats import Stats
+from worker.observe.histogram import BUCKETS, Histogram
+from worker.observe.http_server import host_port, require_extra
+from worker.observe.metrics import UNKNOWN_KIND, relay_registry
+from worker.observe.stats import Stats
+from worker.relay.outcomes import Released
 
 
 @pytest.mark.parametrize("bad", ["9187", "localhost", ":9187", "host:0", "host:70000", "h:x"])

@@ -18,12 +18,12 @@ from tests.readme import readme_snippet
 from tests.test_dashboard import screen
 from tests.test_sink_webhook import Receiver, webhook_receiver  # noqa: F401 (a fixture)
 from worker import Handlers, Intent, PermanentError
-from worker.findings import BAD, LOOP_STALL_SHOWN, WARN, Finding, assess, fmt_duration
-from worker.loopwatch import LoopStall
+from worker.dashboard.summary import summary_line
+from worker.observe.findings import BAD, LOOP_STALL_SHOWN, WARN, Finding, assess, fmt_duration
+from worker.observe.loopwatch import LoopStall
+from worker.observe.stats import Stats
 from worker.producer import enqueue
-from worker.sqlfiles import Names
-from worker.stats import Stats
-from worker.summary import summary_line
+from worker.store.sqlfiles import Names
 
 BLOCK_SECONDS = 4.0  # several times the threshold below: a stall that cannot go unseen
 THRESHOLD = 1.0

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 
 from worker.errors import ConfigError
-from worker.migrate import ensure_schema, migrate, schema_exists
-from worker.sqlfiles import Names, migration_files
+from worker.store.migrate import ensure_schema, migrate, schema_exists
+from worker.store.sqlfiles import Names, migration_files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_wheel_carries_the_sql(tmp_path: Path):
     assert "worker/_sql/schema.sql" in names
     for trigger in (REPO / "triggers").glob("*.sql"):
         assert f"worker/_sql/triggers/{trigger.name}" in names
-    assert "worker/sql/relay.sql" in names
+    assert "worker/store/sql/relay.sql" in names
 
 
 # The intent table and enqueue() as the first release created them (before ordering keys).

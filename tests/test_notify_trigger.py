@@ -11,7 +11,7 @@ import asyncpg
 
 from tests.conftest import wait_until
 from worker.producer import enqueue
-from worker.sqlfiles import Names, load_queries
+from worker.store.sqlfiles import Names, load_queries
 
 
 class Inbox:

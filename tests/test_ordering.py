@@ -14,10 +14,11 @@ import anyio
 import asyncpg
 
 from tests.conftest import count_by_status, wait_until
-from worker import PermanentError, TransientError, admin
+from worker import PermanentError, TransientError
+from worker.cli import admin
 from worker.intent import Intent
 from worker.producer import enqueue
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 
 class KeyedRecorder:

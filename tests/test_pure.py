@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.backoff import jittered, retry_delay
-from worker.delivery import RetryPolicy, classify
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.logs import redact_url
-from worker.outcomes import Dead, Retry, Sent
+from worker.relay.backoff import jittered, retry_delay
+from worker.relay.delivery import RetryPolicy, classify
+from worker.relay.outcomes import Dead, Retry, Sent
 from worker.settings import Settings, validate_name
 
 POLICY = RetryPolicy(max_attempts=5, backoff_base=2.0, backoff_max=60.0)
@@ -85,9 +85,9 @@ def test_settings_repr_hides_secrets():
 async def test_delivery_timeout_is_ours_and_a_sink_timeout_is_its_own():
     import anyio
 
-    from worker.dispatch import Dispatcher
+    from worker.observe.stats import Stats
+    from worker.relay.dispatch import Dispatcher
     from worker.sinks.handlers import HandlerSink
-    from worker.stats import Stats
 
     async def hangs(_intent: Intent) -> None:
         await anyio.sleep(60)

@@ -18,10 +18,10 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.smtp_server import SmtpTestServer
-from worker.migrate import schema_exists
-from worker.options import run_options
+from worker.cli.options import run_options
 from worker.producer import enqueue
-from worker.sqlfiles import Names
+from worker.store.migrate import schema_exists
+from worker.store.sqlfiles import Names
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

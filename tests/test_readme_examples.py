@@ -12,8 +12,8 @@ import orjson
 from tests.conftest import statuses_are, wait_until
 from tests.readme import readme_snippet
 from worker import enqueue
-from worker.sinks.webhook import SIGNATURE_HEADER, sign
-from worker.sqlfiles import Names
+from worker.sinks.webhook.sink import SIGNATURE_HEADER, sign
+from worker.store.sqlfiles import Names
 
 WEBHOOK = "`webhook`"
 

@@ -18,7 +18,7 @@ from tests.fault.workers import WorkerProcess
 from tests.monitoring import http_get, require_binary, wait_for_status
 from tests.readme import README, readme_snippet
 from tests.tcp_proxy import free_port
-from worker.http_server import READY_TIMEOUT
+from worker.observe.http_server import READY_TIMEOUT
 from worker.settings import Settings
 
 SECTION = "Monitoring"

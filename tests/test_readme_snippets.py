@@ -22,13 +22,13 @@ from psycopg.conninfo import conninfo_to_dict
 from tests.readme import readme_snippet, readme_snippets
 from tests.readme_stacks import SECTION, STACKS, AppDb, run_snippet
 from worker.intent import Intent
-from worker.migrate import migrate
 from worker.settings import Settings, default_channel
 from worker.sinks.email.message import build_message
-from worker.sinks.nats import build_publish
-from worker.sinks.rabbitmq import build_message as build_amqp_message
-from worker.sinks.webhook import build_request
-from worker.sqlfiles import Names
+from worker.sinks.nats.sink import build_publish
+from worker.sinks.rabbitmq.sink import build_message as build_amqp_message
+from worker.sinks.webhook.sink import build_request
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names
 
 FOREIGN_KEY_VIOLATION = "23503"
 

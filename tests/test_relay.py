@@ -11,7 +11,7 @@ from tests.conftest import Recorder, count_by_status, wait_until
 from worker import PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 
 async def test_committed_intent_is_delivered_and_marked_sent(db, names: Names, start_relay):

@@ -35,8 +35,8 @@ from tests.sidekiq_helpers import RedisDb, code_blocks, readme_section
 from tests.tcp_proxy import TcpProxy
 from worker.intent import Intent
 from worker.producer import enqueue
-from worker.sinks.sidekiq import SidekiqSink, job_id
-from worker.sqlfiles import Names
+from worker.sinks.sidekiq.sink import SidekiqSink, job_id
+from worker.store.sqlfiles import Names
 
 redis_db = sidekiq_helpers.redis_db  # the fixture: an empty Redis database of the test's own
 APP = Path(__file__).resolve().parent / "sidekiq_app"

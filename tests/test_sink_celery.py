@@ -31,7 +31,7 @@ from worker.errors import TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.sinks.celery import celery_sink
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 NAMESPACE = uuid.UUID("f9cae757-3d31-418a-a090-f8b8b95f7e1b")  # as the README documents it
 UNICODE = "héllo wörld ✓ 😀 \u202e \t\"'\\"

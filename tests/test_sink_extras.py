@@ -14,18 +14,18 @@ from tests.conftest import count_by_status, wait_until
 from tests.tcp_proxy import free_port
 from tests.test_cli import cli
 from worker import logs
-from worker.app import build_sinks
-from worker.cli import parse_args, settings_from
+from worker.cli.app import build_sinks
+from worker.cli.main import parse_args, settings_from
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
 from worker.sinks.limits import LimitedSink
-from worker.sinks.nats import NatsSink
-from worker.sinks.rabbitmq import RabbitMQSink
+from worker.sinks.nats.sink import NatsSink
+from worker.sinks.rabbitmq.sink import RabbitMQSink
 from worker.sinks.registry import UnavailableSink, register_secrets
-from worker.sinks.webhook import WebhookSink
-from worker.sqlfiles import Names
+from worker.sinks.webhook.sink import WebhookSink
+from worker.store.sqlfiles import Names
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, library: str, sink_module: str) -> None:
@@ -64,10 +64,10 @@ def test_configured_brokers_and_limits() -> None:
 def test_configured_kind_with_missing_extra_stops_the_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _without(monkeypatch, "aio_pika", "worker.sinks.rabbitmq")
+    _without(monkeypatch, "aio_pika", "worker.sinks.rabbitmq.sink")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[rabbitmq\]'"):
         build_sinks(Settings(sink_options={"rabbitmq_url": "amqp://guest:guest@127.0.0.1:5672/"}))
-    _without(monkeypatch, "aiohttp", "worker.sinks.webhook")
+    _without(monkeypatch, "aiohttp", "worker.sinks.webhook.sink")
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra \(aiohttp is not"):
         build_sinks(Settings(sink_options={"webhook_secret": "s3cret"}))
     with pytest.raises(ConfigError, match=r"needs the 'webhook' extra"):
@@ -77,7 +77,7 @@ def test_configured_kind_with_missing_extra_stops_the_start(
 async def test_unconfigured_kind_with_missing_extra_is_a_dead_intent(
     monkeypatch: pytest.MonkeyPatch, db, names: Names, start_relay
 ) -> None:
-    _without(monkeypatch, "aiohttp", "worker.sinks.webhook")
+    _without(monkeypatch, "aiohttp", "worker.sinks.webhook.sink")
     sinks = build_sinks(Settings())
     async with start_relay(sinks):
         async with db.transaction():

@@ -24,8 +24,8 @@ from worker.sinks.limits import (
     apply_limits,
     parse_limits,
 )
-from worker.sinks.nats import NatsSink
-from worker.sqlfiles import Names
+from worker.sinks.nats.sink import NatsSink
+from worker.store.sqlfiles import Names
 
 
 def _intent(n: int, kind: str = "k") -> Intent:

@@ -33,8 +33,8 @@ from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.sinks.base import BatchSink
-from worker.sinks.nats import NatsSink, build_publish, parse_nats_url
-from worker.sqlfiles import Names
+from worker.sinks.nats.sink import NatsSink, build_publish, parse_nats_url
+from worker.store.sqlfiles import Names
 
 
 @dataclass
@@ -278,7 +278,7 @@ async def test_a_full_batch_is_stored_once_in_order(
     messages = await stream.messages()
     assert _msg_ids(messages) == [str(i.id) for i in batch]  # stream order = batch order
     assert [orjson.loads(m.data)["n"] for m in messages] == [i.id for i in batch]
-    with caplog.at_level(logging.INFO, logger="worker.sinks.nats"):
+    with caplog.at_level(logging.INFO, logger="worker.sinks.nats.sink"):
         assert_outcomes(await sink.deliver_many(batch), [None] * len(batch))  # all retried
     assert _duplicates(caplog) == len(batch) and await stream.count() == len(batch)
 
@@ -363,7 +363,7 @@ async def test_lost_pubacks_of_a_batch_are_transient_and_the_retry_is_deduplicat
             proxy.release_replies()
             assert_outcomes(results, [(TransientError, "no PubAck within 2s")] * len(batch))
             await wait_until(lambda: _connected(nats_sink))
-            with caplog.at_level(logging.INFO, logger="worker.sinks.nats"):
+            with caplog.at_level(logging.INFO, logger="worker.sinks.nats.sink"):
                 assert_outcomes(await nats_sink.deliver_many(batch), [None] * len(batch))
         finally:
             await nats_sink.aclose()

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import statuses_are, wait_until
 from tests.test_cli import REPO, _env, _only_error, cli
 from worker.producer import enqueue
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 PLUGIN = REPO / "tests" / "plugin_sink"
 

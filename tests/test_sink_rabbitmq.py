@@ -31,8 +31,8 @@ from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.sinks.base import BatchSink
-from worker.sinks.rabbitmq import RabbitMQSink, build_message, parse_amqp_url
-from worker.sqlfiles import Names
+from worker.sinks.rabbitmq.sink import RabbitMQSink, build_message, parse_amqp_url
+from worker.store.sqlfiles import Names
 
 
 @dataclass

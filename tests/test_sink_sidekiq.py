@@ -31,15 +31,15 @@ from tests.sink_helpers import (
 from tests.tcp_proxy import TcpProxy, free_port
 from tests.test_cli import cli
 from tests.test_sink_extras import _without as without_extra
-from worker.app import build_sinks
+from worker.cli.app import build_sinks
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
 from worker.sinks.base import BatchSink
 from worker.sinks.registry import UnavailableSink
-from worker.sinks.sidekiq import SidekiqSink, build_job, job_id, parse_redis_url
-from worker.sqlfiles import Names
+from worker.sinks.sidekiq.sink import SidekiqSink, build_job, job_id, parse_redis_url
+from worker.store.sqlfiles import Names
 
 redis_db = sidekiq_helpers.redis_db  # the fixture: an empty Redis database of the test's own
 
@@ -196,7 +196,7 @@ def test_wiring_configured_or_not() -> None:
 
 
 def test_configured_without_the_extra_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    without_extra(monkeypatch, "redis", "worker.sinks.sidekiq")
+    without_extra(monkeypatch, "redis", "worker.sinks.sidekiq.sink")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[sidekiq\]'"):
         build_sinks(Settings(sink_options={"sidekiq_redis_url": "redis://127.0.0.1:6379/0"}))
 

@@ -24,7 +24,7 @@ from tests.sidekiq_helpers import redis_or_skip
 from tests.smtp_server import SmtpTestServer
 from tests.test_sink_nats import Stream, stream  # noqa: F401 - fixture
 from tests.test_sink_rabbitmq import Broker, broker  # noqa: F401 - fixture
-from worker.app import build_sinks
+from worker.cli.app import build_sinks
 from worker.errors import ConfigError, PermanentError
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -33,11 +33,11 @@ from worker.sinks.amqp import _server_version
 from worker.sinks.celery.redis import CeleryRedisSink
 from worker.sinks.email import EmailSink, parse_smtp_url
 from worker.sinks.limits import parse_limits
-from worker.sinks.nats import NatsSink
-from worker.sinks.rabbitmq import RabbitMQSink
-from worker.sinks.sidekiq import SidekiqSink
+from worker.sinks.nats.sink import NatsSink
+from worker.sinks.rabbitmq.sink import RabbitMQSink
+from worker.sinks.sidekiq.sink import SidekiqSink
 from worker.sinks.size import MIB, SizeLimit, format_bytes, parse_size, rabbitmq_default
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 BIG = 20 * 1000 * 1000  # the 20 MB payload
 

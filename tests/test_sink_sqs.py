@@ -22,16 +22,16 @@ from tests.sqs_helpers import sqs_server as sqs_server  # the fixture
 from tests.tcp_proxy import TcpProxy
 from tests.test_cli import _env, worker_argv
 from tests.test_sink_extras import _without as without_extra
-from worker.app import build_sinks
+from worker.cli.app import build_sinks
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
 from worker.settings import Settings
 from worker.sinks.base import BatchSink
 from worker.sinks.registry import UnavailableSink
-from worker.sinks.sqs import SqsSink
-from worker.sinks.sqs_message import ID_ATTRIBUTE, build_message
-from worker.sqlfiles import Names
+from worker.sinks.sqs.message import ID_ATTRIBUTE, build_message
+from worker.sinks.sqs.sink import SqsSink
+from worker.store.sqlfiles import Names
 
 CREATED = datetime(2026, 12, 4, 8, 0, tzinfo=UTC)
 URL = "https://sqs.eu-west-1.amazonaws.com/123456789012/orders"
@@ -157,7 +157,7 @@ def test_wiring_configured_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
         build_sinks(SQS_ON)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     assert isinstance(build_sinks(SQS_ON)["sqs"], SqsSink)
-    without_extra(monkeypatch, "aiobotocore.config", "worker.sinks.sqs")
+    without_extra(monkeypatch, "aiobotocore.config", "worker.sinks.sqs.sink")
     with pytest.raises(ConfigError, match=r"pip install 'pg-outbox-relay\[sqs\]'"):
         build_sinks(SQS_ON)
 
@@ -378,7 +378,7 @@ async def test_the_readme_sql_snippet_sends_both_messages(
     emails, orders = await queues.create("emails"), await queues.create("orders.fifo")
     aws = "https://sqs.eu-west-1.amazonaws.com/123456789012/"
     sql = sql.replace(aws + "emails", emails).replace(aws + "orders.fifo", orders)
-    caplog.set_level("INFO", logger="worker.sinks.sqs")
+    caplog.set_level("INFO", logger="worker.sinks.sqs.sink")
     await db.execute(sql.replace("outbox.", f'"{names.schema}".'))
     async with start_relay({"sqs": sink}):
         await wait_until(lambda: statuses_are(db, names, {"sent": 2}))

@@ -25,7 +25,7 @@ from tests.conftest import failed_at_least_once, statuses_are, wait_until
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
-from worker.sinks.webhook import (
+from worker.sinks.webhook.sink import (
     WebhookSink,
     build_request,
     host_allowed,
@@ -33,7 +33,7 @@ from worker.sinks.webhook import (
     parse_retry_after,
     sign,
 )
-from worker.sqlfiles import Names
+from worker.store.sqlfiles import Names
 
 SECRET = "whsec-test-0123456789"
 

@@ -18,18 +18,18 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 
-import worker.targets
+import worker.cli.targets
 from tests.conftest import statuses_are, wait_until
 from tests.smtp_server import SmtpTestServer
 from tests.tcp_proxy import free_port
 from tests.test_cli import REPO, _env, worker_argv
-from worker.app import build_sinks, run_worker
-from worker.embedded import SERVER_USER, start_embedded
+from worker.cli.app import build_sinks, run_worker
+from worker.cli.embedded import SERVER_USER, start_embedded
+from worker.cli.targets import check_targets, describe, log_targets
 from worker.producer import enqueue
-from worker.relay import Relay
+from worker.relay.core import Relay
 from worker.settings import Settings
-from worker.sqlfiles import Names
-from worker.targets import check_targets, describe, log_targets
+from worker.store.sqlfiles import Names
 
 SECRET = "s3cret-pw"
 TOKEN = "t0ken-abc"
@@ -134,7 +134,7 @@ async def test_the_check_never_delays_the_start(
     """The check of a RabbitMQ that never answers could take as long as it likes: the relay
     has started and delivered the mail meanwhile."""
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(worker.targets, "CHECK_TIMEOUT", 600.0)
+    monkeypatch.setattr(worker.cli.targets, "CHECK_TIMEOUT", 600.0)
     relays: list[Relay] = []
     async with SmtpTestServer() as smtp:
         run_settings = replace(

@@ -10,9 +10,9 @@ import pytest
 
 from worker import logs
 from worker.intent import Intent
-from worker.outcomes import Dead, Released, Retry, Sent
-from worker.stats import DbHealth, Stats, redact
-from worker.windows import WINDOW, bin_upper_edge, latency_bin, percentiles
+from worker.observe.stats import DbHealth, Stats, redact
+from worker.observe.windows import WINDOW, bin_upper_edge, latency_bin, percentiles
+from worker.relay.outcomes import Dead, Released, Retry, Sent
 
 
 class Clock:

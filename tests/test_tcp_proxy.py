@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from tests.tcp_proxy import TcpProxy
-from worker.embedded import start_embedded
+from worker.cli.embedded import start_embedded
 
 
 async def test_a_proxy_to_the_embedded_servers_unix_socket(tmp_path: Path) -> None:

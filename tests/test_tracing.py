@@ -31,9 +31,9 @@ from tests.tracing_helpers import Traces, traceparent
 from worker.distribution import pip_install
 from worker.errors import PermanentError, TransientError
 from worker.intent import Intent
+from worker.observe.tracing import tracing_wanted
 from worker.producer import enqueue
-from worker.sqlfiles import Names
-from worker.tracing import tracing_wanted
+from worker.store.sqlfiles import Names
 
 PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 STATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
@@ -225,7 +225,7 @@ def test_without_the_extra_a_traced_environment_only_warns() -> None:
     """The otel packages cannot be imported: one warning with the install command, no spans."""
     code = (
         "import logging, sys; logging.basicConfig(); sys.modules['opentelemetry'] = None\n"
-        "from worker.tracing import from_env\n"
+        "from worker.observe.tracing import from_env\n"
         "print(from_env({'OTEL_TRACES_EXPORTER': 'otlp'}))"
     )
     result = subprocess.run(

@@ -26,14 +26,14 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from tests.test_sink_webhook import Receiver, Reply, webhook_receiver  # noqa: F401 (fixture)
 from worker.errors import PermanentError, TransientError
 from worker.intent import Intent
-from worker.sinks.webhook import WebhookSink, parse_allow_hosts
-from worker.sinks.webhook_guard import (
+from worker.sinks.webhook.guard import (
     DestinationPolicy,
     DestinationRefused,
     GuardedConnector,
     GuardedResolver,
     refusal,
 )
+from worker.sinks.webhook.sink import WebhookSink, parse_allow_hosts
 
 FLAG_HINT = "refused (allow with --webhook-allow-private)"
 NAME_HINT = (

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Span, SpanContext, Tracer
 
-from worker.otel import DeliveryTracer
+from worker.observe.otel import DeliveryTracer
 
 
 def traceparent(context: SpanContext) -> str:

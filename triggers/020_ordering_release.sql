@@ -1,6 +1,6 @@
 -- Ordering keys: when an intent stops holding up its key (sent, dead and skipped, discarded,
 -- deleted), the next intent of that key may become claimable. If a worker had marked it
--- `ordering_held` (kept out of the claim's index: see hold_backlog in worker/sql/relay.sql),
+-- `ordering_held` (kept out of the claim's index: see hold_backlog in worker/store/sql/relay.sql),
 -- clear that mark here, in the same transaction as the write that freed the key.
 --
 -- Why no mark is ever stranded: hold_backlog marks a row only while it holds FOR SHARE on the

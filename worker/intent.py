@@ -19,6 +19,6 @@ class Intent:
     run_at: datetime
     ordering_key: str | None = None  # intents of one key are delivered one at a time, in order
     # W3C trace context, {"traceparent": ..., "tracestate": ...}: what a sink puts on the
-    # message it sends (worker.tracing.with_trace_context). The producer's as enqueued, or,
+    # message it sends (worker.observe.tracing.with_trace_context). The producer's as enqueued, or,
     # while the worker traces, that of its delivery span (a child of the producer's).
     trace_context: Mapping[str, str] | None = None

@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 
 from worker.settings import default_channel, validate_schema_name
-from worker.sqlfiles import Names, load_queries
+from worker.store.sqlfiles import Names, load_queries
 
 
 @lru_cache(maxsize=16)
@@ -42,7 +42,7 @@ async def enqueue(
     """
     if trace_context is None and "opentelemetry.trace" in sys.modules:
         # Only a process that loaded OpenTelemetry can have a span: others pay nothing here.
-        from worker.otel import current_trace_context
+        from worker.observe.otel import current_trace_context
 
         trace_context = current_trace_context()
     intent_id = await conn.fetchval(

@@ -73,10 +73,11 @@ class Settings:
     # operator acts (retry-dead, skip-dead), or "continue" with the next one.
     ordering_on_dead: str = "halt"
     # Warn when the event loop does not turn for this many seconds (a handler blocking
-    # it, worker/loopwatch.py); 0: no watchdog.
+    # it, worker/observe/loopwatch.py); 0: no watchdog.
     loop_block_warning: float = 1.0
     migrate: bool = False
-    http: str | None = None  # HOST:PORT of /metrics, /healthz, /readyz (worker/http_server.py)
+    # HOST:PORT of /metrics, /healthz, /readyz (worker/observe/http_server.py)
+    http: str | None = None
     heartbeat: bool = True  # off only in tests that prove the fence
 
     def __post_init__(self) -> None:

@@ -39,9 +39,9 @@ from bench.figures import Row, percentile
 from bench.proc import WorkerProcess, worker_process
 from bench.sql import query
 from bench.systems import Installed, RelaySystem
-from worker.admin import status
-from worker.health import COUNT_CAP
-from worker.sqlfiles import load_queries
+from worker.cli.admin import status
+from worker.observe.health import COUNT_CAP
+from worker.store.sqlfiles import load_queries
 
 DRAIN = ("intents_per_s", "seconds", "seed_s", "claim_ms", "claim_halfway_ms", "index_scan")
 MEMORY = ("rss_start_mb", "rss_quarter_mb", "rss_peak_mb", "rss_end_mb")

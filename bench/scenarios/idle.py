@@ -15,7 +15,7 @@ from bench.server import socket_address
 from bench.systems import PgqueuerSystem, ProcrastinateSystem, RelaySystem, System
 from bench.wire import counting_proxy, via_proxy
 from worker.settings import default_channel
-from worker.sqlfiles import Names, load_queries
+from worker.store.sqlfiles import Names, load_queries
 
 TITLE = "Idle cost (nothing to do; queries counted on the wire)"
 METRICS = ("queries_per_s", "queries_per_poll", "claims_per_poll", "shortest_gap_s")

@@ -17,7 +17,7 @@ from bench.figures import Row, latency_figures
 from bench.proc import worker_process
 from bench.sql import query
 from bench.systems import Installed, RelaySystem
-from worker.sqlfiles import quote_ident
+from worker.store.sqlfiles import quote_ident
 
 TITLE = "Producer cost of the notify trigger (single-intent transactions, flat out)"
 METRICS = (

@@ -34,13 +34,13 @@ from tests.fault.ledger import Fault, Outbox, check_ledger, delivered
 from tests.fault.pgcluster import SUPERUSER, SUPERUSER_PASSWORD, Cluster, streaming_pair
 from tests.fault.workers import REPO, WorkerProcess, worker_env
 from tests.readme import readme_snippet
-from worker.dashboard import render
-from worker.db import create_pool
-from worker.health import read_db_health
-from worker.migrate import migrate
+from worker.dashboard.view import render
+from worker.observe.health import read_db_health
+from worker.observe.stats import Stats
 from worker.settings import default_channel
-from worker.sqlfiles import Names, load_queries
-from worker.stats import Stats
+from worker.store.db import create_pool
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names, load_queries
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tests.smtp_server import SmtpTestServer
-from worker.cli import parse_args, settings_from
+from worker.cli.main import parse_args, settings_from
 from worker.errors import ConfigError, PermanentError
 from worker.intent import Intent
-from worker.migrate import migrate
 from worker.producer import enqueue
 from worker.sinks.email import EmailSink, parse_smtp_url
-from worker.sqlfiles import Names, load_queries, quote_ident
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names, load_queries, quote_ident
 
 EXAMPLES = int(os.environ.get("OUTBOX_FAULT_EXAMPLES", "60"))
 

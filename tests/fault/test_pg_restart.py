@@ -20,9 +20,9 @@ import pytest
 from tests.conftest import wait_until
 from tests.fault.ledger import Fault, Outbox, check_ledger, delivered
 from tests.fault.pgcluster import Cluster
-from worker.migrate import migrate
 from worker.settings import default_channel
-from worker.sqlfiles import Names
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names
 
 
 async def _connect(dsn: str, timeout: float = 60) -> asyncpg.Connection:

@@ -25,9 +25,9 @@ from tests.fault.pgcluster import Cluster
 from tests.fault.workers import REPO, WorkerProcess, worker_env
 from tests.smtp_server import SmtpTestServer
 from tests.tcp_proxy import TcpProxy
-from worker.migrate import migrate
 from worker.settings import default_channel
-from worker.sqlfiles import Names
+from worker.store.migrate import migrate
+from worker.store.sqlfiles import Names
 
 PG_USER = "fault_app"
 PG_PASSWORD = "pg-S3cret/#?&=%x"

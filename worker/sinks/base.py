@@ -17,7 +17,7 @@ class Sink(Protocol):
     as transient. It may be called from many tasks at once (one per delivery slot).
 
     A sink that sends a message puts the intent's W3C trace context on it:
-    ``worker.tracing.with_trace_context(headers, intent)`` adds ``traceparent`` (and
+    ``worker.observe.tracing.with_trace_context(headers, intent)`` adds ``traceparent`` (and
     ``tracestate``) to the message's headers, or to the fields a job queue reads them from.
     """
 

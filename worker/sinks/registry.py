@@ -43,12 +43,12 @@ ENTRY_POINT_GROUP = "pg_outbox_relay.sinks"
 # The built-in sinks: the module that declares each one's SPEC. A new one is one line here.
 _BUILTIN = (
     "worker.sinks.email.spec",
-    "worker.sinks.webhook_spec",
-    "worker.sinks.rabbitmq_spec",
-    "worker.sinks.nats_spec",
-    "worker.sinks.sidekiq_spec",
+    "worker.sinks.webhook.spec",
+    "worker.sinks.rabbitmq.spec",
+    "worker.sinks.nats.spec",
+    "worker.sinks.sidekiq.spec",
     "worker.sinks.celery.spec",
-    "worker.sinks.sqs_spec",
+    "worker.sinks.sqs.spec",
 )
 
 _KIND_RE = re.compile(r"[A-Za-z0-9_.-]+")  # what --limits accepts as a kind

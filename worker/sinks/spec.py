@@ -44,7 +44,7 @@ The contract, field by field:
   wins over any sink, as for the built-in ones.
 * ``options``: its flags. Each has an environment variable, help for ``--help``, a
   ``convert`` (``str`` -> value; a ``ValueError`` is a one-line error naming the flag or the
-  variable: wrap it with ``worker.options.expecting("a WHAT")``), a default and whether it
+  variable: wrap it with ``worker.cli.options.expecting("a WHAT")``), a default and whether it
   is a ``switch`` (no value; ``VAR=1`` in the environment). ``secret="url"`` (or ``"urls"``
   for a comma-separated list, ``"text"`` for a token) keeps the password out of every log
   line and error message. Flags and variables must not clash with any other's.

@@ -33,7 +33,7 @@ import orjson
 
 from worker.errors import PermanentError
 from worker.intent import Intent
-from worker.tracing import with_trace_context
+from worker.observe.tracing import with_trace_context
 
 __all__ = ["TASK_ID_NAMESPACE", "CeleryTask", "build_task", "task_id"]
 

@@ -1,0 +1,1 @@
+"""The `outbox-worker` command: arguments, run options, `run` wiring, admin commands, demo."""

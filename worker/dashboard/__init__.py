@@ -1,0 +1,1 @@
+"""The live terminal dashboard, and the summary line logged without a terminal."""

@@ -1,0 +1,1 @@
+"""What the relay tells operators: counters, windows, /metrics, traces, the loop watch."""

@@ -1,0 +1,1 @@
+"""The relay core: claim, deliver, record. The data flow is drawn in core.py."""

@@ -1,0 +1,279 @@
+"""The relay: its parts wired together, and its lifecycle (start, two-phase stop).
+
+Data flow: trigger NOTIFY -> Listener sets the Wakeup -> the Claimer takes at most as many
+rows as there are free slots -> the Dispatcher's slots deliver through the sinks -> the
+OutcomeWriter records the outcomes with one fenced, batched UPDATE. Leases keeps the
+leases of rows in flight alive (heartbeat) and rescues expired ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import asyncpg
+
+from worker.intent import Intent
+from worker.observe.loopwatch import LoopWatch
+from worker.observe.stats import Stats
+from worker.relay.claimer import Claimer
+from worker.relay.delivery import RetryPolicy
+from worker.relay.dispatch import Dispatcher
+from worker.relay.leases import Leases
+from worker.relay.listener import Listener
+from worker.relay.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry, Sent
+from worker.relay.wakeup import Wakeup
+from worker.settings import Settings
+from worker.sinks.base import Sink
+from worker.store.connection import DedicatedConnection
+
+if TYPE_CHECKING:  # imported only when tracing is on
+    from worker.observe.otel import DeliveryTracer
+
+log = logging.getLogger("outbox.relay")
+
+# After the shutdown's delivery phase, how long we keep trying to record outcomes and
+# release rows. Past it, unrecorded rows are rescued by lease expiry (redelivered).
+_FLUSH_TIMEOUT = 10.0
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        dsn: str,
+        queries: Mapping[str, str],
+        settings: Settings,
+        sinks: Mapping[str, Sink],
+        stats: Stats | None = None,
+        worker_id: str | None = None,
+        tracer: DeliveryTracer | None = None,  # worker.observe.tracing.from_env(); None: no spans
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or new_worker_id()
+        self.stats = stats or Stats(settings.concurrency)
+        self.wakeup = Wakeup()
+        self._stopping = False
+        self._hard_stopped = False
+        self._delivery_scope: anyio.CancelScope | None = None
+        name = f"outbox-worker {self.worker_id}"
+        skip_dead = settings.ordering_on_dead == "continue"
+        # Every statement of the claim loop wants rows in index order (claim, hold_backlog,
+        # rescue: ORDER BY ... LIMIT on a partial index). Without statistics (a new or
+        # freshly filled table, before autovacuum's ANALYZE) the planner was seen to sort
+        # every pending row instead, 3-20x slower per claim: tell it not to.
+        self._claim_conn = DedicatedConnection(
+            dsn, f"{name} claims", settings={"enable_sort": "off"}
+        )
+        # The database is back (the writer retries outcomes through an outage): wake the
+        # claim loop from its backoff rather than let it sleep on.
+        self._write_conn = DedicatedConnection(
+            dsn, f"{name} outcomes", on_reconnect=self.wakeup.set
+        )
+        self.leases = Leases(
+            pool,
+            queries,
+            self.worker_id,
+            lease=settings.lease,
+            max_attempts=settings.max_attempts,
+            skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
+        )
+        self._writer = OutcomeWriter(
+            self._write_conn,
+            queries["record_outcomes"],
+            self.worker_id,
+            self._on_written,
+            skip_dead=skip_dead,
+            on_db_error=self.stats.on_db_error,
+        )
+        self._dispatcher = Dispatcher(
+            concurrency=settings.concurrency,
+            sinks=sinks,
+            policy=RetryPolicy(settings.max_attempts, settings.backoff_base, settings.backoff_max),
+            timeout=settings.delivery_timeout,
+            stats=self.stats,
+            on_outcome=self._on_delivered,
+            tracer=tracer,
+        )
+        self.listener = (
+            Listener(
+                dsn,
+                settings.channel,
+                self.wakeup,
+                self.stats,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+                application_name=f"outbox-worker listener {self.worker_id}",
+            )
+            if settings.listen
+            else None
+        )
+        self.loopwatch = (
+            LoopWatch(settings.loop_block_warning, self.stats, self._dispatcher.running)
+            if settings.loop_block_warning
+            else None
+        )
+        limited = {k: s.saturated for k, s in sinks.items() if hasattr(s, "saturated")}
+        self._claimer = Claimer(
+            conn=self._claim_conn,
+            queries=queries,
+            settings=settings,
+            worker_id=self.worker_id,
+            wakeup=self.wakeup,
+            stats=self.stats,
+            dispatcher=self._dispatcher,
+            leases=self.leases,
+            listener=self.listener,
+            # Kinds whose sink is at its --limits: claiming them now would only defer them.
+            saturated_kinds=lambda: [kind for kind, full in limited.items() if full()],
+        )
+
+    @property
+    def in_flight(self) -> dict[int, Intent]:
+        """Rows this worker holds a lease on, from claim until their outcome is recorded."""
+        return self.leases.held
+
+    @property
+    def idle_declared(self) -> bool:
+        return self._claimer.idle_declared
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """Phase one: stop claiming; in-flight deliveries get ``grace`` seconds to finish."""
+        if not self._stopping:
+            log.info(
+                "stopping: no new claims; waiting up to %gs for %d in-flight deliveries",
+                self.settings.grace,
+                len(self.in_flight),
+            )
+            # The grace period runs from now, whatever the claim loop is doing.
+            if self._delivery_scope is not None:
+                self._delivery_scope.deadline = anyio.current_time() + self.settings.grace
+        self._stopping = True
+        self._claimer.stop()
+
+    def hard_stop(self) -> None:
+        """Phase two now: cancel in-flight deliveries and release their rows."""
+        self.stop()
+        self._hard_stopped = True
+        if self._delivery_scope is not None:
+            self._delivery_scope.cancel()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        log.info(
+            "worker %s: %d delivery slots, schema %s, %s",
+            self.worker_id,
+            self.settings.concurrency,
+            self.settings.schema,
+            "LISTEN + poll" if self.listener else "poll only",
+        )
+        try:
+            async with anyio.create_task_group() as services:
+                if self.listener is not None:
+                    services.start_soon(self.listener.run)
+                if self.settings.heartbeat:
+                    services.start_soon(self.leases.heartbeat)
+                if self.loopwatch is not None:
+                    services.start_soon(self.loopwatch.run)
+                await self._pipeline(task_status)
+                await self._release_unfinished()
+                services.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._claim_conn.close()
+                await self._write_conn.close()
+        log.info("stopped")
+
+    async def _pipeline(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Claim and deliver until stopped; then let deliveries finish within the grace
+        period and flush their outcomes."""
+        with anyio.move_on_after(float("inf")) as flush_scope:
+            async with anyio.create_task_group() as writer_group:
+                writer_group.start_soon(self._writer.run)
+                with anyio.CancelScope() as self._delivery_scope:
+                    if self._stopping:  # stop() came before run()
+                        self._delivery_scope.deadline = anyio.current_time() + self.settings.grace
+                    async with anyio.create_task_group() as pipeline:
+                        pipeline.start_soon(self._dispatcher.run)
+                        task_status.started()
+                        await self._claimer.run()
+                        self._dispatcher.close()  # busy slots finish; idle ones exit
+                        self._delivery_scope.deadline = min(
+                            self._delivery_scope.deadline,
+                            anyio.current_time() + self.settings.grace,
+                        )
+                if self._delivery_scope.cancelled_caught:
+                    log.warning(
+                        "%s: cancelled %d deliveries",
+                        "second stop request" if self._hard_stopped else "grace period over",
+                        len(self.in_flight),
+                    )
+                self._writer.close()
+                flush_scope.deadline = anyio.current_time() + _FLUSH_TIMEOUT
+
+    # --- outcomes --------------------------------------------------------------------------
+
+    def _on_delivered(self, intent: Intent, outcome: Outcome) -> None:
+        self.leases.submitted.add(intent.id)
+        self._writer.submit(intent, outcome)
+
+    def _on_written(self, batch: Sequence[tuple[Intent, Outcome]], written: set[int]) -> None:
+        for intent, _ in batch:
+            self.leases.recorded(intent)
+        if len(written) < len(batch):
+            self.stats.on_lease_lost(len(batch) - len(written))
+            batch = [(i, o) for i, o in batch if i.id in written]
+        self.stats.on_recorded_many(batch)
+        wake = False
+        for intent, outcome in batch:
+            # The key's next intent may be claimable now: ours to claim, not the poll's.
+            wake |= intent.ordering_key is not None and isinstance(outcome, Sent | Dead)
+            if isinstance(outcome, Retry):
+                log.info(
+                    "intent %d (%s) attempt %d failed, retry in %.1fs: %s",
+                    intent.id,
+                    intent.kind,
+                    intent.attempts,
+                    outcome.delay,
+                    outcome.error,
+                )
+                wake |= outcome.delay < self.settings.poll_interval
+            elif isinstance(outcome, Dead):
+                log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
+            elif isinstance(outcome, Sent):  # a line each is too many at volume; -v shows it
+                log.debug("intent %d (%s) sent", intent.id, intent.kind)
+        if wake:  # the claim loop claims again, or re-reads next_due (a retry soon)
+            self.wakeup.set()
+
+    async def _release_unfinished(self) -> None:
+        """Rows claimed but never delivered (cancelled, or never handed to a slot)."""
+        if not self.in_flight:
+            return
+        batch: list[tuple[Intent, Outcome]] = [(i, Released()) for i in self.in_flight.values()]
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FLUSH_TIMEOUT) as scope:
+            await self._writer.write(batch)
+        if scope.cancelled_caught:
+            log.error(
+                "could not release %d intents; they return when their lease expires", len(batch)
+            )
+        else:
+            log.info("released %d unfinished intents back to pending", len(batch))

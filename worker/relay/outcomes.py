@@ -1,0 +1,144 @@
+"""What happened to one delivery, and the batched, fenced write that records it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+
+from worker.intent import Intent
+from worker.observe.outage import Outage
+from worker.store.db import DB_UNAVAILABLE
+
+log = logging.getLogger("outbox.outcomes")
+
+_MAX_ERROR_CHARS = 2000
+_MAX_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    delay: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """Handed back without an outcome (shutdown, or its kind at its limit), due again in
+    ``delay`` seconds; the attempt is refunded."""
+
+    delay: float = 0.0
+
+
+Outcome = Sent | Retry | Dead | Released
+SENT = Sent()  # the common case needs no new object
+
+
+def _row(intent: Intent, outcome: Outcome) -> tuple[int, str, float, str | None, int]:
+    match outcome:
+        case Sent():
+            return intent.id, "sent", 0.0, None, 0
+        case Retry(delay, error):
+            return intent.id, "pending", delay, error[:_MAX_ERROR_CHARS], 0
+        case Dead(error):
+            return intent.id, "dead", 0.0, error[:_MAX_ERROR_CHARS], 0
+        case Released(delay):
+            return intent.id, "pending", delay, None, 1
+
+
+class Fetcher(Protocol):
+    async def fetch(self, query: str, *args: Any) -> Sequence[Any]: ...
+
+
+class OutcomeWriter:
+    """Writes outcomes in batches: whatever accumulated while the previous write ran goes
+    into the next statement, so throughput does not hinge on one commit per intent.
+
+    ``submit`` is a list append (and, when the writer sleeps, one wake-up): deliveries pay
+    nothing per outcome beyond that.
+    """
+
+    def __init__(
+        self,
+        conn: Fetcher,
+        query: str,
+        worker_id: str,
+        on_written: Callable[[Sequence[tuple[Intent, Outcome]], set[int]], None],
+        *,
+        skip_dead: bool = False,  # --ordering-on-dead continue
+        on_db_error: Callable[[str], None] = lambda _operation: None,
+    ) -> None:
+        self._on_db_error = on_db_error
+        self._conn = conn
+        self._query = query
+        self._worker_id = worker_id
+        self._skip_dead = skip_dead
+        self._on_written = on_written
+        self._pending: list[tuple[Intent, Outcome]] = []
+        self._wake: anyio.Event | None = None  # set while the writer sleeps
+        self._closed = False
+        self._outage = Outage(log, "outcome writer", base=0.2)
+
+    def submit(self, intent: Intent, outcome: Outcome) -> None:
+        self._pending.append((intent, outcome))
+        if self._wake is not None:
+            self._wake.set()
+
+    def close(self) -> None:
+        """No more outcomes: ``run`` returns once everything submitted is written."""
+        self._closed = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wake = anyio.Event()
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._wake = None
+                continue
+            batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+            await self.write(batch)
+
+    async def write(self, batch: Sequence[tuple[Intent, Outcome]]) -> None:
+        columns = list(zip(*(_row(i, o) for i, o in batch), strict=True))
+        while True:
+            try:
+                rows = await self._conn.fetch(
+                    self._query, self._worker_id, *columns, self._skip_dead
+                )
+                break
+            except DB_UNAVAILABLE as exc:
+                self._on_db_error("record")
+                # Keep the outcomes and try again: losing them would mean redelivery.
+                delay = self._outage.failed(exc, f"; could not record {len(batch)} outcomes")
+                await anyio.sleep(delay)
+        self._outage.recovered()
+        written = {r["id"] for r in rows}
+        if len(written) < len(batch):
+            for intent, outcome in batch:
+                if intent.id not in written:
+                    log.warning(
+                        "intent %d: lease lost before its outcome (%s) was recorded; "
+                        "another worker owns it now, outcome discarded",
+                        intent.id,
+                        type(outcome).__name__,
+                    )
+        self._on_written(batch, written)

@@ -1,0 +1,1 @@
+"""The sidekiq kind: jobs pushed to Sidekiq's Redis (sink.py), its flags (spec.py)."""
