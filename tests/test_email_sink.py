@@ -21,7 +21,7 @@ from tests.smtp_server import DROP, STALL, Script, SmtpTestServer, Step, reply
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.sinks.email import EmailSink, SmtpConfig, build_message, parse_smtp_url
-from worker.sinks.email import message as email_message
+from worker.sinks.email import wire as email_wire
 
 SENDER = "Outbox <noreply@sender.test>"
 CREATED = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -568,7 +568,7 @@ def test_multipart_is_deterministic_and_its_boundary_avoids_the_content(monkeypa
         def hexdigest(self) -> str:
             return "0" * 64
 
-    monkeypatch.setattr(email_message, "hashlib", SimpleNamespace(sha256=FixedHash))
+    monkeypatch.setattr(email_wire, "hashlib", SimpleNamespace(sha256=FixedHash))
     taken = "=_outbox_" + "0" * 32
     data, _, _ = build_message(intent(simple(text=f"--{taken}\nBcc: x", html="<p>x</p>")), SENDER)
     parsed = email.message_from_bytes(data, policy=email.policy.default)
