@@ -26,13 +26,13 @@ from tests.test_cli import REPO, _env, cli, worker_argv
 from worker.dashboard.summary import log_summaries, summary_line
 from worker.dashboard.view import render, run_dashboard
 from worker.intent import Intent
-from worker.observe.findings import fmt_duration
 from worker.observe.health import HealthMonitor, read_db_health
 from worker.observe.stats import DbHealth, Snapshot, Stats
 from worker.producer import enqueue
 from worker.relay.outcomes import Dead, Retry, Sent
 from worker.store.db import create_pool
 from worker.store.sqlfiles import Names, load_queries
+from worker.units import fmt_duration
 
 ALT_SCREEN_ON, ALT_SCREEN_OFF, SHOW_CURSOR = "\x1b[?1049h", "\x1b[?1049l", "\x1b[?25h"
 SIZES = [(80, 24), (160, 48)]

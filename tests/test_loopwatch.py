@@ -19,11 +19,12 @@ from tests.test_dashboard import screen
 from tests.test_sink_webhook import Receiver, webhook_receiver  # noqa: F401 (a fixture)
 from worker import Handlers, Intent, PermanentError
 from worker.dashboard.summary import summary_line
-from worker.observe.findings import BAD, LOOP_STALL_SHOWN, WARN, Finding, assess, fmt_duration
+from worker.observe.findings import BAD, LOOP_STALL_SHOWN, WARN, Finding, assess
 from worker.observe.loopwatch import LoopStall
 from worker.observe.stats import Stats
 from worker.producer import enqueue
 from worker.store.sqlfiles import Names
+from worker.units import fmt_duration
 
 BLOCK_SECONDS = 4.0  # several times the threshold below: a stall that cannot go unseen
 THRESHOLD = 1.0

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from worker.backoff import jittered, retry_delay
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.logs import redact_url
-from worker.relay.backoff import jittered, retry_delay
 from worker.relay.delivery import RetryPolicy, classify
 from worker.relay.outcomes import Dead, Retry, Sent
 from worker.settings import Settings, validate_name

@@ -19,14 +19,10 @@ from worker.observe.findings import (
     OLD_XACT,
     WARN,
     Finding,
-    fmt_bytes,
-    fmt_count,
-    fmt_duration,
-    fmt_latency,
-    fmt_rate,
     level,
 )
 from worker.observe.stats import Snapshot
+from worker.units import fmt_bytes, fmt_count, fmt_duration, fmt_latency, fmt_rate
 
 # --- the verdict ---------------------------------------------------------------------------
 

@@ -10,10 +10,11 @@ import logging
 
 import anyio
 
-from worker.observe.findings import assess, fmt_duration, fmt_latency
+from worker.observe.findings import assess
 from worker.observe.health import HealthMonitor
 from worker.observe.stats import Snapshot
 from worker.relay.core import Relay
+from worker.units import fmt_duration, fmt_latency
 
 log = logging.getLogger("outbox.stats")
 

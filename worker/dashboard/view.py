@@ -46,9 +46,10 @@ from worker.dashboard.lines import (
 )
 from worker.dashboard.widgets import ErrorList, KindTable, Labelled, SlotList, Sparkline
 from worker.logs import scrub
-from worker.observe.findings import assess, fmt_duration
+from worker.observe.findings import assess
 from worker.observe.stats import Snapshot
 from worker.relay.core import Relay
+from worker.units import fmt_duration
 
 REFRESH_SECONDS = 0.25
 _PER_INTENT = re.compile(r"intent \d+ ")

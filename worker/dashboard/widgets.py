@@ -12,8 +12,9 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from worker.observe.findings import BAD, OK, SLOT_BUSY, WARN, fmt_duration, level
+from worker.observe.findings import BAD, OK, SLOT_BUSY, WARN, level
 from worker.observe.stats import SlotView, Snapshot
+from worker.units import fmt_duration
 
 _BARS = " ▁▂▃▄▅▆▇█"
 

@@ -1,4 +1,4 @@
-"""What in a snapshot needs an operator's attention, and the short formats it is told in.
+"""What in a snapshot needs an operator's attention (its numbers told in worker/units.py).
 
 Pure functions of a ``Snapshot``, shared by the dashboard (colours, the header's verdict)
 and the summary log line, so both judge by the same thresholds.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from worker.observe.stats import Snapshot
+from worker.units import fmt_count, fmt_duration
 
 # Thresholds: (warn, bad). Chosen for an email relay: deliveries take well under a second,
 # the default poll is 2 s, so an intent due for 5 s means the relay is not keeping up.
@@ -28,52 +29,6 @@ LOOP_STALL_SHOWN = (60.0, 600.0)
 
 OK, WARN, BAD = "green", "yellow", "red"
 LEVEL_RANK = {OK: 0, WARN: 1, BAD: 2}
-
-
-# --- formats ------------------------------------------------------------------------------
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """Compact and readable at a glance: 0.4s, 12s, 3m12s, 2h05m, 3d04h."""
-    if seconds is None:
-        return "never"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
-def fmt_latency(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    return fmt_duration(seconds)
-
-
-def fmt_rate(per_second: float) -> str:
-    return f"{per_second:,.0f}/s" if per_second >= 100 else f"{per_second:.1f}/s"
-
-
-def fmt_count(n: int, cap: int | None = None) -> str:
-    return f"{n:,}+" if cap is not None and n >= cap else f"{n:,}"
-
-
-def fmt_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1024:
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return f"{size:.1f}TB"
 
 
 def level(value: float | None, bounds: tuple[float, float]) -> str:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import time
 
+from worker.backoff import retry_delay
 from worker.logs import one_line
-from worker.relay.backoff import retry_delay
 
 RETRY_CAP = 5.0
 

@@ -17,10 +17,10 @@ from contextlib import suppress
 import anyio
 import asyncpg
 
+from worker.backoff import jittered
 from worker.intent import Intent
 from worker.observe.outage import RETRY_CAP, Outage
 from worker.observe.stats import Stats
-from worker.relay.backoff import jittered
 from worker.relay.dispatch import Dispatcher
 from worker.relay.leases import Leases
 from worker.relay.listener import Listener

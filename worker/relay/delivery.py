@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from worker.backoff import retry_delay
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.intent import Intent
-from worker.relay.backoff import retry_delay
 from worker.relay.outcomes import SENT, Dead, Outcome, Released, Retry
 from worker.sinks.base import Sink
 

@@ -13,10 +13,10 @@ from typing import Any
 import anyio
 import asyncpg
 
+from worker.backoff import retry_delay
 from worker.logs import one_line
 from worker.observe.outage import RETRY_CAP
 from worker.observe.stats import Stats
-from worker.relay.backoff import retry_delay
 from worker.relay.wakeup import Wakeup
 
 log = logging.getLogger("outbox.listener")

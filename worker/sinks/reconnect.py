@@ -29,9 +29,9 @@ from typing import TypeVar
 
 import anyio
 
+from worker.backoff import retry_delay
 from worker.errors import TransientError
-from worker.observe.findings import fmt_duration
-from worker.relay.backoff import retry_delay
+from worker.units import fmt_duration
 
 __all__ = ["ConnectGate", "ConnectTurn"]
 

@@ -42,11 +42,11 @@ from nats.js.api import Header, PubAck
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
-from worker.observe.findings import fmt_duration
 from worker.observe.tracing import with_trace_context
 from worker.sinks.base import DeliversBatchOfOne, error_text
 from worker.sinks.reconnect import ConnectGate
 from worker.sinks.size import NATS_DEFAULT, SizeLimit
+from worker.units import fmt_duration
 
 __all__ = ["NatsSink", "build_publish", "parse_nats_url"]
 
