@@ -220,6 +220,22 @@ def test_stopping_relay_says_how_to_cancel():
     assert "stopping: 6 in flight; q/Ctrl-C again cancels them" in text
 
 
+def test_claims_paused_by_a_stuck_outcome_writer_show_in_the_verdict_and_the_summary():
+    _, clock, stats = busy_snapshot()
+    stats.outcomes_unrecorded = 16
+    stats.on_claims_paused(1.0)
+    clock.advance(11.0)
+    stats.on_claims_paused(3.0)  # the same stall, still going: counted once
+    snap = stats.snapshot()
+    assert snap.claim_pauses == 1 and snap.claims_paused == pytest.approx(12.0)
+    text = screen(snap, 120, 30)
+    assert "claims paused 12s" in text.splitlines()[0]
+    assert "claims paused 12s: 16 outcomes unrecorded" in text
+    assert "attention: claims paused 12s" in summary_line(snap)
+    stats.on_claims_paused(None)
+    assert "claims paused" not in screen(stats.snapshot(), 120, 30)
+
+
 def test_polling_only_relay():
     clock = FakeClock()
     stats = Stats(2, clock=lambda: clock.mono, wall=lambda: clock.wall)

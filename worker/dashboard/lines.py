@@ -58,8 +58,19 @@ def _styled(text: str, lvl: str) -> Text:
 
 
 def throughput_line(snap: Snapshot) -> Parts:
+    # First when it happens: it is why nothing is sent (the outcome writer is stuck).
+    paused = (
+        _styled(
+            f"claims paused {fmt_duration(snap.claims_paused)}: "
+            f"{snap.outcomes_unrecorded:,} outcomes unrecorded",
+            BAD,
+        )
+        if snap.claims_paused is not None
+        else ""
+    )
     return Parts(
         [
+            paused,
             Text.assemble((fmt_rate(snap.rate_now), "bold"), " now"),
             f"{fmt_rate(snap.rate_minute)} last min",
             f"peak {max(snap.per_second, default=0):,}/s",

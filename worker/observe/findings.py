@@ -63,6 +63,8 @@ def assess(snap: Snapshot) -> list[Finding]:
         found.append(Finding(BAD, f"{snap.dead_minute:,} dead/min"))
     if db is not None and db.halted_keys:
         found.append(Finding(BAD, f"{fmt_count(db.halted_keys, db.count_cap)} keys halted"))
+    if snap.claims_paused is not None:  # the outcome writer is stuck: nothing moves
+        found.append(Finding(BAD, f"claims paused {fmt_duration(snap.claims_paused)}"))
     if snap.listen and not snap.listener_connected:
         found.append(Finding(WARN, "LISTEN down, polling"))
     busy = [s for s in snap.slots if s is not None]

@@ -90,6 +90,16 @@ class RelayCollector:
             "Delivery slots delivering an intent now.",
             value=sum(1 for s in stats.slots if s is not None),
         )
+        yield GaugeMetricFamily(
+            "outbox_outcomes_unrecorded",
+            "Outcomes delivered and waiting for the outcome writer to record them.",
+            value=stats.outcomes_unrecorded,
+        )
+        yield GaugeMetricFamily(
+            "outbox_claims_paused",
+            "1 while the claim loop waits for the outcome writer (backpressure, over 1 s).",
+            value=int(stats.claims_paused_since is not None),
+        )
         yield from self._queue()
 
     def _outcomes(self) -> Iterator[Metric]:
@@ -138,6 +148,9 @@ class RelayCollector:
             ("outbox_lease_rescues_total",
              "Expired leases (of any worker) this worker returned to pending.",
              stats.lease_rescues),
+            ("outbox_claim_pauses_total",
+             "Times the claim loop stopped claiming while the outcome writer was stuck.",
+             stats.claim_pauses),
             ("outbox_leases_lost_total",
              "Outcomes discarded because another worker had taken the row over.",
              stats.lease_lost),

@@ -137,6 +137,9 @@ class Snapshot:
     loop_stalls: int = 0  # times the event loop stopped turning for over the threshold
     loop_blocked_seconds: float = 0.0  # their total length, once each has ended
     loop_stall: StallView | None = None  # the latest one
+    outcomes_unrecorded: int = 0  # delivered, waiting for the outcome writer
+    claims_paused: float | None = None  # seconds the claim loop has waited for the writer
+    claim_pauses: int = 0  # such stalls since start
 
     @property
     def busy_slots(self) -> int:
@@ -184,6 +187,9 @@ class Stats:
     loop_stalls: int = 0
     loop_blocked_seconds: float = 0.0
     loop_stall: LoopStall | None = None
+    outcomes_unrecorded: int = 0  # set by worker.relay.inflight, the owner of the rows
+    claims_paused_since: float | None = None  # the claim loop waits for the outcome writer
+    claim_pauses: int = 0
 
     def __post_init__(self) -> None:
         self.started_at = self.clock()
@@ -246,6 +252,15 @@ class Stats:
 
     def on_rescued(self, n: int) -> None:
         self.lease_rescues += n
+
+    def on_claims_paused(self, waited: float | None) -> None:
+        """The claim loop has waited ``waited`` seconds for the outcome writer (a stall);
+        None: it claims again."""
+        if waited is None:
+            self.claims_paused_since = None
+        elif self.claims_paused_since is None:
+            self.claim_pauses += 1
+            self.claims_paused_since = self.clock() - waited
 
     def on_db_error(self, operation: str) -> None:
         """A query that failed because the database was unavailable (then retried)."""
@@ -355,6 +370,9 @@ class Stats:
             loop_stalls=self.loop_stalls,
             loop_blocked_seconds=self.loop_blocked_seconds,
             loop_stall=stall_view(now, self.loop_stall),
+            outcomes_unrecorded=self.outcomes_unrecorded,
+            claims_paused=_since(now, self.claims_paused_since),
+            claim_pauses=self.claim_pauses,
         )
 
 

@@ -1,8 +1,9 @@
 """The claim loop: take due rows for the free delivery slots, then sleep until told.
 
 Where is a row claimed? Here, in ``_claim`` (the SQL is ``claim`` in worker/store/sql/relay.sql).
-It takes at most as many rows as there are free slots, in one autocommitted statement on a
-connection of its own, and hands them to the dispatcher. When the claim comes back full
+It takes at most as many rows as there are free slots (and room under the bound on rows held,
+worker/relay/inflight.py), in one autocommitted statement on a connection of its own, and hands
+them to the dispatcher. When the claim comes back full
 it claims again at once; when the backlog is drained it lingers, then declares the worker
 idle (producers notify only then) and waits for a notification, the poll, or the next
 scheduled row.
@@ -22,6 +23,7 @@ from worker.intent import Intent
 from worker.observe.outage import RETRY_CAP, Outage
 from worker.observe.stats import Stats
 from worker.relay.dispatch import Dispatcher
+from worker.relay.inflight import InFlight
 from worker.relay.leases import Leases
 from worker.relay.listener import Listener
 from worker.relay.wakeup import Wakeup
@@ -43,6 +45,7 @@ class Claimer:
         wakeup: Wakeup,
         stats: Stats,
         dispatcher: Dispatcher,
+        rows: InFlight,
         leases: Leases,
         listener: Listener | None,
         saturated_kinds: Callable[[], list[str]],
@@ -54,6 +57,7 @@ class Claimer:
         self._wakeup = wakeup
         self._stats = stats
         self._dispatcher = dispatcher
+        self._rows = rows
         self._leases = leases
         self._listener = listener
         self._saturated_kinds = saturated_kinds
@@ -64,6 +68,7 @@ class Claimer:
         self._stopping = True
         self._wakeup.set()
         self._dispatcher.interrupt()
+        self._rows.interrupt()
 
     async def run(self) -> None:
         """Claim while there is work; when drained, linger, then declare idle and sleep.
@@ -88,6 +93,10 @@ class Claimer:
                     next_sweep = anyio.current_time() + max(
                         settings.poll_interval, settings.lease / 4
                     )
+                if self._rows.room <= 0:  # backpressure: the outcome writer is behind
+                    # Till the next sweep at most: rescues go on while claims wait.
+                    await self._rows.wait_for_room(next_sweep - anyio.current_time())
+                    continue
                 got, full = await self._claim_and_dispatch()
                 outage.recovered()
                 if full:
@@ -122,7 +131,7 @@ class Claimer:
     async def _claim_and_dispatch(self) -> tuple[int, bool]:
         """Claim for the free slots and hand the rows over. Returns how many were claimed
         and whether the claim came back full (more may be waiting: claim again at once)."""
-        want = min(self._dispatcher.free, self._settings.batch_size)
+        want = min(self._dispatcher.free, self._rows.room, self._settings.batch_size)
         if want == 0:
             return 0, True
         intents = await self._claim(want)
@@ -158,7 +167,7 @@ class Claimer:
             )
             for r in rows
         ]
-        self._leases.claimed(intents)
+        self._rows.claimed(intents)
         self._stats.on_claim(len(intents))
         return intents
 

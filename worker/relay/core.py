@@ -1,9 +1,11 @@
 """The relay: its parts wired together, and its lifecycle (start, two-phase stop).
 
 Data flow: trigger NOTIFY -> Listener sets the Wakeup -> the Claimer takes at most as many
-rows as there are free slots -> the Dispatcher's slots deliver through the sinks -> the
-OutcomeWriter records the outcomes with one fenced, batched UPDATE. Leases keeps the
-leases of rows in flight alive (heartbeat) and rescues expired ones.
+rows as there are free slots and room under the bound on rows held -> the Dispatcher's slots
+deliver through the sinks -> InFlight hands each outcome to its OutcomeWriter, which records
+them with one fenced, batched UPDATE. InFlight owns every claimed row until then (and stops
+the claims while its writer is behind); Leases keeps the leases of all of them alive
+(heartbeat) and rescues expired ones.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import anyio
@@ -25,9 +27,9 @@ from worker.observe.stats import Stats
 from worker.relay.claimer import Claimer
 from worker.relay.delivery import RetryPolicy
 from worker.relay.dispatch import Dispatcher
+from worker.relay.inflight import InFlight
 from worker.relay.leases import Leases
 from worker.relay.listener import Listener
-from worker.relay.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry, Sent
 from worker.relay.wakeup import Wakeup
 from worker.settings import Settings
 from worker.sinks.base import Sink
@@ -81,22 +83,23 @@ class Relay:
         self._write_conn = DedicatedConnection(
             dsn, f"{name} outcomes", on_reconnect=self.wakeup.set
         )
+        self.inflight = InFlight(
+            self._write_conn,
+            queries["record_outcomes"],
+            self.worker_id,
+            settings=settings,
+            stats=self.stats,
+            wakeup=self.wakeup,
+        )
         self.leases = Leases(
             pool,
             queries,
             self.worker_id,
+            self.inflight,
             lease=settings.lease,
             max_attempts=settings.max_attempts,
             skip_dead=skip_dead,
-            on_db_error=self.stats.on_db_error,
-        )
-        self._writer = OutcomeWriter(
-            self._write_conn,
-            queries["record_outcomes"],
-            self.worker_id,
-            self._on_written,
-            skip_dead=skip_dead,
-            on_db_error=self.stats.on_db_error,
+            stats=self.stats,
         )
         self._dispatcher = Dispatcher(
             concurrency=settings.concurrency,
@@ -104,7 +107,7 @@ class Relay:
             policy=RetryPolicy(settings.max_attempts, settings.backoff_base, settings.backoff_max),
             timeout=settings.delivery_timeout,
             stats=self.stats,
-            on_outcome=self._on_delivered,
+            on_outcome=self.inflight.delivered,
             tracer=tracer,
         )
         self.listener = (
@@ -134,6 +137,7 @@ class Relay:
             wakeup=self.wakeup,
             stats=self.stats,
             dispatcher=self._dispatcher,
+            rows=self.inflight,
             leases=self.leases,
             listener=self.listener,
             # Kinds whose sink is at its --limits: claiming them now would only defer them.
@@ -141,9 +145,9 @@ class Relay:
         )
 
     @property
-    def in_flight(self) -> dict[int, Intent]:
+    def in_flight(self) -> Mapping[int, Intent]:
         """Rows this worker holds a lease on, from claim until their outcome is recorded."""
-        return self.leases.held
+        return self.inflight.held
 
     @property
     def idle_declared(self) -> bool:
@@ -195,7 +199,7 @@ class Relay:
                 if self.loopwatch is not None:
                     services.start_soon(self.loopwatch.run)
                 await self._pipeline(task_status)
-                await self._release_unfinished()
+                await self.inflight.release_unfinished(_FLUSH_TIMEOUT)
                 services.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -208,7 +212,7 @@ class Relay:
         period and flush their outcomes."""
         with anyio.move_on_after(float("inf")) as flush_scope:
             async with anyio.create_task_group() as writer_group:
-                writer_group.start_soon(self._writer.run)
+                writer_group.start_soon(self.inflight.run)
                 with anyio.CancelScope() as self._delivery_scope:
                     if self._stopping:  # stop() came before run()
                         self._delivery_scope.deadline = anyio.current_time() + self.settings.grace
@@ -227,53 +231,5 @@ class Relay:
                         "second stop request" if self._hard_stopped else "grace period over",
                         len(self.in_flight),
                     )
-                self._writer.close()
+                self.inflight.close()
                 flush_scope.deadline = anyio.current_time() + _FLUSH_TIMEOUT
-
-    # --- outcomes --------------------------------------------------------------------------
-
-    def _on_delivered(self, intent: Intent, outcome: Outcome) -> None:
-        self.leases.submitted.add(intent.id)
-        self._writer.submit(intent, outcome)
-
-    def _on_written(self, batch: Sequence[tuple[Intent, Outcome]], written: set[int]) -> None:
-        for intent, _ in batch:
-            self.leases.recorded(intent)
-        if len(written) < len(batch):
-            self.stats.on_lease_lost(len(batch) - len(written))
-            batch = [(i, o) for i, o in batch if i.id in written]
-        self.stats.on_recorded_many(batch)
-        wake = False
-        for intent, outcome in batch:
-            # The key's next intent may be claimable now: ours to claim, not the poll's.
-            wake |= intent.ordering_key is not None and isinstance(outcome, Sent | Dead)
-            if isinstance(outcome, Retry):
-                log.info(
-                    "intent %d (%s) attempt %d failed, retry in %.1fs: %s",
-                    intent.id,
-                    intent.kind,
-                    intent.attempts,
-                    outcome.delay,
-                    outcome.error,
-                )
-                wake |= outcome.delay < self.settings.poll_interval
-            elif isinstance(outcome, Dead):
-                log.warning("intent %d (%s) dead: %s", intent.id, intent.kind, outcome.error)
-            elif isinstance(outcome, Sent):  # a line each is too many at volume; -v shows it
-                log.debug("intent %d (%s) sent", intent.id, intent.kind)
-        if wake:  # the claim loop claims again, or re-reads next_due (a retry soon)
-            self.wakeup.set()
-
-    async def _release_unfinished(self) -> None:
-        """Rows claimed but never delivered (cancelled, or never handed to a slot)."""
-        if not self.in_flight:
-            return
-        batch: list[tuple[Intent, Outcome]] = [(i, Released()) for i in self.in_flight.values()]
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_FLUSH_TIMEOUT) as scope:
-            await self._writer.write(batch)
-        if scope.cancelled_caught:
-            log.error(
-                "could not release %d intents; they return when their lease expires", len(batch)
-            )
-        else:
-            log.info("released %d unfinished intents back to pending", len(batch))

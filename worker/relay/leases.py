@@ -1,16 +1,18 @@
-"""The rows this worker holds: their leases kept alive by a heartbeat, and the rescue of
-rows whose lease ran out (their worker crashed, hung or lost the database)."""
+"""The leases of the rows this worker holds (inflight.py owns the rows): kept alive by a
+heartbeat, and the rescue of rows whose lease ran out (their worker crashed, hung or lost
+the database)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 
 import anyio
 import asyncpg
 
-from worker.intent import Intent
 from worker.observe.outage import Outage
+from worker.observe.stats import Stats
+from worker.relay.inflight import InFlight
 from worker.relay.outcomes import Fetcher
 from worker.store.db import DB_UNAVAILABLE
 
@@ -23,39 +25,30 @@ class Leases:
         pool: asyncpg.Pool,
         queries: Mapping[str, str],
         worker_id: str,
+        rows: InFlight,
         *,
         lease: float,
         max_attempts: int,
         skip_dead: bool = False,  # --ordering-on-dead continue
-        on_db_error: Callable[[str], None] = lambda _operation: None,
+        stats: Stats,
     ) -> None:
-        # Rows this worker holds a lease on, from claim until their outcome is recorded.
-        self.held: dict[int, Intent] = {}
-        # The subset whose outcome is handed to the writer but not yet recorded: the
-        # heartbeat leaves them alone (their write may land before its UPDATE).
-        self.submitted: set[int] = set()
+        self._rows = rows  # read only: what is held is InFlight's to change
+        self._stats = stats
         self._pool = pool
         self._q = queries
         self._worker_id = worker_id
         self._lease = lease
         self._max_attempts = max_attempts
         self._skip_dead = skip_dead
-        self._on_db_error = on_db_error
-
-    def claimed(self, intents: Iterable[Intent]) -> None:
-        for intent in intents:
-            self.held[intent.id] = intent
-
-    def recorded(self, intent: Intent) -> None:
-        self.held.pop(intent.id, None)
-        self.submitted.discard(intent.id)
 
     async def heartbeat(self) -> None:
-        """Every lease/3: extend the leases of the rows still being delivered."""
+        """Every lease/3: extend the lease of every row held, its outcome waiting in the
+        writer's queue or not. The statement is fenced (ours and still processing), so a row
+        whose outcome lands first is left alone; a row the writer holds locked is skipped."""
         outage = Outage(log, "heartbeat", cap=self._lease / 3)  # it keeps its own pace
         while True:
             await anyio.sleep(self._lease / 3)
-            ids = [i for i in self.held if i not in self.submitted]
+            ids = list(self._rows.held)
             if not ids:
                 continue
             try:
@@ -63,7 +56,7 @@ class Leases:
                     self._q["heartbeat"], self._worker_id, ids, self._lease
                 )
             except DB_UNAVAILABLE as exc:
-                self._on_db_error("heartbeat")
+                self._stats.on_db_error("heartbeat")
                 # Logged once per outage; the heartbeat keeps its own pace (lease/3).
                 outage.failed(exc, f"; heartbeat failed, leases expire in <= {self._lease:g}s")
                 if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
@@ -72,12 +65,10 @@ class Leases:
                     await self._pool.expire_connections()
                 continue
             outage.recovered()
-            # Still delivering and no longer ours: another worker has taken the row over.
-            lost = [
-                r["id"]
-                for r in rows
-                if not r["renewed"] and r["id"] in self.held and r["id"] not in self.submitted
-            ]
+            # Still delivering and no longer ours: another worker has taken the row over. (Not
+            # ours with its outcome waiting: recorded meanwhile, or the fenced write tells.)
+            delivering = self._rows.delivering
+            lost = [r["id"] for r in rows if not r["renewed"] and delivering(r["id"])]
             if lost:  # counted in the stats when their fenced outcome write is refused
                 log.warning(
                     "lost the lease of intents %s; their outcomes will be discarded", lost[:10]
@@ -87,7 +78,7 @@ class Leases:
         """Expired leases of any worker back to pending (or dead: a rescue is an attempt).
         Returns how many."""
         rows = await conn.fetch(
-            self._q["rescue_expired"], self._max_attempts, list(self.held), self._skip_dead
+            self._q["rescue_expired"], self._max_attempts, list(self._rows.held), self._skip_dead
         )
         if rows:
             dead = sum(1 for r in rows if r["status"] == "dead")

@@ -90,12 +90,18 @@ class OutcomeWriter:
         self._pending: list[tuple[Intent, Outcome]] = []
         self._wake: anyio.Event | None = None  # set while the writer sleeps
         self._closed = False
+        self._busy_since: float | None = None  # a statement (or its retries) under way
         self._outage = Outage(log, "outcome writer", base=0.2)
 
     def submit(self, intent: Intent, outcome: Outcome) -> None:
         self._pending.append((intent, outcome))
         if self._wake is not None:
             self._wake.set()
+
+    def busy_for(self) -> float | None:
+        """How long the write under way has been running (None: not writing)."""
+        since = self._busy_since
+        return None if since is None else anyio.current_time() - since
 
     def close(self) -> None:
         """No more outcomes: ``run`` returns once everything submitted is written."""
@@ -119,17 +125,21 @@ class OutcomeWriter:
 
     async def write(self, batch: Sequence[tuple[Intent, Outcome]]) -> None:
         columns = list(zip(*(_row(i, o) for i, o in batch), strict=True))
-        while True:
-            try:
-                rows = await self._conn.fetch(
-                    self._query, self._worker_id, *columns, self._skip_dead
-                )
-                break
-            except DB_UNAVAILABLE as exc:
-                self._on_db_error("record")
-                # Keep the outcomes and try again: losing them would mean redelivery.
-                delay = self._outage.failed(exc, f"; could not record {len(batch)} outcomes")
-                await anyio.sleep(delay)
+        self._busy_since = anyio.current_time()
+        try:
+            while True:
+                try:
+                    rows = await self._conn.fetch(
+                        self._query, self._worker_id, *columns, self._skip_dead
+                    )
+                    break
+                except DB_UNAVAILABLE as exc:
+                    self._on_db_error("record")
+                    # Keep the outcomes and try again: losing them would mean redelivery.
+                    delay = self._outage.failed(exc, f"; could not record {len(batch)} outcomes")
+                    await anyio.sleep(delay)
+        finally:
+            self._busy_since = None
         self._outage.recovered()
         written = {r["id"] for r in rows}
         if len(written) < len(batch):

@@ -98,10 +98,12 @@ WHERE i.id = o.id AND i.locked_by = $1 AND i.status = 'processing'
 RETURNING i.id
 
 -- name: heartbeat
--- Extend the leases of the rows this worker is delivering. A row locked right now (by this
--- worker's outcome write, which locks its batch in completion order) is skipped, not waited
--- for: waiting deadlocked with the writer. Each id comes back with renewed = true, or false
--- if the row is no longer ours (lost); a skipped id is absent and judged at the next beat.
+-- Extend the leases of the rows this worker holds: being delivered, or their outcome waiting
+-- in its writer's queue. Fenced like record_outcomes (ours, processing): a row whose outcome
+-- was recorded first is left alone. A row locked right now (by this worker's outcome write,
+-- which locks its batch in completion order) is skipped, not waited for: waiting deadlocked
+-- with the writer. Each id comes back with renewed = true, or false if the row is no longer
+-- ours (recorded, or lost); a skipped id is absent and judged at the next beat.
 WITH renewed AS (
     UPDATE {{schema}}.intent
     SET locked_until = now() + make_interval(secs => $3)
