@@ -85,8 +85,7 @@ DROP INDEX IF EXISTS {{schema}}.intent_pending_run_at;  -- replaced by intent_pe
 -- probes it for a lower id of the same key.
 CREATE INDEX IF NOT EXISTS intent_ordering_blocking
     ON {{schema}}.intent (ordering_key, id)
-    WHERE ordering_key IS NOT NULL
-      AND (status IN ('pending', 'processing') OR (status = 'dead' AND NOT ordering_skipped));
+    WHERE ordering_key IS NOT NULL AND {{blocks_key}};
 -- At most one intent per key in flight, enforced by the database itself.
 CREATE UNIQUE INDEX IF NOT EXISTS intent_ordering_in_flight
     ON {{schema}}.intent (ordering_key) WHERE ordering_key IS NOT NULL AND status = 'processing';
@@ -109,8 +108,7 @@ FROM {{schema}}.intent AS d
 WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skipped
   AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
                   WHERE b.ordering_key = d.ordering_key AND b.id < d.id
-                    AND (b.status IN ('pending', 'processing')
-                         OR (b.status = 'dead' AND NOT b.ordering_skipped)));
+                    AND {{blocks_key(b)}});
 
 -- One SQL call for producers in any language, inside their own transaction.
 -- A second call with the same dedupe_key inserts nothing and returns the first id.

@@ -111,7 +111,6 @@ class RelayWorker:
         from worker.settings import Settings
         from worker.sinks.handlers import HandlerSink
         from worker.store.db import create_pool
-        from worker.store.sqlfiles import Names, load_queries
 
         cfg = self.cfg
         # The relay's own defaults for whatever the scenario does not set.
@@ -137,11 +136,9 @@ class RelayWorker:
         if cfg.get("sink") in ("email", "naive_email"):
             sinks["email"] = _timed(self._email_sink(cfg["sink"]), rec)
         self.sinks = sinks
-        self.queries = load_queries(Names(cfg["schema"], cfg["channel"]))
         self.relay = Relay(
             pool=self.pool,
             dsn=cfg["dsn"],
-            queries=self.queries,
             settings=self.settings,
             sinks=sinks,
             worker_id=cfg["tag"],
@@ -169,7 +166,7 @@ class RelayWorker:
         from worker.observe.http_server import http_endpoint
 
         stats = self.relay.stats
-        health = HealthMonitor(self.pool, self.queries, self.settings.schema, stats)
+        health = HealthMonitor(self.pool, self.relay.store, stats)
         return http_endpoint(self.cfg["http"], self.relay, self.pool, health, self.sinks)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:

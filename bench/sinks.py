@@ -59,7 +59,7 @@ from worker.sinks.base import Sink
 from worker.sinks.limits import apply_limits, parse_limits
 from worker.store.db import create_pool
 from worker.store.migrate import migrate
-from worker.store.sqlfiles import Names, load_queries
+from worker.store.sqlfiles import Names
 
 SINKS = (
     "noop", "webhook", "rabbitmq", "nats", "sidekiq", "celery-amqp", "celery-redis", "sqs",
@@ -358,7 +358,6 @@ async def through_relay(
             relay = Relay(
                 pool=pool,
                 dsn=dsn,
-                queries=load_queries(names),
                 settings=settings,
                 sinks={target.kind: sink},
             )

@@ -30,7 +30,7 @@ from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink
 from worker.store.db import create_pool
 from worker.store.migrate import migrate
-from worker.store.sqlfiles import Names, load_queries
+from worker.store.sqlfiles import Names
 
 
 @contextlib.contextmanager
@@ -146,7 +146,6 @@ async def start_relay(
         relay = Relay(
             pool=pool,
             dsn=pg_dsn,
-            queries=load_queries(names),
             settings=relay_settings,
             sinks=wrapped,  # type: ignore[arg-type]
             tracer=tracer,

@@ -26,12 +26,13 @@ from tests.test_cli import REPO, _env, cli, worker_argv
 from worker.dashboard.summary import log_summaries, summary_line
 from worker.dashboard.view import render, run_dashboard
 from worker.intent import Intent
-from worker.observe.health import HealthMonitor, read_db_health
+from worker.observe.health import COUNT_CAP, QUERY_TIMEOUT, HealthMonitor
 from worker.observe.stats import DbHealth, Snapshot, Stats
 from worker.producer import enqueue
 from worker.relay.outcomes import Dead, Retry, Sent
 from worker.store.db import create_pool
-from worker.store.sqlfiles import Names, load_queries
+from worker.store.queries import Store
+from worker.store.sqlfiles import Names
 from worker.units import fmt_duration
 
 ALT_SCREEN_ON, ALT_SCREEN_OFF, SHOW_CURSOR = "\x1b[?1049h", "\x1b[?1049l", "\x1b[?25h"
@@ -275,7 +276,7 @@ async def test_summary_lines_are_logged_with_fresh_database_numbers(
     pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
     try:
         async with start_relay({"noop": lambda _i: anyio.lowlevel.checkpoint()}) as relay:
-            health = HealthMonitor(pool, load_queries(names), names.schema, relay.stats)
+            health = HealthMonitor(pool, relay.store, relay.stats)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(log_summaries, relay, health, 0.05)
                 await enqueue(db, "noop", {}, schema=names.schema)
@@ -324,12 +325,12 @@ async def test_health_query_counts_by_state_and_stops_at_the_cap(pg_dsn: str, db
     holder = await db.fetchval("SELECT pg_backend_pid()")
     pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
     try:
-        query = load_queries(names)["db_health"]
+        store = Store(names)
         async with db.transaction(isolation="repeatable_read"):
             await db.fetchval("SELECT txid_current()")
             await anyio.sleep(0.05)
-            health = await read_db_health(pool, query, names.schema)
-            capped = await read_db_health(pool, query, names.schema, cap=3)
+            health = await store.db_health(pool, cap=COUNT_CAP, timeout=QUERY_TIMEOUT)
+            capped = await store.db_health(pool, cap=3, timeout=QUERY_TIMEOUT)
     finally:
         await pool.close()
     assert (health.pending_due, health.pending_later, health.processing, health.dead) == (
@@ -371,7 +372,7 @@ async def _read_health(pg_dsn: str, names: Names) -> DbHealth:
     """One read of the health query, as the dashboard does it."""
     pool = await create_pool(pg_dsn, max_size=1, application_name="outbox-worker test")
     try:
-        return await read_db_health(pool, load_queries(names)["db_health"], names.schema)
+        return await Store(names).db_health(pool, cap=COUNT_CAP, timeout=QUERY_TIMEOUT)
     finally:
         await pool.close()
 

@@ -5,7 +5,7 @@
 -- some worker is idle (a row in idle_worker); a busy worker claims again by itself.
 --
 -- The race between "a worker declares itself idle" and "a producer decides not to notify"
--- is closed with an advisory lock (key: 5236, hashtext(channel)):
+-- is closed with an advisory lock (key: {{idle_flag_lock}}, worker/sqlfiles.py):
 --   * the producer checks the flag at commit time (a deferred trigger) while holding the
 --     lock in SHARE mode until its commit completes, and notifies anyway if it cannot get
 --     that lock at once;
@@ -32,7 +32,7 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM set_config(checked, '1', true);
-    IF NOT pg_try_advisory_xact_lock_shared(5236, hashtext({{channel}}))
+    IF NOT pg_try_advisory_xact_lock_shared({{idle_flag_lock}})
        OR EXISTS (SELECT 1 FROM {{schema}}.idle_worker) THEN
         PERFORM pg_notify({{channel}}, '');
     END IF;

@@ -16,9 +16,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE {{schema}}.intent AS i SET ordering_held = false
     WHERE i.id = (SELECT b.id FROM {{schema}}.intent AS b
-                  WHERE b.ordering_key = OLD.ordering_key
-                    AND (b.status IN ('pending', 'processing')
-                         OR (b.status = 'dead' AND NOT b.ordering_skipped))
+                  WHERE b.ordering_key = OLD.ordering_key AND {{blocks_key(b)}}
                   ORDER BY b.id LIMIT 1)
       AND i.ordering_held;
     RETURN NULL;
@@ -29,18 +27,12 @@ DROP TRIGGER IF EXISTS intent_release_next_upd ON {{schema}}.intent;
 CREATE TRIGGER intent_release_next_upd
     AFTER UPDATE OF status, ordering_skipped ON {{schema}}.intent
     FOR EACH ROW
-    WHEN (OLD.ordering_key IS NOT NULL
-          AND (OLD.status IN ('pending', 'processing')
-               OR (OLD.status = 'dead' AND NOT OLD.ordering_skipped))
-          AND NOT (NEW.status IN ('pending', 'processing')
-                   OR (NEW.status = 'dead' AND NOT NEW.ordering_skipped)))
+    WHEN (OLD.ordering_key IS NOT NULL AND {{blocks_key(OLD)}} AND NOT {{blocks_key(NEW)}})
     EXECUTE FUNCTION {{schema}}.intent_release_next();
 
 DROP TRIGGER IF EXISTS intent_release_next_del ON {{schema}}.intent;
 CREATE TRIGGER intent_release_next_del
     AFTER DELETE ON {{schema}}.intent
     FOR EACH ROW
-    WHEN (OLD.ordering_key IS NOT NULL
-          AND (OLD.status IN ('pending', 'processing')
-               OR (OLD.status = 'dead' AND NOT OLD.ordering_skipped)))
+    WHEN (OLD.ordering_key IS NOT NULL AND {{blocks_key(OLD)}})
     EXECUTE FUNCTION {{schema}}.intent_release_next();

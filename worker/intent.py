@@ -22,3 +22,18 @@ class Intent:
     # message it sends (worker.observe.tracing.with_trace_context). The producer's as enqueued, or,
     # while the worker traces, that of its delivery span (a child of the producer's).
     trace_context: Mapping[str, str] | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], default_max_attempts: int) -> Intent:
+        """A claimed row (the claim's RETURNING list), by column name."""
+        return cls(
+            row["id"],
+            row["kind"],
+            row["payload"],
+            row["attempts"],
+            row["max_attempts"] or default_max_attempts,
+            row["created_at"],
+            row["run_at"],
+            row["ordering_key"],
+            row["trace_context"],
+        )

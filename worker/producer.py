@@ -12,13 +12,14 @@ import asyncpg
 import orjson
 
 from worker.settings import default_channel, validate_schema_name
-from worker.store.sqlfiles import Names, load_queries
+from worker.store.queries import Store
+from worker.store.sqlfiles import Names
 
 
 @lru_cache(maxsize=16)
-def _enqueue_sql(schema: str) -> str:
+def _store(schema: str) -> Store:
     validate_schema_name(schema)
-    return load_queries(Names(schema, default_channel(schema)))["enqueue"]
+    return Store(Names(schema, default_channel(schema)))
 
 
 async def enqueue(
@@ -45,14 +46,13 @@ async def enqueue(
         from worker.observe.otel import current_trace_context
 
         trace_context = current_trace_context()
-    intent_id = await conn.fetchval(
-        _enqueue_sql(schema),
-        kind,
-        orjson.dumps(payload).decode(),
-        run_at,
-        dedupe_key,
-        max_attempts,
-        ordering_key,
-        orjson.dumps(dict(trace_context)).decode() if trace_context else None,
+    return await _store(schema).enqueue(
+        conn,
+        kind=kind,
+        payload_json=orjson.dumps(payload).decode(),
+        run_at=run_at,
+        dedupe_key=dedupe_key,
+        max_attempts=max_attempts,
+        ordering_key=ordering_key,
+        trace_context_json=orjson.dumps(dict(trace_context)).decode() if trace_context else None,
     )
-    return int(intent_id)

@@ -35,12 +35,13 @@ from tests.fault.pgcluster import SUPERUSER, SUPERUSER_PASSWORD, Cluster, stream
 from tests.fault.workers import REPO, WorkerProcess, worker_env
 from tests.readme import readme_snippet
 from worker.dashboard.view import render
-from worker.observe.health import read_db_health
+from worker.observe.health import COUNT_CAP, QUERY_TIMEOUT
 from worker.observe.stats import Stats
 from worker.settings import default_channel
 from worker.store.db import create_pool
 from worker.store.migrate import migrate
-from worker.store.sqlfiles import Names, load_queries
+from worker.store.queries import Store
+from worker.store.sqlfiles import Names
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -141,8 +142,8 @@ async def _server_shown(dsn: str, schema: str) -> tuple[str, str]:
     """The server the dashboard's Database line and `status --json` name."""
     pool = await create_pool(dsn, max_size=1, application_name="outbox-worker test")
     try:
-        query = load_queries(Names(schema, default_channel(schema)))["db_health"]
-        health = await read_db_health(pool, query, schema)
+        store = Store(Names(schema, default_channel(schema)))
+        health = await store.db_health(pool, cap=COUNT_CAP, timeout=QUERY_TIMEOUT)
     finally:
         await pool.close()
     stats = Stats(1)

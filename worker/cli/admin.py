@@ -9,40 +9,32 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from worker.observe.health import server_label
 from worker.producer import enqueue as producer_enqueue
-from worker.store.sqlfiles import Names, load_queries
+from worker.store.queries import Store
+from worker.store.sqlfiles import Names
 
 
 async def status(conn: asyncpg.Connection, names: Names) -> dict[str, Any]:
-    q = load_queries(names)
-    rows = await conn.fetch(q["status_counts"])
-    counts: dict[str, dict[str, int]] = {}
-    for r in rows:
-        counts.setdefault(r["kind"], {})[r["status"]] = r["n"]
-    oldest = await conn.fetchval(q["status_oldest_pending"])
-    dead = sum(c.get("dead", 0) for c in counts.values())
-    halted = await conn.fetchrow(q["halted_keys"])
-    assert halted is not None  # one row, always
-    server = await conn.fetchrow(q["server"])
-    assert server is not None  # one row, always
+    store = Store(names)
+    counts = await store.status_counts(conn)
+    halted = await store.halted_keys(conn)
     return {
         "schema": names.schema,
-        "server": server_label(server),
+        "server": await store.server(conn),
         "by_kind": counts,
-        "oldest_pending_seconds": oldest,
-        "dead": dead,
+        "oldest_pending_seconds": await store.oldest_due_pending(conn),
+        "dead": sum(c.get("dead", 0) for c in counts.values()),
         "ordering": {
-            "halted_keys": halted["halted_keys"],
-            "held_intents": halted["held_intents"],
+            "halted_keys": halted.keys,
+            "held_intents": halted.held_intents,
             "oldest_halted": None
-            if halted["oldest_id"] is None
+            if halted.oldest_id is None
             else {
-                "key": halted["oldest_key"],
-                "dead_intent": halted["oldest_id"],
-                "kind": halted["oldest_kind"],
-                "error": halted["oldest_error"],
-                "age_seconds": halted["oldest_age"],
+                "key": halted.oldest_key,
+                "dead_intent": halted.oldest_id,
+                "kind": halted.oldest_kind,
+                "error": halted.oldest_error,
+                "age_seconds": halted.oldest_age,
             },
         },
     }
@@ -84,32 +76,24 @@ async def retry_dead(
     intent_id: int | None,
     key: str | None = None,
 ) -> list[int]:
-    q = load_queries(names)
-    async with conn.transaction():
-        rows = await conn.fetch(q["retry_dead"], kind, intent_id, key)
-        if rows:  # an UPDATE fires no insert trigger: wake the workers ourselves
-            await conn.execute(q["notify"])
-    return [r["id"] for r in rows]
+    return await Store(names).retry_dead(conn, kind=kind, intent_id=intent_id, key=key)
 
 
 async def skip_dead(conn: asyncpg.Connection, names: Names, key: str) -> int | None:
     """The dead intent that halted ``key`` stays dead; the key's next intent may run."""
-    q = load_queries(names)
-    async with conn.transaction():
-        skipped = await conn.fetchval(q["skip_dead"], key)
-        if skipped is not None:
-            await conn.execute(q["notify"])
-    return int(skipped) if skipped is not None else None
+    return await Store(names).skip_dead(conn, key)
 
 
 async def purge(
     conn: asyncpg.Connection, names: Names, older_than: float, statuses: list[str]
 ) -> int:
     """Delete finished intents in batches: short transactions, no long lock or WAL burst."""
-    query = load_queries(names)["purge"]
+    store = Store(names)
     deleted = 0
     while True:
-        batch = await conn.fetchval(query, older_than, statuses, _PURGE_BATCH)
+        batch = await store.purge_batch(
+            conn, older_than=older_than, statuses=statuses, limit=_PURGE_BATCH
+        )
         deleted += batch
         if batch < _PURGE_BATCH:
             return deleted

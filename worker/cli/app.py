@@ -24,7 +24,7 @@ from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.store.db import connect
 from worker.store.migrate import ensure_schema
-from worker.store.sqlfiles import Names, load_queries
+from worker.store.sqlfiles import Names
 
 log = logging.getLogger("outbox")
 
@@ -69,11 +69,9 @@ async def run_worker(
     if pool is None:  # stopped while waiting for the database
         return
     try:
-        queries = load_queries(names)
         relay = Relay(
             pool=pool,
             dsn=dsn,
-            queries=queries,
             settings=settings,
             sinks=sinks,
             stats=stats,
@@ -81,7 +79,7 @@ async def run_worker(
         )
         if relay_holder is not None:
             relay_holder.append(relay)
-        health = HealthMonitor(pool, queries, settings.schema, relay.stats)
+        health = HealthMonitor(pool, relay.store, relay.stats)
         targets = describe(settings, sinks)
         log_targets(targets)
         async with (

@@ -12,7 +12,7 @@ scheduled row.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import suppress
 
 import anyio
@@ -30,6 +30,7 @@ from worker.relay.wakeup import Wakeup
 from worker.settings import Settings
 from worker.store.connection import DedicatedConnection
 from worker.store.db import DB_UNAVAILABLE
+from worker.store.queries import Store
 
 log = logging.getLogger("outbox.claimer")
 
@@ -39,7 +40,7 @@ class Claimer:
         self,
         *,
         conn: DedicatedConnection,
-        queries: Mapping[str, str],
+        store: Store,
         settings: Settings,
         worker_id: str,
         wakeup: Wakeup,
@@ -51,7 +52,7 @@ class Claimer:
         saturated_kinds: Callable[[], list[str]],
     ) -> None:
         self._conn = conn
-        self._q = queries
+        self._store = store
         self._settings = settings
         self._worker_id = worker_id
         self._wakeup = wakeup
@@ -143,30 +144,16 @@ class Claimer:
         # Shielded: a claim cancelled after the server committed it would strand its rows
         # until their lease expired.
         with anyio.CancelScope(shield=True):
-            rows = await self._conn.fetch(
-                self._q["claim"],
-                self._worker_id,
-                self._settings.lease,
-                limit,
-                self._saturated_kinds(),
+            intents = await self._store.claim(
+                self._conn,
+                worker_id=self._worker_id,
+                lease=self._settings.lease,
+                limit=limit,
+                skip_kinds=self._saturated_kinds(),
+                default_max_attempts=self._settings.max_attempts,
             )
-        if not rows:
+        if not intents:
             return []
-        default_max = self._settings.max_attempts
-        intents = [
-            Intent(
-                r["id"],
-                r["kind"],
-                r["payload"],
-                r["attempts"],
-                r["max_attempts"] or default_max,
-                r["created_at"],
-                r["run_at"],
-                r["ordering_key"],
-                r["trace_context"],
-            )
-            for r in rows
-        ]
         self._rows.claimed(intents)
         self._stats.on_claim(len(intents))
         return intents
@@ -183,7 +170,7 @@ class Claimer:
         pid = self._listener.backend_pid if self._listener else None
         if pid is None:  # nobody would hear a notification: rely on the poll
             return False
-        await self._conn.execute(self._q["declare_idle"], pid, self._worker_id)
+        await self._store.declare_idle(self._conn, pid, self._worker_id)
         self._idle_flag_pid = pid
         self._stats.on_idle(True)
         return True
@@ -191,7 +178,7 @@ class Claimer:
     async def _declare_busy(self) -> None:
         if self._idle_flag_pid is None:
             return
-        await self._conn.execute(self._q["declare_busy"], self._idle_flag_pid)
+        await self._store.declare_busy(self._conn, self._idle_flag_pid)
         self._idle_flag_pid = None
         self._stats.on_idle(False)
 
@@ -200,12 +187,12 @@ class Claimer:
     async def _sweep(self) -> None:
         """Periodic housekeeping: expired leases back to pending, stale idle flags away."""
         self._stats.on_rescued(await self._leases.rescue_expired(self._conn))
-        await self._conn.execute(self._q["sweep_idle_workers"])
+        await self._store.sweep_idle_workers(self._conn)
 
     async def _wait_for_work(self) -> None:
         timeout = jittered(self._settings.poll_interval)
         try:
-            due_in = await self._conn.fetchval(self._q["next_due"])
+            due_in = await self._store.next_due(self._conn)
         except DB_UNAVAILABLE:
             due_in = None
         if due_in is not None:
@@ -216,7 +203,7 @@ class Claimer:
             # Due rows we could not claim: other workers hold them, or they wait behind the
             # head of their ordering key. Mark the latter out of the claim's way; if any were,
             # claim again at once (a long backlog behind one key takes a pass per 1,000).
-            if due_in <= 0 and await self._conn.fetchval(self._q["hold_backlog"], 1000):
+            if due_in <= 0 and await self._store.hold_backlog(self._conn, 1000):
                 return
         if not await self._wakeup.wait(timeout):
             self._stats.on_poll()

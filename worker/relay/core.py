@@ -34,6 +34,8 @@ from worker.relay.wakeup import Wakeup
 from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.store.connection import DedicatedConnection
+from worker.store.queries import Store
+from worker.store.sqlfiles import Names
 
 if TYPE_CHECKING:  # imported only when tracing is on
     from worker.observe.otel import DeliveryTracer
@@ -55,14 +57,15 @@ class Relay:
         *,
         pool: asyncpg.Pool,
         dsn: str,
-        queries: Mapping[str, str],
         settings: Settings,
         sinks: Mapping[str, Sink],
         stats: Stats | None = None,
         worker_id: str | None = None,
         tracer: DeliveryTracer | None = None,  # worker.observe.tracing.from_env(); None: no spans
+        store: Store | None = None,  # default: the settings' schema and channel
     ) -> None:
         self.settings = settings
+        self.store = store or Store(Names(settings.schema, settings.channel))
         self.worker_id = worker_id or new_worker_id()
         self.stats = stats or Stats(settings.concurrency)
         self.wakeup = Wakeup()
@@ -85,7 +88,7 @@ class Relay:
         )
         self.inflight = InFlight(
             self._write_conn,
-            queries["record_outcomes"],
+            self.store,
             self.worker_id,
             settings=settings,
             stats=self.stats,
@@ -93,7 +96,7 @@ class Relay:
         )
         self.leases = Leases(
             pool,
-            queries,
+            self.store,
             self.worker_id,
             self.inflight,
             lease=settings.lease,
@@ -131,7 +134,7 @@ class Relay:
         limited = {k: s.saturated for k, s in sinks.items() if hasattr(s, "saturated")}
         self._claimer = Claimer(
             conn=self._claim_conn,
-            queries=queries,
+            store=self.store,
             settings=settings,
             worker_id=self.worker_id,
             wakeup=self.wakeup,

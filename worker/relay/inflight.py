@@ -24,9 +24,10 @@ import anyio
 
 from worker.intent import Intent
 from worker.observe.stats import Stats
-from worker.relay.outcomes import Dead, Fetcher, Outcome, OutcomeWriter, Released, Retry, Sent
+from worker.relay.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry, Sent
 from worker.relay.wakeup import Wakeup
 from worker.settings import Settings
+from worker.store.queries import Conn, Store
 
 log = logging.getLogger("outbox.inflight")
 
@@ -47,8 +48,8 @@ def held_bound(concurrency: int) -> int:
 class InFlight:
     def __init__(
         self,
-        conn: Fetcher,
-        record_query: str,
+        conn: Conn,
+        store: Store,
         worker_id: str,
         *,
         settings: Settings,
@@ -66,7 +67,7 @@ class InFlight:
         self._stalled = False  # and that has lasted past STALL_NOTICE (said so)
         self._writer = OutcomeWriter(
             conn,
-            record_query,
+            store,
             worker_id,
             self._recorded,
             skip_dead=settings.ordering_on_dead == "continue",

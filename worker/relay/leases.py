@@ -5,7 +5,6 @@ the database)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 import anyio
 import asyncpg
@@ -13,8 +12,8 @@ import asyncpg
 from worker.observe.outage import Outage
 from worker.observe.stats import Stats
 from worker.relay.inflight import InFlight
-from worker.relay.outcomes import Fetcher
 from worker.store.db import DB_UNAVAILABLE
+from worker.store.queries import Conn, Store
 
 log = logging.getLogger("outbox.leases")
 
@@ -23,7 +22,7 @@ class Leases:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        queries: Mapping[str, str],
+        store: Store,
         worker_id: str,
         rows: InFlight,
         *,
@@ -35,7 +34,7 @@ class Leases:
         self._rows = rows  # read only: what is held is InFlight's to change
         self._stats = stats
         self._pool = pool
-        self._q = queries
+        self._store = store
         self._worker_id = worker_id
         self._lease = lease
         self._max_attempts = max_attempts
@@ -52,9 +51,7 @@ class Leases:
             if not ids:
                 continue
             try:
-                rows = await self._pool.fetch(
-                    self._q["heartbeat"], self._worker_id, ids, self._lease
-                )
+                gone = await self._store.heartbeat(self._pool, self._worker_id, ids, self._lease)
             except DB_UNAVAILABLE as exc:
                 self._stats.on_db_error("heartbeat")
                 # Logged once per outage; the heartbeat keeps its own pace (lease/3).
@@ -68,21 +65,22 @@ class Leases:
             # Still delivering and no longer ours: another worker has taken the row over. (Not
             # ours with its outcome waiting: recorded meanwhile, or the fenced write tells.)
             delivering = self._rows.delivering
-            lost = [r["id"] for r in rows if not r["renewed"] and delivering(r["id"])]
+            lost = sorted(i for i in gone if delivering(i))
             if lost:  # counted in the stats when their fenced outcome write is refused
                 log.warning(
                     "lost the lease of intents %s; their outcomes will be discarded", lost[:10]
                 )
 
-    async def rescue_expired(self, conn: Fetcher) -> int:
+    async def rescue_expired(self, conn: Conn) -> int:
         """Expired leases of any worker back to pending (or dead: a rescue is an attempt).
         Returns how many."""
-        rows = await conn.fetch(
-            self._q["rescue_expired"], self._max_attempts, list(self._rows.held), self._skip_dead
+        statuses = await self._store.rescue_expired(
+            conn, max_attempts=self._max_attempts, keep=self._rows.held, skip_dead=self._skip_dead
         )
-        if rows:
-            dead = sum(1 for r in rows if r["status"] == "dead")
+        if statuses:
             log.warning(
-                "rescued %d intents whose lease expired (%d of them now dead)", len(rows), dead
+                "rescued %d intents whose lease expired (%d of them now dead)",
+                len(statuses),
+                statuses.count("dead"),
             )
-        return len(rows)
+        return len(statuses)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -13,9 +13,11 @@ from worker.intent import Intent
 from worker.observe.outage import Outage
 from worker.store.db import DB_UNAVAILABLE
 
+if TYPE_CHECKING:  # the store encodes outcomes for its SQL: it imports this module
+    from worker.store.queries import Conn, Store
+
 log = logging.getLogger("outbox.outcomes")
 
-_MAX_ERROR_CHARS = 2000
 _MAX_BATCH = 1000
 
 
@@ -47,22 +49,6 @@ Outcome = Sent | Retry | Dead | Released
 SENT = Sent()  # the common case needs no new object
 
 
-def _row(intent: Intent, outcome: Outcome) -> tuple[int, str, float, str | None, int]:
-    match outcome:
-        case Sent():
-            return intent.id, "sent", 0.0, None, 0
-        case Retry(delay, error):
-            return intent.id, "pending", delay, error[:_MAX_ERROR_CHARS], 0
-        case Dead(error):
-            return intent.id, "dead", 0.0, error[:_MAX_ERROR_CHARS], 0
-        case Released(delay):
-            return intent.id, "pending", delay, None, 1
-
-
-class Fetcher(Protocol):
-    async def fetch(self, query: str, *args: Any) -> Sequence[Any]: ...
-
-
 class OutcomeWriter:
     """Writes outcomes in batches: whatever accumulated while the previous write ran goes
     into the next statement, so throughput does not hinge on one commit per intent.
@@ -73,8 +59,8 @@ class OutcomeWriter:
 
     def __init__(
         self,
-        conn: Fetcher,
-        query: str,
+        conn: Conn,
+        store: Store,
         worker_id: str,
         on_written: Callable[[Sequence[tuple[Intent, Outcome]], set[int]], None],
         *,
@@ -83,7 +69,7 @@ class OutcomeWriter:
     ) -> None:
         self._on_db_error = on_db_error
         self._conn = conn
-        self._query = query
+        self._store = store
         self._worker_id = worker_id
         self._skip_dead = skip_dead
         self._on_written = on_written
@@ -124,13 +110,12 @@ class OutcomeWriter:
             await self.write(batch)
 
     async def write(self, batch: Sequence[tuple[Intent, Outcome]]) -> None:
-        columns = list(zip(*(_row(i, o) for i, o in batch), strict=True))
         self._busy_since = anyio.current_time()
         try:
             while True:
                 try:
-                    rows = await self._conn.fetch(
-                        self._query, self._worker_id, *columns, self._skip_dead
+                    written = await self._store.record_outcomes(
+                        self._conn, self._worker_id, batch, skip_dead=self._skip_dead
                     )
                     break
                 except DB_UNAVAILABLE as exc:
@@ -141,7 +126,6 @@ class OutcomeWriter:
         finally:
             self._busy_since = None
         self._outage.recovered()
-        written = {r["id"] for r in rows}
         if len(written) < len(batch):
             for intent, outcome in batch:
                 if intent.id not in written:

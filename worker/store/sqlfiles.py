@@ -1,8 +1,14 @@
 """Loads the project's SQL: the schema, the triggers and the named runtime queries.
 
-Every file may use two placeholders, filled in once at start-up:
+Every file may use these placeholders, filled in once at start-up:
   {{schema}}  -> the schema name quoted as an identifier (``"outbox"``)
   {{channel}} -> the NOTIFY channel as a string literal (``'outbox_intent'``)
+  {{blocks_key}}, {{blocks_key(b)}} -> the one definition of "this row holds up its
+                 ordering key" (pending, in flight, or dead and not skipped), on the row in
+                 scope or on alias ``b``; the partial index intent_ordering_blocking has it
+                 as its predicate, so every query that probes that index must say it alike
+  {{idle_flag_lock}} -> the advisory-lock key that orders a worker declaring itself idle
+                 against producers deciding not to notify (triggers/010_notify_on_commit.sql)
 Values never go through here: they are always bind parameters.
 """
 
@@ -15,6 +21,12 @@ from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+_BLOCKS_KEY_RE = re.compile(r"\{\{blocks_key(?:\((\w+)\))?\}\}")
+_BLOCKS_KEY = (
+    "({p}status IN ('pending', 'processing') OR ({p}status = 'dead' AND NOT {p}ordering_skipped))"
+)
+IDLE_FLAG_LOCK_CLASS = 5236  # the first half of the key; the second is hashtext(channel)
+_IDLE_FLAG_LOCK = f"{IDLE_FLAG_LOCK_CLASS}, hashtext({{{{channel}}}})"
 
 
 def quote_ident(name: str) -> str:
@@ -42,6 +54,8 @@ class Names:
     channel: str
 
     def render(self, sql: str) -> str:
+        sql = _BLOCKS_KEY_RE.sub(lambda m: _BLOCKS_KEY.format(p=f"{m[1]}." if m[1] else ""), sql)
+        sql = sql.replace("{{idle_flag_lock}}", _IDLE_FLAG_LOCK)
         return sql.replace("{{schema}}", quote_ident(self.schema)).replace(
             "{{channel}}", quote_literal(self.channel)
         )

@@ -29,8 +29,7 @@ WHERE id = ANY(ARRAY(
       AND (r.ordering_key IS NULL OR (
           NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
                       WHERE b.ordering_key = r.ordering_key AND b.id < r.id
-                        AND (b.status IN ('pending', 'processing')
-                             OR (b.status = 'dead' AND NOT b.ordering_skipped)))
+                        AND {{blocks_key(b)}})
           AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS f
                           WHERE f.ordering_key = r.ordering_key AND f.status = 'processing')))
     ORDER BY r.run_at, r.id
@@ -57,12 +56,9 @@ WITH held AS (
           AND EXISTS (SELECT 1 FROM {{schema}}.intent AS h
                       WHERE h.id = (SELECT b.id FROM {{schema}}.intent AS b
                                     WHERE b.ordering_key = w.ordering_key
-                                      AND (b.status IN ('pending', 'processing')
-                                           OR (b.status = 'dead' AND NOT b.ordering_skipped))
+                                      AND {{blocks_key(b)}}
                                     ORDER BY b.id LIMIT 1)
-                        AND h.id < w.id
-                        AND (h.status IN ('pending', 'processing')
-                             OR (h.status = 'dead' AND NOT h.ordering_skipped))
+                        AND h.id < w.id AND {{blocks_key(h)}}
                       FOR SHARE SKIP LOCKED)))
       AND i.status = 'pending' AND NOT i.ordering_held
     RETURNING 1
@@ -156,7 +152,7 @@ WITH flag AS (
     INSERT INTO {{schema}}.idle_worker (backend_pid, worker_id) VALUES ($1, $2)
     ON CONFLICT (backend_pid) DO NOTHING
 )
-SELECT pg_advisory_xact_lock(5236, hashtext({{channel}}))
+SELECT pg_advisory_xact_lock({{idle_flag_lock}})
 
 -- name: declare_busy
 -- Work is streaming in: producers need not notify on our account.
