@@ -61,6 +61,11 @@ class Settings:
     backoff_base: float = 2.0
     backoff_max: float = 3600.0
     listen: bool = True
+    # Connections go through a pooler (PgBouncer, Supavisor, RDS Proxy): nothing may outlive
+    # a transaction (worker/store/connection.py). Found by itself when the pooler says so.
+    pooled: bool = False
+    # A direct connection for LISTEN and the idle flag, when the DSN is a pooler's.
+    listen_dsn: str | None = field(default=None, repr=False)  # may hold a password
     ping_interval: float = 5.0
     ping_timeout: float = 5.0
     handlers: str | None = None

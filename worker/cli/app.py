@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from functools import partial
 
 import anyio
@@ -22,7 +23,7 @@ from worker.relay.core import Relay
 from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink, load_handlers
-from worker.store.db import connect
+from worker.store.db import behind_pooler, connect
 from worker.store.migrate import ensure_schema
 from worker.store.sqlfiles import Names
 
@@ -69,6 +70,7 @@ async def run_worker(
     if pool is None:  # stopped while waiting for the database
         return
     try:
+        settings = await _through_pooler(settings, dsn)
         relay = Relay(
             pool=pool,
             dsn=dsn,
@@ -98,6 +100,23 @@ async def run_worker(
     finally:
         await _close_sinks(sinks)
         await pool.close()
+
+
+async def _through_pooler(settings: Settings, dsn: str) -> Settings:
+    """Behind a pooler, LISTEN needs a connection of its own: a LISTEN through a transaction
+    pooler is lost when its server connection goes back to the pool, and its backend pid (the
+    idle flag producers read) is the pooler's. Without --listen-dsn, poll and say so."""
+    pooled = settings.pooled or await behind_pooler(dsn)
+    if pooled and not settings.pooled:
+        log.info("the DSN is a pooler's (it refused a session setting): running as with --pooled")
+    if pooled and settings.listen and settings.listen_dsn is None:
+        log.warning(
+            "behind a pooler without --listen-dsn: no LISTEN, new intents are found by the "
+            "poll every %gs; give a direct DSN with --listen-dsn for instant pickup",
+            settings.poll_interval,
+        )
+        return replace(settings, pooled=True, listen=False)
+    return replace(settings, pooled=pooled)
 
 
 @contextlib.asynccontextmanager

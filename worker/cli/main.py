@@ -115,6 +115,7 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(migration_sql(names))
         return 0
     logs.register_secret_url(settings.dsn)
+    logs.register_secret_url(settings.listen_dsn)
     register_secrets(settings)
     if args.command == "demo":
         return _demo(args)

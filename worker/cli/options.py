@@ -178,8 +178,25 @@ WORKER_OPTIONS = [
         "listen",
         "OUTBOX_NO_LISTEN",
         boolean,
-        "poll only, no LISTEN (for PgBouncer in transaction pooling mode)",
+        "poll only, no LISTEN (behind a pooler without --listen-dsn this is what happens)",
         switch=True,
+    ),
+    Option(
+        "--pooled",
+        "pooled",
+        "OUTBOX_POOLED",
+        boolean,
+        "the DSN is a pooler's (PgBouncer, Supavisor, RDS Proxy): unnamed statements, settings "
+        "per transaction; found by itself when the pooler refuses session settings",
+        switch=True,
+    ),
+    Option(
+        "--listen-dsn",
+        "listen_dsn",
+        "OUTBOX_LISTEN_DSN",
+        str,
+        "a direct connection (not through the pooler) for LISTEN and the idle flag; without "
+        "it a pooled worker polls",
     ),
     Option(
         "--ping-interval",

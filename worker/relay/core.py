@@ -79,12 +79,12 @@ class Relay:
         # freshly filled table, before autovacuum's ANALYZE) the planner was seen to sort
         # every pending row instead, 3-20x slower per claim: tell it not to.
         self._claim_conn = DedicatedConnection(
-            dsn, f"{name} claims", settings={"enable_sort": "off"}
+            dsn, f"{name} claims", settings={"enable_sort": "off"}, pooled=settings.pooled
         )
         # The database is back (the writer retries outcomes through an outage): wake the
         # claim loop from its backoff rather than let it sleep on.
         self._write_conn = DedicatedConnection(
-            dsn, f"{name} outcomes", on_reconnect=self.wakeup.set
+            dsn, f"{name} outcomes", pooled=settings.pooled, on_reconnect=self.wakeup.set
         )
         self.inflight = InFlight(
             self._write_conn,
@@ -115,7 +115,7 @@ class Relay:
         )
         self.listener = (
             Listener(
-                dsn,
+                settings.listen_dsn or dsn,
                 settings.channel,
                 self.wakeup,
                 self.stats,

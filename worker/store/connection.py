@@ -7,17 +7,34 @@ failover: the server became read-only, a broken client protocol state, a cancell
 is dropped, and the next statement reconnects, through the DSN's hosts to the one that takes
 writes. A lock makes "one operation at a time" a property of the connection, not a promise
 of its callers: asyncpg refuses a second one in flight with an error that names neither.
+
+Directly on PostgreSQL its statements are prepared once and its settings are the session's
+(one round trip per statement). Behind a pooler (``pooled``) nothing may outlive a
+transaction: statements are unnamed and the settings are ``SET LOCAL`` in a transaction
+around each statement (four round trips instead of one; per claim, not per intent). A pooler
+found on the way (it refused the settings, or a named statement vanished) switches it to
+that mode by itself, with one line; the statement that met it had not run, so it runs again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import asyncpg
 
-from worker.store.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, DB_UNAVAILABLE, init_connection
+from worker.store.db import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    DB_UNAVAILABLE,
+    POOLED_STATEMENT_ERRORS,
+    init_connection,
+    refused_by_pooler,
+)
+
+log = logging.getLogger("outbox.connection")
 
 
 class DedicatedConnection:
@@ -27,10 +44,14 @@ class DedicatedConnection:
         application_name: str,
         settings: dict[str, str] | None = None,
         *,
+        pooled: bool = False,
         on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = dsn
-        self._server_settings = {"application_name": application_name, **(settings or {})}
+        self._name = application_name
+        # The code's own constants (never input): spliced into SET LOCAL when pooled.
+        self._settings = settings or {}
+        self.pooled = pooled
         self._conn: asyncpg.Connection | None = None
         self._on_reconnect = on_reconnect
         self._dropped = False  # a connection was lost: the next connect is a reconnect
@@ -44,7 +65,11 @@ class DedicatedConnection:
                 self._dsn,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
-                server_settings=self._server_settings,
+                statement_cache_size=0 if self.pooled else 100,
+                server_settings={
+                    "application_name": self._name,
+                    **({} if self.pooled else self._settings),
+                },
             )
             await init_connection(conn)
             self._conn = conn
@@ -65,21 +90,62 @@ class DedicatedConnection:
     async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         async with self._busy:
             try:
-                conn = await self._connection()
-            except DB_UNAVAILABLE:
-                self._dropped = True
-                raise
-            try:
-                return await getattr(conn, method)(query, *args)
-            except asyncpg.PostgresError as exc:
-                # The statement failed and the connection is fine (a unique violation, say),
-                # unless the error is the connection's own.
-                if isinstance(exc, DB_UNAVAILABLE):
-                    self._drop()
-                raise
-            except BaseException:
+                return await self._run_once(method, query, args)
+            except Exception as exc:
+                if self.pooled or not (
+                    refused_by_pooler(exc) or isinstance(exc, POOLED_STATEMENT_ERRORS)
+                ):
+                    raise
+            self._found_pooler()
+            return await self._run_once(method, query, args)
+
+    async def _run_once(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
+        try:
+            conn = await self._connection()
+        except DB_UNAVAILABLE:
+            self._dropped = True
+            raise
+        try:
+            if self.pooled and self._settings:
+                return await self._in_transaction(conn, method, query, args)
+            return await getattr(conn, method)(query, *args)
+        except asyncpg.PostgresError as exc:
+            # The statement failed and the connection is fine (a unique violation, say),
+            # unless the error is the connection's own.
+            if isinstance(exc, DB_UNAVAILABLE):
                 self._drop()
-                raise
+            raise
+        except BaseException:
+            self._drop()
+            raise
+
+    async def _in_transaction(
+        self, conn: asyncpg.Connection, method: str, query: str, args: tuple[Any, ...]
+    ) -> Any:
+        settings = "; ".join(
+            f"SET LOCAL {name} = {value}" for name, value in self._settings.items()
+        )
+        await conn.execute(f"BEGIN; {settings}")
+        try:
+            result = await getattr(conn, method)(query, *args)
+        except BaseException:
+            if not conn.is_closed():
+                with anyio.CancelScope(shield=True):
+                    await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+        return result
+
+    def _found_pooler(self) -> None:
+        self._drop()
+        self._dropped = False  # not an outage: the same server, reached another way
+        self.pooled = True
+        log.warning(
+            "%s: the connection goes through a pooler (PgBouncer or the like) in transaction "
+            "or session mode: statements unnamed, settings per transaction from now on; "
+            "start with --pooled to say so up front",
+            self._name,
+        )
 
     def _drop(self) -> None:
         self._dropped = True

@@ -54,6 +54,44 @@ def unavailable(exc: BaseException) -> bool:
 COMMAND_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 10.0
 
+# Every connection but the claim loop's and the outcome writer's (whose statements are hot and
+# which know whether a pooler is in the way: worker/store/connection.py) prepares unnamed
+# statements only (statement_cache_size=0): a named one outlives its transaction, and behind a
+# transaction pooler (PgBouncer, Supavisor, RDS Proxy) the next transaction may run on another
+# server connection ("prepared statement does not exist") or meet another client's ("already
+# exists").
+
+# A pooler refuses a startup parameter it does not track (PgBouncer: "unsupported startup
+# parameter: enable_sort"); PostgreSQL itself takes any setting this way.
+POOLER_REFUSAL = "unsupported startup parameter"
+# A named statement that vanished or collided: a transaction pooler that let the startup
+# parameters through (PgBouncer's ignore_startup_parameters) hands out server connections.
+POOLED_STATEMENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InvalidSQLStatementNameError,
+    asyncpg.exceptions.DuplicatePreparedStatementError,
+)
+
+
+def refused_by_pooler(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.PostgresError) and POOLER_REFUSAL in str(exc)
+
+
+async def behind_pooler(dsn: str) -> bool:
+    """Whether connections to ``dsn`` go through a pooler that refuses session settings: one
+    connection that asks for a harmless one. False when it cannot tell (the connection failed
+    for another reason: the caller's own connections will say why)."""
+    try:
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"enable_sort": "on"},
+            statement_cache_size=0,
+        )
+    except Exception as exc:
+        return refused_by_pooler(exc)
+    conn.terminate()
+    return False
+
 
 async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
@@ -76,6 +114,7 @@ async def create_pool(dsn: str, *, max_size: int, application_name: str) -> asyn
             command_timeout=COMMAND_TIMEOUT,
             timeout=CONNECT_TIMEOUT,
             server_settings={"application_name": application_name},
+            statement_cache_size=0,
         )
     except Exception as exc:
         raise _connect_failure(dsn, exc) from None
@@ -85,6 +124,7 @@ async def create_pool(dsn: str, *, max_size: int, application_name: str) -> asyn
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     try:
+        kwargs.setdefault("statement_cache_size", 0)
         conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, **kwargs)
     except Exception as exc:
         raise _connect_failure(dsn, exc) from None
