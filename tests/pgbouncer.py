@@ -22,15 +22,10 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import asyncpg
 
 from tests.services import missing
+from tests.tcp_proxy import free_port
 
 _BINARY = "/usr/sbin/pgbouncer"
 _START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PgBouncer:
@@ -40,7 +35,7 @@ class PgBouncer:
     def __init__(
         self, server_dsn: str, workdir: Path, pool_mode: str, settings: dict[str, str]
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         parts = urlsplit(server_dsn)
         query = parse_qs(parts.query)
         # The server behind: TCP host and port, or the embedded server's socket directory.

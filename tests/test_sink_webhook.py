@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.tcp_proxy import free_port
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -148,12 +148,6 @@ def _intent(payload: Any, n: int = 7) -> Intent:
         id=n, kind="webhook", payload=payload, attempts=1, max_attempts=5, created_at=now,
         run_at=now,
     )  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -304,7 +298,7 @@ async def test_connection_dropped_without_an_answer_is_transient(
 
 async def test_unreachable_host_is_transient(sink: WebhookSink) -> None:
     with pytest.raises(TransientError, match="cannot connect"):
-        await sink.deliver(_intent({"url": f"http://127.0.0.1:{_free_port()}/"}))
+        await sink.deliver(_intent({"url": f"http://127.0.0.1:{free_port()}/"}))
 
 
 # --- through the relay -----------------------------------------------------------------------
@@ -331,7 +325,7 @@ async def test_relay_delivers_webhooks_end_to_end(
 async def test_unknown_host_is_dead_at_once_and_unreachable_host_is_retried(
     db, names: Names, start_relay, receiver: Receiver
 ) -> None:
-    closed_port = _free_port()
+    closed_port = free_port()
     webhook = WebhookSink(allow_hosts=parse_allow_hosts("127.0.0.1"), timeout=2.0)
     try:
         async with start_relay({"webhook": webhook}):

@@ -15,12 +15,13 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
+
+from tests.tcp_proxy import free_port
 
 SUPERUSER = "postgres"
 SUPERUSER_PASSWORD = "fault-suite-superuser"
@@ -59,12 +60,6 @@ def _run_as_user() -> pwd.struct_passwd | None:
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(name)
     raise RuntimeError("running as root and no unprivileged user to run PostgreSQL as")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Cluster:
