@@ -7,6 +7,7 @@ happened, so an idle worker does not fill its log.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import anyio
 
@@ -66,9 +67,13 @@ async def log_summaries(
     last: tuple[int, int, int, int] | None = None
     while True:
         await anyio.sleep(interval)
-        if health is not None:
-            await health.refresh()
         snap = relay.stats.snapshot(listen=relay.settings.listen, stopping=relay.stopping)
+        if health is not None:
+            # The counters first, the database after: a row the counters call sent is never
+            # still "processing" in the numbers beside them.
+            await health.refresh()
+            fresh = relay.stats.snapshot(listen=relay.settings.listen, stopping=relay.stopping)
+            snap = replace(snap, db=fresh.db, db_age=fresh.db_age)
         now = _activity(snap)
         if now != last or now[2]:  # something moved, or work is waiting
             log.info("%s", summary_line(snap))
