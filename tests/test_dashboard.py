@@ -27,11 +27,11 @@ from worker.dashboard.summary import log_summaries, summary_line
 from worker.dashboard.view import render, run_dashboard
 from worker.intent import Intent
 from worker.observe.health import COUNT_CAP, QUERY_TIMEOUT, HealthMonitor
-from worker.observe.stats import DbHealth, Snapshot, Stats
+from worker.observe.stats import Snapshot, Stats
+from worker.outcome import Dead, Retry, Sent
 from worker.producer import enqueue
-from worker.relay.outcomes import Dead, Retry, Sent
 from worker.store.db import create_pool
-from worker.store.queries import Store
+from worker.store.queries import DbHealth, Store
 from worker.store.sqlfiles import Names
 from worker.units import fmt_duration
 

@@ -12,9 +12,9 @@ from tests.conftest import count_by_status, wait_until
 from worker import PermanentError, TransientError
 from worker.intent import Intent
 from worker.observe.stats import Stats
+from worker.outcome import Dead, Outcome, Retry, Sent
 from worker.relay.delivery import RetryPolicy
 from worker.relay.dispatch import Dispatcher
-from worker.relay.outcomes import Dead, Outcome, Retry, Sent
 from worker.sinks.handlers import HandlerSink
 from worker.store.sqlfiles import Names
 

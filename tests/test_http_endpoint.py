@@ -20,7 +20,7 @@ from worker.observe.histogram import BUCKETS, Histogram
 from worker.observe.http_server import host_port, require_extra
 from worker.observe.metrics import UNKNOWN_KIND, relay_registry
 from worker.observe.stats import Stats
-from worker.relay.outcomes import Released
+from worker.outcome import Released
 
 
 @pytest.mark.parametrize("bad", ["9187", "localhost", ":9187", "host:0", "host:70000", "h:x"])

@@ -10,8 +10,8 @@ from worker.backoff import jittered, retry_delay
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.intent import Intent
 from worker.logs import redact_url
+from worker.outcome import Dead, Retry, Sent
 from worker.relay.delivery import RetryPolicy, classify
-from worker.relay.outcomes import Dead, Retry, Sent
 from worker.settings import Settings, validate_name
 
 POLICY = RetryPolicy(max_attempts=5, backoff_base=2.0, backoff_max=60.0)

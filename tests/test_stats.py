@@ -10,9 +10,10 @@ import pytest
 
 from worker import logs
 from worker.intent import Intent
-from worker.observe.stats import DbHealth, Stats, redact
+from worker.observe.stats import Stats, redact
 from worker.observe.windows import WINDOW, bin_upper_edge, latency_bin, percentiles
-from worker.relay.outcomes import Dead, Released, Retry, Sent
+from worker.outcome import Dead, Released, Retry, Sent
+from worker.store.queries import DbHealth
 
 
 class Clock:

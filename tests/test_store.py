@@ -8,7 +8,7 @@ from functools import partial
 import asyncpg
 
 from worker.intent import Intent
-from worker.relay.outcomes import Released, Sent
+from worker.outcome import Released, Sent
 from worker.store.db import init_connection
 from worker.store.queries import Store
 from worker.store.sqlfiles import Names, load_queries, migration_sql

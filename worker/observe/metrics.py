@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -28,7 +29,9 @@ from prometheus_client.metrics_core import (
 
 from worker.distribution import NAME
 from worker.observe.histogram import Histogram
-from worker.relay.core import Relay
+
+if TYPE_CHECKING:  # the relay's observer: reads it, never imports it at run time
+    from worker.relay.core import Relay
 
 UNKNOWN_KIND = "(unknown)"
 

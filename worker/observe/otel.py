@@ -21,7 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from worker.distribution import NAME
 from worker.intent import Intent
-from worker.relay.outcomes import Dead, Outcome, Released, Retry
+from worker.outcome import Dead, Outcome, Released, Retry
 
 __all__ = ["DeliveryTracer", "current_trace_context", "provider_from_env"]
 

@@ -19,7 +19,8 @@ from worker.logs import scrub
 from worker.observe.histogram import Histogram
 from worker.observe.loopwatch import LoopStall, StallView, stall_view
 from worker.observe.windows import WINDOW, Latency, SecondBuckets, latency_bin, percentiles
-from worker.relay.outcomes import Dead, Outcome, Released, Retry, Sent
+from worker.outcome import Dead, Outcome, Released, Retry, Sent
+from worker.store.queries import DbHealth
 
 RATE_NOW_SPAN = 5  # "now" is the average of the last complete seconds, so it does not jump
 
@@ -46,43 +47,6 @@ class ErrorEntry:
     intent_id: int
     reason: str  # already redacted
     outcome: str = "retry"  # "retry" | "dead"
-
-
-@dataclass(frozen=True, slots=True)
-class DbHealth:
-    """The database side, from the one cheap health query (see worker/store/sql/health.sql)."""
-
-    # status = 'pending', in three parts: run_at reached, run_at later, held behind their
-    # ordering key's head (ordering_held); each capped at count_cap.
-    pending_due: int
-    pending_later: int
-    processing: int
-    dead: int
-    count_cap: int  # counts stop here: a count equal to it means "at least"
-    oldest_due_seconds: float | None  # how long the longest-waiting due intent has waited
-    notify_queue_usage: float  # pg_notification_queue_usage(), 0..1
-    idle_workers: int  # workers waiting for a notification (idle_worker rows)
-    live_tuples: int | None
-    dead_tuples: int | None
-    last_autovacuum_seconds: float | None  # age of the last (auto)vacuum of the intent table
-    table_bytes: int | None
-    oldest_xact_seconds: float | None  # oldest open transaction holding back the xmin horizon
-    oldest_xact_pid: int | None
-    oldest_xact_application: str | None
-    halted_keys: int = 0  # ordering keys held up by a dead intent (capped like the counts)
-    oldest_halted_key: str | None = None
-    oldest_halted_seconds: float | None = None  # since that dead head was created
-    pending_held: int = 0
-    server: str | None = None  # the server the pool is on: "host:port (primary)"
-
-    @property
-    def pending(self) -> int:
-        return self.pending_due + self.pending_later + self.pending_held
-
-    @property
-    def pending_capped(self) -> bool:
-        """A part of ``pending`` stopped at the cap: the total is "at least"."""
-        return max(self.pending_due, self.pending_later, self.pending_held) >= self.count_cap
 
 
 @dataclass(frozen=True, slots=True)

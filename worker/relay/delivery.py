@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from worker.backoff import retry_delay
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.intent import Intent
-from worker.relay.outcomes import SENT, Dead, Outcome, Released, Retry
+from worker.outcome import SENT, Dead, Outcome, Released, Retry
 from worker.sinks.base import Sink
 
 

@@ -27,8 +27,8 @@ import anyio
 from worker.errors import TransientError
 from worker.intent import Intent
 from worker.observe.stats import Stats
+from worker.outcome import SENT, Outcome
 from worker.relay.delivery import RetryPolicy, classify, unknown_kind
-from worker.relay.outcomes import SENT, Outcome
 from worker.sinks.base import BatchSink, Sink
 
 if TYPE_CHECKING:  # imported only when tracing is on

@@ -24,8 +24,9 @@ import anyio
 
 from worker.intent import Intent
 from worker.observe.stats import Stats
-from worker.relay.outcomes import Dead, Outcome, OutcomeWriter, Released, Retry, Sent
+from worker.outcome import Dead, Outcome, Released, Retry, Sent
 from worker.relay.wakeup import Wakeup
+from worker.relay.writer import OutcomeWriter
 from worker.settings import Settings
 from worker.store.queries import Conn, Store
 

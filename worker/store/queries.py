@@ -17,8 +17,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from worker.intent import Intent
-from worker.observe.stats import DbHealth
-from worker.relay.outcomes import Dead, Outcome, Released, Retry, Sent
+from worker.outcome import Dead, Outcome, Released, Retry, Sent
 from worker.store.sqlfiles import Names, load_queries
 
 _MAX_ERROR_CHARS = 2000
@@ -34,6 +33,43 @@ class Conn(Protocol):
 
 
 Pooled = asyncpg.Pool | asyncpg.Connection  # reads that want fetchrow and a timeout
+
+
+@dataclass(frozen=True, slots=True)
+class DbHealth:
+    """The database side, from the one cheap health query (see worker/store/sql/health.sql)."""
+
+    # status = 'pending', in three parts: run_at reached, run_at later, held behind their
+    # ordering key's head (ordering_held); each capped at count_cap.
+    pending_due: int
+    pending_later: int
+    processing: int
+    dead: int
+    count_cap: int  # counts stop here: a count equal to it means "at least"
+    oldest_due_seconds: float | None  # how long the longest-waiting due intent has waited
+    notify_queue_usage: float  # pg_notification_queue_usage(), 0..1
+    idle_workers: int  # workers waiting for a notification (idle_worker rows)
+    live_tuples: int | None
+    dead_tuples: int | None
+    last_autovacuum_seconds: float | None  # age of the last (auto)vacuum of the intent table
+    table_bytes: int | None
+    oldest_xact_seconds: float | None  # oldest open transaction holding back the xmin horizon
+    oldest_xact_pid: int | None
+    oldest_xact_application: str | None
+    halted_keys: int = 0  # ordering keys held up by a dead intent (capped like the counts)
+    oldest_halted_key: str | None = None
+    oldest_halted_seconds: float | None = None  # since that dead head was created
+    pending_held: int = 0
+    server: str | None = None  # the server the pool is on: "host:port (primary)"
+
+    @property
+    def pending(self) -> int:
+        return self.pending_due + self.pending_later + self.pending_held
+
+    @property
+    def pending_capped(self) -> bool:
+        """A part of ``pending`` stopped at the cap: the total is "at least"."""
+        return max(self.pending_due, self.pending_later, self.pending_held) >= self.count_cap
 
 
 @dataclass(frozen=True, slots=True)

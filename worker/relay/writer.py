@@ -1,52 +1,24 @@
-"""What happened to one delivery, and the batched, fenced write that records it."""
+"""The batched, fenced write that records what happened to deliveries (worker/outcome.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
 
 from worker.intent import Intent
 from worker.observe.outage import Outage
+from worker.outcome import Outcome
 from worker.store.db import DB_UNAVAILABLE
 
-if TYPE_CHECKING:  # the store encodes outcomes for its SQL: it imports this module
+if TYPE_CHECKING:
     from worker.store.queries import Conn, Store
 
 log = logging.getLogger("outbox.outcomes")
 
 _MAX_BATCH = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    delay: float
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Dead:
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    """Handed back without an outcome (shutdown, or its kind at its limit), due again in
-    ``delay`` seconds; the attempt is refunded."""
-
-    delay: float = 0.0
-
-
-Outcome = Sent | Retry | Dead | Released
-SENT = Sent()  # the common case needs no new object
 
 
 class OutcomeWriter:
