@@ -1,11 +1,5 @@
-"""The relay: its parts wired together, and its lifecycle (start, two-phase stop).
-
-Data flow: trigger NOTIFY -> Listener sets the Wakeup -> the Claimer takes at most as many
-rows as there are free slots and room under the bound on rows held -> the Dispatcher's slots
-deliver through the sinks -> InFlight hands each outcome to its OutcomeWriter, which records
-them with one fenced, batched UPDATE. InFlight owns every claimed row until then (and stops
-the claims while its writer is behind); Leases keeps the leases of all of them alive
-(heartbeat) and rescues expired ones.
+"""The relay: its parts wired together, and their lifecycle (start, two-phase stop). The
+data flow is drawn in worker/relay/__init__.py.
 """
 
 from __future__ import annotations
