@@ -1,5 +1,5 @@
-"""One part's database outage: a warning when it starts, a line when it ends, and a bounded
-backoff in between.
+"""One part's outage (the database, or a sink's broker): a warning when it starts, a line
+when it ends, and a bounded backoff in between.
 
 The cap is low on purpose: after an outage of any length the part is back within a few
 seconds of the database (a 30 s cap once made recovery hinge on the listener's reconnect
@@ -12,21 +12,53 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from worker.backoff import retry_delay
 from worker.logs import one_line
+from worker.units import fmt_duration
 
 RETRY_CAP = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class Words:
+    """How an outage is told: when it starts and when it ends (``str.format`` fields: what,
+    reason, detail, cap; what, after, after_text, failures)."""
+
+    down: str
+    back: str
+    back_level: int = logging.INFO
+
+
+DATABASE = Words(
+    "{what}: database unavailable ({reason}){detail}; retrying every <= {cap:g}s until it is back",
+    "{what}: database available again after {after:.1f}s ({failures} failed attempts)",
+)
+# A warning when it is back too, so that it replaces "down" as the dashboard's last warning.
+BROKER = Words(
+    "{what} is down ({reason}){detail}; reconnecting with backoff (up to {cap:g}s apart), its "
+    "intents are retried meanwhile",
+    "{what} is back after {after_text} ({failures} failed connects)",
+    logging.WARNING,
+)
+
+
 class Outage:
     def __init__(
-        self, log: logging.Logger, what: str, *, base: float = 0.5, cap: float = RETRY_CAP
+        self,
+        log: logging.Logger,
+        what: str,
+        *,
+        base: float = 0.5,
+        cap: float = RETRY_CAP,
+        words: Words = DATABASE,
     ) -> None:
         self._log = log
-        self._what = what
+        self.what = what
         self._base = base
         self._cap = cap
+        self._words = words
         self.failures = 0
         self._since = 0.0
 
@@ -39,23 +71,23 @@ class Outage:
         if self.failures == 1:
             self._since = time.monotonic()
             self._log.warning(
-                "%s: database unavailable (%s)%s; retrying every <= %gs until it is back",
-                self._what,
-                reason,
-                detail,
-                self._cap,
+                self._words.down.format(what=self.what, reason=reason, detail=detail, cap=self._cap)
             )
         else:
-            self._log.debug("%s: still unavailable (%s); retry in %.1fs", self._what, reason, delay)
+            self._log.debug("%s: still unavailable (%s); retry in %.1fs", self.what, reason, delay)
         return delay
 
     def recovered(self) -> None:
-        """The database answered: close the outage (one line) if there was one."""
+        """It answered: close the outage (one line) if there was one."""
         if self.failures:
-            self._log.info(
-                "%s: database available again after %.1fs (%d failed attempts)",
-                self._what,
-                time.monotonic() - self._since,
-                self.failures,
+            after = time.monotonic() - self._since
+            self._log.log(
+                self._words.back_level,
+                self._words.back.format(
+                    what=self.what,
+                    after=after,
+                    after_text=fmt_duration(after),
+                    failures=self.failures,
+                ),
             )
             self.failures = 0

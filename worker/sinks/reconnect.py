@@ -29,9 +29,8 @@ from typing import TypeVar
 
 import anyio
 
-from worker.backoff import retry_delay
 from worker.errors import TransientError
-from worker.units import fmt_duration
+from worker.observe.outage import BROKER, Outage
 
 __all__ = ["ConnectGate", "ConnectTurn"]
 
@@ -52,18 +51,16 @@ class ConnectGate:
     ) -> None:
         self.lock = anyio.Lock()
         self.what = what
-        self._log = log or logging.getLogger(__name__)
-        self._base = base
-        self._cap = cap
+        self._outage = Outage(
+            log or logging.getLogger(__name__), what, base=base, cap=cap, words=BROKER
+        )
         # (anyio.current_time() when it failed, the error) of the last failed connect.
         self._failure: tuple[float, TransientError] | None = None
-        self._failures = 0  # failed connects in a row: the current outage, if any
-        self._down_since = 0.0
         self._next_try = 0.0  # no connect before this (anyio.current_time())
 
     @property
     def down(self) -> bool:
-        return self._failures > 0
+        return self._outage.failures > 0
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[ConnectTurn]:
@@ -76,29 +73,10 @@ class ConnectGate:
     def _failed(self, exc: TransientError) -> None:
         now = anyio.current_time()
         self._failure = (now, exc)
-        if not self._failures:
-            self._down_since = now
-            reason = str(exc).removeprefix(f"{self.what}: ")
-            self._log.warning(
-                "%s is down (%s); reconnecting with backoff (up to %gs apart), its intents "
-                "are retried meanwhile",
-                self.what,
-                reason,
-                self._cap,
-            )
-        self._failures += 1
-        self._next_try = now + retry_delay(self._failures, base=self._base, cap=self._cap)
+        self._next_try = now + self._outage.failed(str(exc).removeprefix(f"{self.what}: "))
 
     def _connected(self) -> None:
-        if self._failures:
-            # A warning too, so that it replaces "down" as the dashboard's last warning.
-            self._log.warning(
-                "%s is back after %s (%d failed connects)",
-                self.what,
-                fmt_duration(anyio.current_time() - self._down_since),
-                self._failures,
-            )
-        self._failures = 0
+        self._outage.recovered()
         self._failure = None
 
 
