@@ -112,6 +112,10 @@ WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skippe
 
 -- One SQL call for producers in any language, inside their own transaction.
 -- A second call with the same dedupe_key inserts nothing and returns the first id.
+-- SECURITY DEFINER: it runs with its owner's rights, so a producer needs only EXECUTE (and
+-- USAGE on the schema), never a grant on the table, and cannot set status or the lease: it
+-- inserts the producer columns and nothing else. search_path is pinned (pg_catalog, then
+-- pg_temp last) so no object of the caller's can stand in for a built-in.
 -- The older signatures (without ordering_key, trace_context) go first: beside the new one, a
 -- call that leaves out trailing arguments would be ambiguous.
 DROP FUNCTION IF EXISTS {{schema}}.enqueue(text, jsonb, timestamptz, text, integer);
@@ -125,7 +129,7 @@ CREATE OR REPLACE FUNCTION {{schema}}.enqueue(
     ordering_key  text        DEFAULT NULL,
     trace_context jsonb       DEFAULT NULL
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     new_id bigint;

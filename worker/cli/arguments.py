@@ -27,6 +27,7 @@ COMMANDS = (
     "run",
     "migrate",
     "schema",
+    "grants",
     "status",
     "retry-dead",
     "skip-dead",
@@ -153,6 +154,13 @@ def build_parser() -> Parser:
     schema = sub.add_parser("schema", help="print the schema SQL for your own migration tool")
     schema.add_argument("--schema")
     schema.add_argument("--channel")
+    grants = sub.add_parser(
+        "grants", help="print the GRANT statements for a worker role and a producer role"
+    )
+    grants.add_argument("--worker-role", required=True, help="the role the worker logs in as")
+    grants.add_argument("--producer-role", required=True, help="the role producers log in as")
+    grants.add_argument("--schema")
+    grants.set_defaults(channel=None)
     status = sub.add_parser("status", help="counts by kind and status, oldest pending, dead")
     _add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON")

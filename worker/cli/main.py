@@ -25,6 +25,7 @@ from worker.eventloop import backend_options
 from worker.settings import Settings, default_channel
 from worker.sinks.registry import register_secrets
 from worker.store.db import connect
+from worker.store.grants import grants_sql
 from worker.store.migrate import ensure_schema, migrate
 from worker.store.sqlfiles import Names, migration_sql
 
@@ -113,6 +114,9 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     names = Names(settings.schema, settings.channel)
     if args.command == "schema":
         print(migration_sql(names))
+        return 0
+    if args.command == "grants":
+        print(grants_sql(settings.schema, args.worker_role, args.producer_role))
         return 0
     logs.register_secret_url(settings.dsn)
     register_secrets(settings)
