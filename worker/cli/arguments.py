@@ -157,8 +157,8 @@ def build_parser() -> Parser:
     grants = sub.add_parser(
         "grants", help="print the GRANT statements for a worker role and a producer role"
     )
-    grants.add_argument("--worker-role", required=True, help="the role the worker logs in as")
-    grants.add_argument("--producer-role", required=True, help="the role producers log in as")
+    grants.add_argument("--worker-role", help="the role the worker logs in as")
+    grants.add_argument("--producer-role", help="the role producers log in as")
     grants.add_argument("--schema")
     grants.set_defaults(channel=None)
     status = sub.add_parser("status", help="counts by kind and status, oldest pending, dead")

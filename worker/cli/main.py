@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import asyncpg
 import orjson
 from rich.console import Console
 
@@ -25,7 +26,7 @@ from worker.eventloop import backend_options
 from worker.settings import Settings, default_channel
 from worker.sinks.registry import register_secrets
 from worker.store.db import connect
-from worker.store.grants import grants_sql
+from worker.store.grants import PRODUCER, WORKER, Privilege, grants_sql, privilege_error
 from worker.store.migrate import ensure_schema, migrate
 from worker.store.sqlfiles import Names, migration_sql
 
@@ -97,15 +98,24 @@ def database(dsn: str | None) -> Iterator[str]:
 
 
 async def _with_conn(
-    dsn: str, action: Callable[[Any], Any], schema: tuple[Names, bool] | None = None
+    dsn: str,
+    action: Callable[[Any], Any],
+    schema: tuple[Names, bool] | None = None,
+    needed: tuple[Privilege, ...] = WORKER,
 ) -> Any:
     """``action(conn)``; with ``schema`` (names, ours) the intent table is checked first,
-    or brought up to date on a database of our own."""
+    or brought up to date on a database of our own. A privilege it lacks is one line."""
     conn = await connect(dsn)
     try:
         if schema is not None:
             await ensure_schema(conn, schema[0], apply=schema[1])
-        return await action(conn)
+        try:
+            return await action(conn)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            if schema is None:
+                raise
+            line = await privilege_error(conn, schema[0].schema, needed, str(exc))
+            raise ConfigError(line) from None
     finally:
         await conn.close()
 
@@ -116,6 +126,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(migration_sql(names))
         return 0
     if args.command == "grants":
+        if args.worker_role is None and args.producer_role is None:
+            raise ConfigError("grants: give --worker-role ROLE, --producer-role ROLE, or both")
         print(grants_sql(settings.schema, args.worker_role, args.producer_role))
         return 0
     logs.register_secret_url(settings.dsn)
@@ -144,7 +156,8 @@ def _operator_command(args: argparse.Namespace, names: Names, dsn: str, *, ours:
     console = Console()
 
     def on_schema(action: Callable[[Any], Any]) -> Any:
-        return anyio.run(_with_conn, dsn, action, (names, ours))
+        needed = PRODUCER if args.command == "enqueue" else WORKER
+        return anyio.run(_with_conn, dsn, action, (names, ours), needed)
 
     if args.command == "status":
         report = on_schema(lambda conn: admin.status(conn, names))

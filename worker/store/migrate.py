@@ -16,6 +16,19 @@ log = logging.getLogger("outbox.migrate")
 async def migrate(conn: asyncpg.Connection, names: Names, *, force: bool = True) -> bool:
     """Create or upgrade the schema; True when it had no intent table before. Without
     ``force`` (a worker's --migrate at every start), SQL already applied is not run again."""
+    try:
+        created = await _migrate(conn, names, force=force)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise ConfigError(
+            f"migrate: {exc}: run it as the role that owns schema {names.schema} (for a new "
+            "schema, one with CREATE on the database); workers and producers need only what "
+            "`outbox-worker grants` prints"
+        ) from None
+    log.info("schema %s %s", names.schema, "created" if created else "is up to date")
+    return created
+
+
+async def _migrate(conn: asyncpg.Connection, names: Names, *, force: bool) -> bool:
     # Two workers starting at once would race on CREATE ... IF NOT EXISTS (it is not
     # atomic against a concurrent creator); the transaction-scoped advisory lock
     # serialises them and is released at commit, even if we crash.
@@ -34,7 +47,6 @@ async def migrate(conn: asyncpg.Connection, names: Names, *, force: bool = True)
             await conn.execute(
                 f"COMMENT ON SCHEMA {quote_ident(names.schema)} IS {quote_literal(mark)}"
             )
-    log.info("schema %s %s", names.schema, "created" if created else "is up to date")
     return created
 
 
