@@ -24,7 +24,6 @@ from worker.cli.options import Option, run_options
 from worker.errors import ConfigError
 from worker.eventloop import backend_options
 from worker.settings import Settings, default_channel
-from worker.sinks.registry import register_secrets
 from worker.store.db import connect
 from worker.store.grants import PRODUCER, WORKER, Privilege, grants_sql, privilege_error
 from worker.store.migrate import ensure_schema, migrate
@@ -130,8 +129,6 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError("grants: give --worker-role ROLE, --producer-role ROLE, or both")
         print(grants_sql(settings.schema, args.worker_role, args.producer_role))
         return 0
-    logs.register_secret_url(settings.dsn)
-    register_secrets(settings)
     if args.command == "demo":
         return _demo(args)
     with database(settings.dsn) as dsn:
@@ -200,8 +197,6 @@ def _operator_command(args: argparse.Namespace, names: Names, dsn: str, *, ours:
 def _demo(args: argparse.Namespace) -> int:
     from worker.cli.demo import DEMO_SCHEMA, DemoOptions, check_schema, run_demo
 
-    # Only an explicit --dsn: DATABASE_URL names the user's real database.
-    logs.register_secret_url(args.dsn)
     options = DemoOptions(
         concurrency=args.concurrency,
         rate=args.rate,
@@ -234,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
         return dispatch(args, settings)
     except ConfigError as exc:
-        print(f"outbox-worker: error: {logs.scrub(str(exc))}", file=sys.stderr)
+        print(f"outbox-worker: error: {logs.redact_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
