@@ -1,6 +1,15 @@
--- outbox-worker schema. Applied by `outbox-worker migrate` (idempotent, under an advisory
--- lock), or printed by `outbox-worker schema` for your own migration tool.
+-- outbox-worker schema, whole and current, with triggers/*.sql: for reading and review.
+-- `outbox-worker migrate` applies worker/store/migrations/NNNN_*.sql in order (what
+-- `outbox-worker schema` prints); tests/test_migrations.py checks they build exactly this.
 -- {{schema}} is the configured schema (default "outbox"), quoted as an identifier.
+
+-- What migrate applied, and when.
+CREATE SCHEMA IF NOT EXISTS {{schema}};
+CREATE TABLE IF NOT EXISTS {{schema}}.schema_version (
+    version    integer PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
 
 CREATE SCHEMA IF NOT EXISTS {{schema}};
 

@@ -150,7 +150,11 @@ def build_parser() -> Parser:
     )
     _add_run_options(run.add_argument_group(_WORKER_OPTIONS))
     _add_demo(sub)
-    _add_common(sub.add_parser("migrate", help="create or update the schema (idempotent)"))
+    migrate = sub.add_parser("migrate", help="apply the schema migrations not applied yet")
+    _add_common(migrate)
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print the SQL it would run; change nothing"
+    )
     schema = sub.add_parser("schema", help="print the schema SQL for your own migration tool")
     schema.add_argument("--schema")
     schema.add_argument("--channel")

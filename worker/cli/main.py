@@ -26,7 +26,7 @@ from worker.eventloop import backend_options
 from worker.settings import Settings, default_channel
 from worker.store.db import connect
 from worker.store.grants import PRODUCER, WORKER, Privilege, grants_sql, privilege_error
-from worker.store.migrate import ensure_schema, migrate
+from worker.store.migrate import dry_run, ensure_schema, migrate
 from worker.store.sqlfiles import Names, migration_sql
 
 
@@ -107,7 +107,7 @@ async def _with_conn(
     conn = await connect(dsn)
     try:
         if schema is not None:
-            await ensure_schema(conn, schema[0], apply=schema[1])
+            await ensure_schema(conn, schema[0], apply=schema[1], producer=needed is PRODUCER)
         try:
             return await action(conn)
         except asyncpg.InsufficientPrivilegeError as exc:
@@ -141,6 +141,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 partial(run_worker, run_settings, dsn, dashboard=_want_dashboard(args)),
                 backend_options=backend_options(),
             )
+        elif args.command == "migrate" and args.dry_run:
+            print(anyio.run(_with_conn, dsn, lambda conn: dry_run(conn, names)))
         elif args.command == "migrate":
             created = anyio.run(_with_conn, dsn, lambda conn: migrate(conn, names))
             print(f"schema {names.schema} {'created' if created else 'is up to date'}")

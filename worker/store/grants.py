@@ -59,8 +59,14 @@ WORKER = (
     Privilege("DELETE", "table", "idle_worker"),
     # status and the dashboard's halted ordering keys
     Privilege("SELECT", "table", "halted_key"),
+    # the start-up check that the schema is as new as the worker
+    Privilege("SELECT", "table", "schema_version"),
 )
-PRODUCER = (Privilege("USAGE", "schema", ""), Privilege("EXECUTE", "function", "enqueue"))
+PRODUCER = (
+    Privilege("USAGE", "schema", ""),
+    Privilege("EXECUTE", "function", "enqueue"),
+    Privilege("SELECT", "table", "schema_version"),  # `outbox-worker enqueue`'s schema check
+)
 
 
 def _grant_lines(schema: str, role: str, privileges: tuple[Privilege, ...]) -> list[str]:
