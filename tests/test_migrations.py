@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
+from tests.fault.workers import worker_env
 from worker.settings import default_channel
-from worker.store.migrate import dry_run, migrate
+from worker.store.migrate import dry_run, migrate, schema_exists
 from worker.store.sqlfiles import Names, migration_sql
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,3 +161,29 @@ async def test_a_schema_made_by_the_last_migrate_before_versions_is_version_1_un
         f'SELECT array_agg(version ORDER BY version) FROM "{old.schema}".schema_version'
     )
     assert versions == [1, 2]
+
+
+async def test_migrate_dry_run_prints_the_sql_and_changes_nothing(pg_dsn: str, schema: str, conn):
+    result = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "migrate",
+            "--dry-run",
+            "--dsn",
+            pg_dsn,
+            "--schema",
+            schema,
+        ],
+        check=False,
+        env=worker_env(),
+        cwd=REPO,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert f'CREATE TABLE IF NOT EXISTS "{schema}".intent' in out
+    assert (
+        "-- migration 0001_initial" in out and "-- migration 0002_enqueue_security_definer" in out
+    )
+    assert not await schema_exists(conn, Names(schema, default_channel(schema)))

@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from tests.fault.workers import WorkerProcess, run_args
 from tests.roles import Role, login_roles
 from tests.test_roles import cli
 from worker.observe.findings import assess
 from worker.observe.health import HealthMonitor
 from worker.observe.stats import Stats
+from worker.producer import enqueue
 from worker.store.db import create_pool
 from worker.store.grants import NO_PRIVILEGE, grants_sql
 from worker.store.queries import Store
@@ -87,3 +89,18 @@ async def test_a_refused_health_read_is_not_an_unreachable_database(
     assert "halted_key" in snap.db_error and "outbox-worker grants" in snap.db_error
     texts = [f.text for f in assess(snap)]
     assert "database unreachable" not in texts and any("privilege" in t for t in texts), texts
+
+
+async def test_a_grant_revoked_while_the_worker_runs_ends_it_in_one_line(worker_role, db, schema):
+    worker = WorkerProcess(run_args(dsn=worker_role.dsn, schema=schema))
+    try:
+        await worker.start()
+        await worker.ready()
+        await db.execute(f'REVOKE UPDATE ON "{schema}".intent FROM "{worker_role.name}"')
+        await enqueue(db, "noop", {}, schema=schema)  # its claim is refused
+        assert await worker.wait(timeout=60) == 2, worker.tail()
+    finally:
+        await worker.aclose()
+    assert "Traceback" not in worker.output, worker.tail()
+    [line] = [ln.text for ln in worker.lines if "permission denied" in ln.text]
+    assert "outbox-worker grants --worker-role" in line, line

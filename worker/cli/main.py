@@ -25,7 +25,14 @@ from worker.errors import ConfigError
 from worker.eventloop import backend_options
 from worker.settings import Settings, default_channel
 from worker.store.db import connect
-from worker.store.grants import PRODUCER, WORKER, Privilege, grants_sql, privilege_error
+from worker.store.grants import (
+    PRODUCER,
+    WORKER,
+    Privilege,
+    grants_hint,
+    grants_sql,
+    privilege_error,
+)
 from worker.store.migrate import dry_run, ensure_schema, migrate
 from worker.store.sqlfiles import Names, migration_sql
 
@@ -235,6 +242,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A grant revoked while `run` runs (checked at start-up, refused since): one line
+        # and exit 2, like every other privilege error, not a traceback from a task group.
+        denied = _denied(exc)
+        if denied is None:
+            raise
+        hint = grants_hint(getattr(args, "schema", None) or "outbox")
+        print(f"outbox-worker: error: {denied}: {hint}", file=sys.stderr)
+        return 2
+
+
+def _denied(exc: BaseException) -> asyncpg.InsufficientPrivilegeError | None:
+    """The privilege error behind ``exc``, if that is what it is (within exception groups)."""
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _denied(inner)) is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":
