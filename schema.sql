@@ -1,6 +1,15 @@
--- outbox-worker schema. Applied by `outbox-worker migrate` (idempotent, under an advisory
--- lock), or printed by `outbox-worker schema` for your own migration tool.
+-- outbox-worker schema, whole and current, with triggers/*.sql: for reading and review.
+-- `outbox-worker migrate` applies worker/store/migrations/NNNN_*.sql in order (what
+-- `outbox-worker schema` prints); tests/test_migrations.py checks they build exactly this.
 -- {{schema}} is the configured schema (default "outbox"), quoted as an identifier.
+
+-- What migrate applied, and when.
+CREATE SCHEMA IF NOT EXISTS {{schema}};
+CREATE TABLE IF NOT EXISTS {{schema}}.schema_version (
+    version    integer PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
 
 CREATE SCHEMA IF NOT EXISTS {{schema}};
 
@@ -112,6 +121,10 @@ WHERE d.ordering_key IS NOT NULL AND d.status = 'dead' AND NOT d.ordering_skippe
 
 -- One SQL call for producers in any language, inside their own transaction.
 -- A second call with the same dedupe_key inserts nothing and returns the first id.
+-- SECURITY DEFINER: it runs with its owner's rights, so a producer needs only EXECUTE (and
+-- USAGE on the schema), never a grant on the table, and cannot set status or the lease: it
+-- inserts the producer columns and nothing else. search_path is pinned (pg_catalog, then
+-- pg_temp last) so no object of the caller's can stand in for a built-in.
 -- The older signatures (without ordering_key, trace_context) go first: beside the new one, a
 -- call that leaves out trailing arguments would be ambiguous.
 DROP FUNCTION IF EXISTS {{schema}}.enqueue(text, jsonb, timestamptz, text, integer);
@@ -125,7 +138,7 @@ CREATE OR REPLACE FUNCTION {{schema}}.enqueue(
     ordering_key  text        DEFAULT NULL,
     trace_context jsonb       DEFAULT NULL
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     new_id bigint;

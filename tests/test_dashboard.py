@@ -185,7 +185,7 @@ def test_failing_relay(width: int, height: int):
     assert "LISTEN down: polling until it is back" in text
     assert "oldest xact 30m00s, xact by pid 4242 (psql)" in text
     assert "retry" in text and "#555" in text and "dead" in text and "#556" in text
-    assert "s3cret-token" not in text and "https://***@hooks.example.com" in text
+    assert "s3cret-token" not in text and "https://bot:***@hooks.example.com" in text
     assert "#777" in text and "1m15s" in text  # the stuck slot
     assert "warning: heartbeat failed" in text
     if width >= 160:

@@ -13,7 +13,7 @@ import pytest
 
 from worker.errors import ConfigError
 from worker.store.migrate import ensure_schema, migrate, schema_exists
-from worker.store.sqlfiles import Names, migration_files
+from worker.store.sqlfiles import Names, migrations
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,10 +43,10 @@ async def test_migrate_twice_and_concurrently(pg_dsn: str, names: Names):
             await conn.close()
 
 
-def test_migration_files_are_schema_then_triggers_in_order():
-    files = migration_files()
-    assert files[0].name == "schema.sql"
-    assert [f.name for f in files[1:]] == sorted(f.name for f in files[1:]) and len(files) > 1
+def test_migrations_are_numbered_from_one_without_a_gap():
+    found = migrations()
+    assert [m.version for m in found] == list(range(1, len(found) + 1)) and len(found) > 1
+    assert found[0].name == "initial"
 
 
 def test_wheel_carries_the_sql(tmp_path: Path):
@@ -68,9 +68,8 @@ def test_wheel_carries_the_sql(tmp_path: Path):
     )
     (wheel,) = tmp_path.glob("pg_outbox_relay-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "worker/_sql/schema.sql" in names
-    for trigger in (REPO / "triggers").glob("*.sql"):
-        assert f"worker/_sql/triggers/{trigger.name}" in names
+    for migration in (REPO / "worker" / "store" / "migrations").glob("*.sql"):
+        assert f"worker/store/migrations/{migration.name}" in names
     assert "worker/store/sql/relay.sql" in names
 
 
@@ -136,12 +135,13 @@ async def test_a_worker_without_migrate_refuses_an_older_table_in_one_line(
     db: asyncpg.Connection, names: Names
 ) -> None:
     await ensure_schema(db, names, apply=False)  # migrated by the fixture: current
-    # The table as a worker from before trace context left it; the rolling upgrade's new
-    # worker starts before anyone ran migrate.
-    await db.execute(f'ALTER TABLE "{names.schema}".intent DROP COLUMN trace_context CASCADE')
-    with pytest.raises(ConfigError, match="intent is older than this worker: run `outbox-"):
+    # The schema as a worker from before the last migration left it; the rolling upgrade's
+    # new worker starts before anyone ran migrate.
+    last = migrations()[-1]
+    await db.execute(f'DELETE FROM "{names.schema}".schema_version WHERE version = {last.version}')
+    with pytest.raises(ConfigError, match=r"is older than this worker .*: run `outbox-worker"):
         await ensure_schema(db, names, apply=False)
-    await migrate(db, names)  # `outbox-worker migrate` always applies the SQL
+    await migrate(db, names)  # `outbox-worker migrate` applies what is missing
     await ensure_schema(db, names, apply=False)
 
 
@@ -157,8 +157,9 @@ async def test_a_second_migration_takes_no_lock_on_the_intent_table(
             f'"{names.schema}".intent',
         )
     assert locks == []
-    # Another SQL (a newer worker's) is applied, and marked as applied.
-    await db.execute(f"COMMENT ON SCHEMA \"{names.schema}\" IS 'an older version'")
-    await db.execute(f'DROP INDEX "{names.schema}".intent_pending_free')
+    # A migration not applied yet is applied, and recorded.
+    last = migrations()[-1]
+    await db.execute(f'DELETE FROM "{names.schema}".schema_version WHERE version = {last.version}')
     await ensure_schema(db, names, apply=True)
-    assert await db.fetchval("SELECT to_regclass($1)", f'"{names.schema}".intent_pending_free')
+    recorded = await db.fetchval(f'SELECT max(version) FROM "{names.schema}".schema_version')
+    assert recorded == last.version

@@ -1,11 +1,11 @@
-"""Logging set-up: plain or JSON lines, and secrets scrubbed from every record."""
+"""Logging set-up: plain or JSON lines, passwords masked where they stand in every record."""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
-from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import orjson
 
@@ -15,7 +15,9 @@ _secrets: set[str] = set()
 # A password can also travel as a query parameter (libpq and asyncpg accept
 # ``postgresql://app@db/x?password=...``) or in a libpq keyword/value string.
 _PASSWORD_PARAMS = frozenset({"password", "sslpassword"})
-_KEYWORD_PASSWORD_RE = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+_KEYWORD_PASSWORD_RE = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.I)
+# The userinfo of any URL in free text (an exception that quotes its URL): user kept.
+_URL_PASSWORD_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*@")
 
 
 def _is_password_param(pair: str) -> bool:
@@ -44,42 +46,12 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
 
 
-def _passwords(url: str) -> set[str]:
-    """Every spelling of every password in ``url``: as written and percent-decoded."""
-    found: set[str] = set()
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return found
-    if parts.password:
-        found |= {parts.password, unquote(parts.password)}
-    for pair in parts.query.split("&"):
-        raw = pair.partition("=")[2]
-        if raw and _is_password_param(pair):
-            found |= {raw, unquote(raw), unquote_plus(raw)}
-    if not parts.scheme:
-        for match in _KEYWORD_PASSWORD_RE.finditer(url):
-            found |= {match.group(2), match.group(2).strip("'")}
-    return found
-
-
-def register_secret_url(url: str | None) -> None:
-    """Remember the password in ``url`` so no log line can ever show it."""
-    if url:
-        _secrets.update(p for p in _passwords(url) if p)
-
-
-def register_secret(value: str | None) -> None:
-    """Remember ``value`` itself (a token, a signing key) so no log line can ever show it."""
-    if value:
-        _secrets.add(value)
-
-
-def scrub(text: str) -> str:
-    # Longest first: a password that contains another one must go whole.
-    for secret in sorted(_secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+def redact_text(text: str) -> str:
+    """Passwords out of free text, where they stand: a URL's userinfo password, and a
+    ``password=`` field (a URL's query, a libpq keyword/value string). Never by searching
+    for a known value: a handler module named after the password stays as it is."""
+    text = _URL_PASSWORD_RE.sub(r"\1***@", text)
+    return _KEYWORD_PASSWORD_RE.sub(r"\1***", text)
 
 
 def one_line(exc: BaseException) -> str:
@@ -87,9 +59,9 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-class _ScrubbingFormatter(logging.Formatter):
+class _RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return scrub(super().format(record))
+        return redact_text(super().format(record))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -104,7 +76,7 @@ class _JsonFormatter(logging.Formatter):
             entry["exc"] = self.formatException(record.exc_info)
         if record.stack_info:  # the loop watchdog's stack of a blocked event loop
             entry["stack"] = record.stack_info
-        return scrub(orjson.dumps(entry).decode())
+        return redact_text(orjson.dumps(entry).decode())
 
 
 class _OneLineReconnectFailures(logging.Filter):
@@ -151,7 +123,7 @@ def setup(fmt: str = "text", level: int = logging.INFO) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            _ScrubbingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+            _RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

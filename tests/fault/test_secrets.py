@@ -23,9 +23,11 @@ from tests.conftest import wait_until
 from tests.fault.ledger import Outbox
 from tests.fault.pgcluster import Cluster
 from tests.fault.workers import REPO, WorkerProcess, worker_env
+from tests.roles import dsn_as, login_roles
 from tests.smtp_server import SmtpTestServer
 from tests.tcp_proxy import TcpProxy
 from worker.settings import default_channel
+from worker.store.grants import grants_sql
 from worker.store.migrate import migrate
 from worker.store.sqlfiles import Names
 
@@ -177,3 +179,27 @@ async def test_worker_errors_never_show_a_password(own_pg, app_role, dsn_form: s
     assert leaks(output) == [], [ln.text for ln in worker.lines if leaks(ln.text)][:5]
     assert leaks("\n".join(errors)) == [], errors
     assert leaks(status) == [], status
+
+
+async def test_a_handlers_module_named_like_the_password_is_logged_as_it_is(
+    pg_dsn: str, db: asyncpg.Connection, schema: str, tmp_path
+):
+    """Secrets are masked where they stand (the DSN), not wherever their text appears."""
+    (tmp_path / "h_secretword.py").write_text(
+        "from worker import Handlers\nhandlers = Handlers()\n\n\n"
+        "@handlers.register('noop')\nasync def noop(intent):\n    pass\n"
+    )
+    async with login_roles(db, pg_dsn, "app") as [role]:
+        await db.execute(f"ALTER ROLE \"{role.name}\" PASSWORD 'secretword'")
+        await db.execute(grants_sql(schema, role.name, None))
+        dsn = dsn_as(pg_dsn, role.name, "secretword")
+        args = ["run", "--dsn", dsn, "--schema", schema, "--log-format", "json"]
+        args += ["--handlers", "h_secretword:handlers"]
+        worker = WorkerProcess(args, env={"PYTHONPATH": f"{REPO}:{tmp_path}"})
+        try:
+            await worker.start()
+            await worker.wait_for_log("your handlers (h_secretword:handlers)", timeout=30)
+            await worker.ready()
+        finally:
+            await worker.aclose()
+    assert "secretword" not in worker.output.replace("h_secretword", ""), worker.tail()

@@ -16,6 +16,7 @@ from worker.cli.startup import wait_for_database
 from worker.cli.targets import check_targets, describe, log_targets
 from worker.dashboard.summary import log_summaries
 from worker.dashboard.view import run_dashboard
+from worker.errors import ConfigError
 from worker.observe.health import HealthMonitor
 from worker.observe.stats import Stats
 from worker.observe.tracing import from_env as tracer_from_env
@@ -24,6 +25,7 @@ from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.sinks.handlers import HandlerSink, load_handlers
 from worker.store.db import behind_pooler, connect
+from worker.store.grants import WORKER, privilege_error
 from worker.store.migrate import ensure_schema
 from worker.store.sqlfiles import Names
 
@@ -49,6 +51,10 @@ async def prepare_schema(dsn: str, settings: Settings, names: Names) -> None:
     conn = await connect(dsn)
     try:
         await ensure_schema(conn, names, apply=settings.migrate)
+        # Checked now, in one line, rather than met as a traceback at the first claim.
+        lacking = await privilege_error(conn, names.schema, WORKER)
+        if lacking is not None:
+            raise ConfigError(lacking)
     finally:
         await conn.close()
 

@@ -27,6 +27,7 @@ COMMANDS = (
     "run",
     "migrate",
     "schema",
+    "grants",
     "status",
     "retry-dead",
     "skip-dead",
@@ -149,10 +150,21 @@ def build_parser() -> Parser:
     )
     _add_run_options(run.add_argument_group(_WORKER_OPTIONS))
     _add_demo(sub)
-    _add_common(sub.add_parser("migrate", help="create or update the schema (idempotent)"))
+    migrate = sub.add_parser("migrate", help="apply the schema migrations not applied yet")
+    _add_common(migrate)
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print the SQL it would run; change nothing"
+    )
     schema = sub.add_parser("schema", help="print the schema SQL for your own migration tool")
     schema.add_argument("--schema")
     schema.add_argument("--channel")
+    grants = sub.add_parser(
+        "grants", help="print the GRANT statements for a worker role and a producer role"
+    )
+    grants.add_argument("--worker-role", help="the role the worker logs in as")
+    grants.add_argument("--producer-role", help="the role producers log in as")
+    grants.add_argument("--schema")
+    grants.set_defaults(channel=None)
     status = sub.add_parser("status", help="counts by kind and status, oldest pending, dead")
     _add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON")

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import asyncpg
 import orjson
 from rich.console import Console
 
@@ -23,9 +24,16 @@ from worker.cli.options import Option, run_options
 from worker.errors import ConfigError
 from worker.eventloop import backend_options
 from worker.settings import Settings, default_channel
-from worker.sinks.registry import register_secrets
 from worker.store.db import connect
-from worker.store.migrate import ensure_schema, migrate
+from worker.store.grants import (
+    PRODUCER,
+    WORKER,
+    Privilege,
+    grants_hint,
+    grants_sql,
+    privilege_error,
+)
+from worker.store.migrate import dry_run, ensure_schema, migrate
 from worker.store.sqlfiles import Names, migration_sql
 
 
@@ -96,15 +104,24 @@ def database(dsn: str | None) -> Iterator[str]:
 
 
 async def _with_conn(
-    dsn: str, action: Callable[[Any], Any], schema: tuple[Names, bool] | None = None
+    dsn: str,
+    action: Callable[[Any], Any],
+    schema: tuple[Names, bool] | None = None,
+    needed: tuple[Privilege, ...] = WORKER,
 ) -> Any:
     """``action(conn)``; with ``schema`` (names, ours) the intent table is checked first,
-    or brought up to date on a database of our own."""
+    or brought up to date on a database of our own. A privilege it lacks is one line."""
     conn = await connect(dsn)
     try:
         if schema is not None:
-            await ensure_schema(conn, schema[0], apply=schema[1])
-        return await action(conn)
+            await ensure_schema(conn, schema[0], apply=schema[1], producer=needed is PRODUCER)
+        try:
+            return await action(conn)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            if schema is None:
+                raise
+            line = await privilege_error(conn, schema[0].schema, needed, str(exc))
+            raise ConfigError(line) from None
     finally:
         await conn.close()
 
@@ -114,9 +131,11 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "schema":
         print(migration_sql(names))
         return 0
-    logs.register_secret_url(settings.dsn)
-    logs.register_secret_url(settings.listen_dsn)
-    register_secrets(settings)
+    if args.command == "grants":
+        if args.worker_role is None and args.producer_role is None:
+            raise ConfigError("grants: give --worker-role ROLE, --producer-role ROLE, or both")
+        print(grants_sql(settings.schema, args.worker_role, args.producer_role))
+        return 0
     if args.command == "demo":
         return _demo(args)
     with database(settings.dsn) as dsn:
@@ -129,6 +148,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 partial(run_worker, run_settings, dsn, dashboard=_want_dashboard(args)),
                 backend_options=backend_options(),
             )
+        elif args.command == "migrate" and args.dry_run:
+            print(anyio.run(_with_conn, dsn, lambda conn: dry_run(conn, names)))
         elif args.command == "migrate":
             created = anyio.run(_with_conn, dsn, lambda conn: migrate(conn, names))
             print(f"schema {names.schema} {'created' if created else 'is up to date'}")
@@ -141,7 +162,8 @@ def _operator_command(args: argparse.Namespace, names: Names, dsn: str, *, ours:
     console = Console()
 
     def on_schema(action: Callable[[Any], Any]) -> Any:
-        return anyio.run(_with_conn, dsn, action, (names, ours))
+        needed = PRODUCER if args.command == "enqueue" else WORKER
+        return anyio.run(_with_conn, dsn, action, (names, ours), needed)
 
     if args.command == "status":
         report = on_schema(lambda conn: admin.status(conn, names))
@@ -184,8 +206,6 @@ def _operator_command(args: argparse.Namespace, names: Names, dsn: str, *, ours:
 def _demo(args: argparse.Namespace) -> int:
     from worker.cli.demo import DEMO_SCHEMA, DemoOptions, check_schema, run_demo
 
-    # Only an explicit --dsn: DATABASE_URL names the user's real database.
-    logs.register_secret_url(args.dsn)
     options = DemoOptions(
         concurrency=args.concurrency,
         rate=args.rate,
@@ -218,10 +238,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
         return dispatch(args, settings)
     except ConfigError as exc:
-        print(f"outbox-worker: error: {logs.scrub(str(exc))}", file=sys.stderr)
+        print(f"outbox-worker: error: {logs.redact_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A grant revoked while `run` runs (checked at start-up, refused since): one line
+        # and exit 2, like every other privilege error, not a traceback from a task group.
+        denied = _denied(exc)
+        if denied is None:
+            raise
+        hint = grants_hint(getattr(args, "schema", None) or "outbox")
+        print(f"outbox-worker: error: {denied}: {hint}", file=sys.stderr)
+        return 2
+
+
+def _denied(exc: BaseException) -> asyncpg.InsufficientPrivilegeError | None:
+    """The privilege error behind ``exc``, if that is what it is (within exception groups)."""
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _denied(inner)) is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

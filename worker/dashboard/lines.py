@@ -22,6 +22,7 @@ from worker.observe.findings import (
     level,
 )
 from worker.observe.stats import Snapshot
+from worker.store.grants import NO_PRIVILEGE
 from worker.units import fmt_bytes, fmt_count, fmt_duration, fmt_latency, fmt_rate
 
 # --- the verdict ---------------------------------------------------------------------------
@@ -100,7 +101,10 @@ def queue_line(snap: Snapshot) -> Parts:
     db = snap.db
     if db is None:
         if snap.db_error:
-            return Parts([_styled(f"unavailable: {snap.db_error}", BAD)])
+            # A refused read answered: a grant is missing, the database is there.
+            refused = snap.db_error.startswith(NO_PRIVILEGE)
+            text = snap.db_error if refused else f"unavailable: {snap.db_error}"
+            return Parts([_styled(text, BAD)])
         return Parts([Text("waiting for the first database read", style="dim")])
     # The table's own status words, so that each number is a WHERE status = '...' away.
     cap = db.count_cap

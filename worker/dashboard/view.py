@@ -45,7 +45,7 @@ from worker.dashboard.lines import (
     wakeup_line,
 )
 from worker.dashboard.widgets import ErrorList, KindTable, Labelled, SlotList, Sparkline
-from worker.logs import scrub
+from worker.logs import redact_text
 from worker.observe.findings import assess
 from worker.observe.stats import Snapshot
 from worker.relay.core import Relay
@@ -175,7 +175,7 @@ class _LogBuffer(logging.Handler):
         # One intent's failure is in the errors panel already; the notice is for the rest
         # (database down, listener lost, leases lost...).
         if record.levelno >= logging.WARNING and not _PER_INTENT.match(message):
-            self.last_warning = scrub(f"{record.levelname.lower()}: {message}")
+            self.last_warning = redact_text(f"{record.levelname.lower()}: {message}")
 
 
 @contextlib.contextmanager

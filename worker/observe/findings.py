@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from worker.observe.stats import Snapshot
+from worker.store.grants import NO_PRIVILEGE
 from worker.units import fmt_count, fmt_duration
 
 # Thresholds: (warn, bad). Chosen for an email relay: deliveries take well under a second,
@@ -50,7 +51,9 @@ def assess(snap: Snapshot) -> list[Finding]:
     """What is wrong, worst first; empty when all is well."""
     found: list[Finding] = []
     db = snap.db
-    if snap.db_error is not None:
+    if snap.db_error is not None and snap.db_error.startswith(NO_PRIVILEGE):
+        found.append(Finding(BAD, "database: missing privilege (outbox-worker grants)"))
+    elif snap.db_error is not None:
         found.append(Finding(BAD, "database unreachable"))
     elif db is not None and snap.db_age is not None and snap.db_age > DB_STALE:
         found.append(Finding(WARN, f"db numbers {fmt_duration(snap.db_age)} old"))

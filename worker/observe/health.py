@@ -10,6 +10,7 @@ import asyncpg
 from worker.logs import one_line
 from worker.observe.stats import Stats
 from worker.store.db import DB_UNAVAILABLE
+from worker.store.grants import NO_PRIVILEGE, grants_hint
 from worker.store.queries import Store
 
 log = logging.getLogger("outbox.health")
@@ -31,6 +32,7 @@ class HealthMonitor:
         self._pool = pool
         self._store = store
         self._stats = stats
+        self._schema = store.names.schema
 
     async def run(self, interval: float = MIN_INTERVAL) -> None:
         interval = max(interval, MIN_INTERVAL)
@@ -41,6 +43,10 @@ class HealthMonitor:
     async def refresh(self) -> None:
         try:
             health = await self._store.db_health(self._pool, cap=COUNT_CAP, timeout=QUERY_TIMEOUT)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            # The database answered: it is a grant that is missing, not the database.
+            self._stats.on_db_health_failed(f"{NO_PRIVILEGE}: {exc} ({grants_hint(self._schema)})")
+            log.debug("database health read refused: %s", exc)
         except _READ_FAILED as exc:
             self._stats.on_db_health_failed(one_line(exc))
             log.debug("database health read failed: %s", one_line(exc))

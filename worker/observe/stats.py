@@ -8,14 +8,13 @@ O(1) at any throughput and a snapshot costs the same at 10 intents/s or 10,000.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from worker.intent import Intent
-from worker.logs import scrub
+from worker.logs import redact_text
 from worker.observe.histogram import Histogram
 from worker.observe.loopwatch import LoopStall, StallView, stall_view
 from worker.observe.windows import WINDOW, Latency, SecondBuckets, latency_bin, percentiles
@@ -24,13 +23,11 @@ from worker.store.queries import DbHealth
 
 RATE_NOW_SPAN = 5  # "now" is the average of the last complete seconds, so it does not jump
 
+
 # user:password@ inside any URL an error message may quote (a broker URL in an exception).
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@")
-
-
 def redact(text: str) -> str:
-    """Passwords out of error text: registered secrets and credentials in any URL."""
-    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", scrub(text))
+    """Passwords out of error text, where they stand (URLs, password= fields)."""
+    return redact_text(text)
 
 
 @dataclass(slots=True)

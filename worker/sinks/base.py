@@ -45,7 +45,9 @@ class BatchSink(Sink, Protocol):
 def error_text(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
     """``Type: message`` on one line, every secret replaced by ``***`` (before the cut, so no
     part of one survives it), at most 300 characters: a sink's words for a failure, which
-    end up in ``last_error`` and the log."""
+    end up in ``last_error`` and the log. ``secrets`` are the sink's own credentials, looked
+    for only in its client library's error text, which may quote them without a URL around
+    them (a NATS token); a URL's password is masked where it stands in any case."""
     text = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     for secret in secrets:

@@ -33,7 +33,6 @@ __all__ = [
     "build_sinks",
     "missing_extra",
     "option_values",
-    "register_secrets",
     "sink_options",
     "specs",
 ]
@@ -132,20 +131,6 @@ def sink_options() -> list[SinkOption]:
 def option_values(spec: SinkSpec, settings: Settings) -> dict[str, Any]:
     """The spec's options as configured, its defaults for those that are not."""
     return {o.name: settings.sink_options.get(o.name, o.default) for o in spec.options}
-
-
-def register_secrets(settings: Settings) -> None:
-    """Every password in a secret option is masked in every log line and error from now on."""
-    for spec in specs():
-        values = option_values(spec, settings)
-        for option in spec.options:
-            value = values[option.name]
-            if option.secret is None or not isinstance(value, str):
-                continue
-            if option.secret == "text":
-                logs.register_secret(value)
-            for url in value.split(",") if option.secret == "urls" else [value]:
-                logs.register_secret_url(url.strip())
 
 
 def _context(

@@ -46,8 +46,10 @@ The contract, field by field:
   ``convert`` (``str`` -> value; a ``ValueError`` is a one-line error naming the flag or the
   variable: wrap it with ``worker.cli.options.expecting("a WHAT")``), a default and whether it
   is a ``switch`` (no value; ``VAR=1`` in the environment). ``secret="url"`` (or ``"urls"``
-  for a comma-separated list, ``"text"`` for a token) keeps the password out of every log
-  line and error message. Flags and variables must not clash with any other's.
+  for a comma-separated list, ``"text"`` for a token) says the value holds a secret: never
+  print it whole (the start-up line shows scheme, user, host and port). Logs mask passwords
+  where they stand (a URL's userinfo, ``password=``), never by searching for a value.
+  Flags and variables must not clash with any other's.
 * ``build(ctx)``: the sink for ``ctx.kind`` from ``ctx.options`` (every option's value,
   its default when not given) and the run settings in ``ctx``. Raise ``ConfigError`` for a
   bad value (one line, the worker does not start). An ``ImportError`` of a library that is

@@ -10,6 +10,7 @@ import orjson
 
 from worker.errors import ConfigError, DatabaseUnavailable
 from worker.logs import one_line, redact_url
+from worker.store.tls import check_tls_files
 
 # Errors that mean "the database can't serve us right now" (down, restarting, failing
 # over to a replica that is still read-only, out of connections, cancelled by an
@@ -105,6 +106,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, *, max_size: int, application_name: str) -> asyncpg.Pool:
     """Open the pool, failing fast with one clear line if the database can't be reached."""
+    check_tls_files(dsn)  # a missing file is the operator's to fix, not an outage
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -123,6 +125,7 @@ async def create_pool(dsn: str, *, max_size: int, application_name: str) -> asyn
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    check_tls_files(dsn)
     try:
         kwargs.setdefault("statement_cache_size", 0)
         conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, **kwargs)

@@ -1,4 +1,12 @@
-"""Applies schema.sql and triggers/*.sql, idempotently, one migrator at a time."""
+"""Applies the numbered migrations (worker/store/migrations/NNNN_name.sql) a schema has not
+had yet, in order, one migrator at a time, and records each in ``schema_version``.
+
+A schema made before versions (by a ``migrate`` that re-ran one idempotent script and kept a
+hash of it as the schema's comment) is recognised: if the hash is that of migration 0001,
+0001 is recorded as applied without running; otherwise 0001, idempotent like the script it
+was, brings the older shape up to it (what that ``migrate`` did). Later migrations are
+written to be idempotent too: `outbox-worker schema` prints them all for other tools.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +16,28 @@ import logging
 import asyncpg
 
 from worker.errors import ConfigError
-from worker.store.sqlfiles import Names, migration_sql, quote_ident, quote_literal
+from worker.store.grants import PRODUCER, WORKER, privilege_error
+from worker.store.sqlfiles import VERSION_TABLE, Migration, Names, migration_sql, migrations
 
 log = logging.getLogger("outbox.migrate")
 
 
-async def migrate(conn: asyncpg.Connection, names: Names, *, force: bool = True) -> bool:
-    """Create or upgrade the schema; True when it had no intent table before. Without
-    ``force`` (a worker's --migrate at every start), SQL already applied is not run again."""
+async def migrate(conn: asyncpg.Connection, names: Names) -> bool:
+    """Create or upgrade the schema; True when it had no intent table before. A schema
+    that is up to date takes no lock at all (``--migrate`` runs this at every start)."""
+    try:
+        created = await _migrate(conn, names)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise ConfigError(
+            f"migrate: {exc}: run it as the role that owns schema {names.schema} (for a new "
+            "schema, one with CREATE on the database); workers and producers need only what "
+            "`outbox-worker grants` prints"
+        ) from None
+    log.info("schema %s %s", names.schema, "created" if created else "is up to date")
+    return created
+
+
+async def _migrate(conn: asyncpg.Connection, names: Names) -> bool:
     # Two workers starting at once would race on CREATE ... IF NOT EXISTS (it is not
     # atomic against a concurrent creator); the transaction-scoped advisory lock
     # serialises them and is released at commit, even if we crash.
@@ -24,66 +46,108 @@ async def migrate(conn: asyncpg.Connection, names: Names, *, force: bool = True)
             "SELECT pg_advisory_xact_lock(hashtext($1))", f"outbox-worker migrate {names.schema}"
         )
         created = not await schema_exists(conn, names)
-        sql = migration_sql(names)
-        mark = f"outbox-worker schema {hashlib.sha256(sql.encode()).hexdigest()[:16]}"
-        # The same SQL applied before: skip it. Re-running it would be harmless but for its
-        # locks (ALTER TABLE, CREATE INDEX, CREATE TRIGGER lock the table even when there is
-        # nothing to do), which would queue producers behind any long transaction.
-        if force or created or await conn.fetchval(_SCHEMA_MARK, names.schema) != mark:
-            await conn.execute(sql)
-            await conn.execute(
-                f"COMMENT ON SCHEMA {quote_ident(names.schema)} IS {quote_literal(mark)}"
-            )
-    log.info("schema %s %s", names.schema, "created" if created else "is up to date")
+        run, recorded = await _pending(conn, names)
+        if run or recorded:
+            await conn.execute(names.render(VERSION_TABLE))
+        for m in recorded:
+            await conn.execute(m.record(names))
+            log.info("schema %s: migration %04d_%s recorded as applied", names.schema, *_id(m))
+        for m in run:
+            await conn.execute(names.render(m.sql))
+            await conn.execute(m.record(names))
+            log.info("schema %s: migration %04d_%s applied", names.schema, *_id(m))
     return created
 
 
-# What the last migration wrote on the schema: a hash of the SQL it applied.
+async def dry_run(conn: asyncpg.Connection, names: Names) -> str:
+    """The SQL ``migrate`` would run now, as a script (nothing is changed)."""
+    run, recorded = await _pending(conn, names)
+    if not run and not recorded:
+        return f"-- schema {names.schema} is up to date: nothing to run"
+    notes = [
+        f"-- migration {m.version:04d}_{m.name}: already applied (the schema's comment "
+        f"matches it), only recorded\n{m.record(names)}"
+        for m in recorded
+    ]
+    return "\n\n".join([migration_sql(names, run), *notes])
+
+
+def _id(m: Migration) -> tuple[int, str]:
+    return m.version, m.name
+
+
+async def _pending(
+    conn: asyncpg.Connection, names: Names
+) -> tuple[list[Migration], list[Migration]]:
+    """(the migrations to run, those to record only)."""
+    every = migrations()
+    if not await schema_exists(conn, names):
+        return every, []
+    applied = await applied_versions(conn, names)
+    if applied is None:  # made before versions: see the module's docstring
+        first = every[0]
+        if await conn.fetchval(_SCHEMA_MARK, names.schema) == _mark(names.render(first.sql)):
+            return every[1:], [first]
+        return every, []
+    return [m for m in every if m.version not in applied], []
+
+
+def _mark(sql: str) -> str:
+    """The comment the migrate before versions left on a schema it made."""
+    return f"outbox-worker schema {hashlib.sha256(sql.encode()).hexdigest()[:16]}"
+
+
 _SCHEMA_MARK = (
     "SELECT obj_description(oid, 'pg_namespace') FROM pg_catalog.pg_namespace WHERE nspname = $1"
 )
+
+
+async def applied_versions(conn: asyncpg.Connection, names: Names) -> set[int] | None:
+    """The versions recorded in schema_version; None without that table."""
+    if not await conn.fetchval(_RELATION_EXISTS, names.schema, "schema_version"):
+        return None
+    rows = await conn.fetch(names.render("SELECT version FROM {{schema}}.schema_version"))
+    return {r["version"] for r in rows}
 
 
 async def schema_exists(conn: asyncpg.Connection | asyncpg.Pool, names: Names) -> bool:
     # A query on the catalog, not to_regclass(): a session's name lookups are cached, and a
     # cached "no such table" survives the wait for migrate's advisory lock (invalidations
     # are read when a relation is locked), so a second migrator would think it created it.
-    return bool(await conn.fetchval(_TABLE_EXISTS, names.schema))
+    return bool(await conn.fetchval(_RELATION_EXISTS, names.schema, "intent"))
 
 
-_TABLE_EXISTS = """
+_RELATION_EXISTS = """
 SELECT EXISTS (SELECT FROM pg_catalog.pg_class c
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-               WHERE n.nspname = $1 AND c.relname = 'intent')
+               WHERE n.nspname = $1 AND c.relname = $2)
 """
 
 
-# The column the newest schema.sql added: a table without it is older than this worker,
-# whose queries name it (move it on with the next column a migration adds).
-_NEWEST_COLUMN = "trace_context"
-
-_COLUMN_EXISTS = """
-SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute a
-               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-               WHERE n.nspname = $1 AND c.relname = 'intent' AND a.attname = $2
-                 AND NOT a.attisdropped)
-"""
-
-
-async def ensure_schema(conn: asyncpg.Connection, names: Names, *, apply: bool) -> None:
+async def ensure_schema(
+    conn: asyncpg.Connection, names: Names, *, apply: bool, producer: bool = False
+) -> None:
     """Migrate when asked (--migrate, or a database of our own); else refuse, in one line, a
-    database without the intent table or with an older one, before anything trips over it
-    (a rolling upgrade whose migration has not run yet)."""
+    database without the intent table or with an older schema, before anything trips over
+    it (a rolling upgrade whose migration has not run yet)."""
     if apply:
-        await migrate(conn, names, force=False)
+        await migrate(conn, names)
     elif not await schema_exists(conn, names):
         raise ConfigError(
             f"table {names.schema}.intent does not exist: run `outbox-worker migrate` "
             "(or start the worker with --migrate)"
         )
-    elif not await conn.fetchval(_COLUMN_EXISTS, names.schema, _NEWEST_COLUMN):
-        raise ConfigError(
-            f"table {names.schema}.intent is older than this worker: run `outbox-worker "
-            "migrate` first (or start the worker with --migrate)"
-        )
+    else:
+        try:
+            applied = await applied_versions(conn, names) or set()
+        except asyncpg.InsufficientPrivilegeError as exc:
+            needed = PRODUCER if producer else WORKER
+            raise ConfigError(await privilege_error(conn, names.schema, needed, str(exc))) from None
+        missing = [m for m in migrations() if m.version not in applied]
+        if missing:
+            raise ConfigError(
+                f"schema {names.schema} is older than this worker (migration "
+                f"{missing[0].version:04d}_{missing[0].name} not applied): run `outbox-worker "
+                "migrate` first (or start the worker with --migrate; `migrate --dry-run` shows "
+                "the SQL)"
+            )

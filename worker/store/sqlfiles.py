@@ -1,4 +1,4 @@
-"""Loads the project's SQL: the schema, the triggers and the named runtime queries.
+"""Loads the project's SQL: the numbered migrations and the named runtime queries.
 
 Every file may use these placeholders, filled in once at start-up:
   {{schema}}  -> the schema name quoted as an identifier (``"outbox"``)
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,14 +37,6 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _migration_root() -> Path:
-    """schema.sql and triggers/: inside the wheel, or at the top of a source checkout."""
-    packaged = Path(str(resources.files("worker") / "_sql"))
-    if (packaged / "schema.sql").is_file():
-        return packaged
-    return _PACKAGE_DIR.parent.parent
-
-
 @dataclass(frozen=True, slots=True)
 class Names:
     """The configured names, already quoted for splicing into SQL text."""
@@ -61,15 +52,51 @@ class Names:
         )
 
 
-def migration_files() -> list[Path]:
-    """schema.sql first, then triggers/*.sql in name order."""
-    root = _migration_root()
-    return [root / "schema.sql", *sorted((root / "triggers").glob("*.sql"))]
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str  # the file's name after the number: "initial"
+    sql: str  # as written, placeholders and all
+
+    def record(self, names: Names) -> str:
+        return names.render(
+            "INSERT INTO {{schema}}.schema_version (version, name) "
+            f"VALUES ({self.version}, {quote_literal(self.name)}) ON CONFLICT DO NOTHING;"
+        )
 
 
-def migration_sql(names: Names) -> str:
-    parts = [f"-- {path.name}\n{names.render(path.read_text())}" for path in migration_files()]
-    return "\n".join(parts)
+# Where `migrate` records what it applied; created before any migration runs.
+VERSION_TABLE = """CREATE SCHEMA IF NOT EXISTS {{schema}};
+CREATE TABLE IF NOT EXISTS {{schema}}.schema_version (
+    version    integer PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);"""
+_MIGRATION_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+def migrations() -> list[Migration]:
+    """worker/store/migrations/NNNN_name.sql in order, numbered 1, 2, 3... without a gap."""
+    found = []
+    for path in sorted((_PACKAGE_DIR / "migrations").glob("*.sql")):
+        match = _MIGRATION_RE.match(path.name)
+        if match is None:
+            raise RuntimeError(f"migration file {path.name!r} is not named NNNN_name.sql")
+        found.append(Migration(int(match[1]), match[2], path.read_text()))
+    if [m.version for m in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError("migrations must be numbered 0001, 0002, ... without a gap")
+    return found
+
+
+def migration_sql(names: Names, pending: list[Migration] | None = None) -> str:
+    """The SQL that brings a schema up to date (every migration, or ``pending``), each
+    followed by its record in schema_version: what `outbox-worker schema` prints."""
+    parts = [names.render(VERSION_TABLE)]
+    for m in migrations() if pending is None else pending:
+        parts.append(
+            f"-- migration {m.version:04d}_{m.name}\n{names.render(m.sql)}\n{m.record(names)}"
+        )
+    return "\n\n".join(parts)
 
 
 def load_queries(names: Names) -> dict[str, str]:
