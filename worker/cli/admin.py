@@ -89,13 +89,18 @@ async def purge(
 ) -> int:
     """Delete finished intents in batches: short transactions, no long lock or WAL burst."""
     store = Store(names)
-    deleted = 0
+    deleted, after = 0, 0
     while True:
         batch = await store.purge_batch(
-            conn, older_than=older_than, statuses=statuses, limit=_PURGE_BATCH
+            conn,
+            after=after,
+            limit=_PURGE_BATCH,
+            sent_older=older_than if "sent" in statuses else None,
+            dead_older=older_than if "dead" in statuses else None,
         )
-        deleted += batch
-        if batch < _PURGE_BATCH:
+        deleted += batch.deleted
+        after = batch.last_id
+        if batch.last:
             return deleted
 
 

@@ -50,17 +50,47 @@ FROM (SELECT 1) AS one
 LEFT JOIN {{schema}}.intent AS h ON h.id = (SELECT min(id) FROM {{schema}}.halted_key)
 
 -- name: purge
--- One batch of finished intents older than $1 seconds (sent: since sent_at; dead: since
--- created_at), statuses $2, at most $3 rows. Walks the primary key from the oldest id, so a
--- batch stops early instead of scanning the table. Returns how many were deleted.
-WITH gone AS (
-    DELETE FROM {{schema}}.intent
-    WHERE id = ANY(ARRAY(
-        SELECT id FROM {{schema}}.intent
-        WHERE status = ANY($2::text[])
-          AND COALESCE(sent_at, created_at) < now() - make_interval(secs => $1)
-        ORDER BY id
-        LIMIT $3))
-    RETURNING 1
+-- One batch of finished intents: the next $3 rows of the table by id after id $4 (a window
+-- of the primary key, so a batch reads at most $3 rows whatever the table holds), of which
+-- sent rows whose sent_at is over $1 seconds ago and dead rows created over $2 seconds ago
+-- (NULL: keep that state) are deleted. $5: keep dead rows that hold up their ordering key
+-- (a halting head, or one that will be). $6: take the retention lock first, in this statement's
+-- own transaction, and do nothing without it (another deleter has it): one deleter at a
+-- time across processes and hosts, with nothing held between statements (a transaction
+-- pooler hands each statement another server connection; a failover loses nothing).
+-- The conditions are on the deleted row itself, so a row changed meanwhile (retry-dead) is
+-- judged again as it is now. young: every row of the window is newer than the smaller age
+-- (ids follow created_at, but for a producer transaction that spans the cutoff): the caller
+-- may stop there.
+WITH lock AS MATERIALIZED (
+    SELECT CASE WHEN $6::boolean THEN pg_try_advisory_xact_lock({{retention_lock}})
+                ELSE true END AS got
+), win AS MATERIALIZED (
+    SELECT id, created_at FROM {{schema}}.intent
+    WHERE id > $4::bigint AND (SELECT got FROM lock)
+    ORDER BY id
+    LIMIT $3
+), gone AS (
+    DELETE FROM {{schema}}.intent AS i
+    WHERE i.id = ANY(ARRAY(SELECT id FROM win))
+      AND ((i.status = 'sent' AND i.sent_at < now() - make_interval(secs => $1::float8))
+           OR (i.status = 'dead' AND i.created_at < now() - make_interval(secs => $2::float8)
+               AND NOT ($5::boolean AND i.ordering_key IS NOT NULL AND NOT i.ordering_skipped)))
+    RETURNING i.status
 )
-SELECT count(*) FROM gone
+SELECT (SELECT got FROM lock) AS got,
+       (SELECT count(*) FROM gone WHERE status = 'sent') AS sent,
+       (SELECT count(*) FROM gone WHERE status = 'dead') AS dead,
+       (SELECT count(*) FROM win) AS examined,
+       (SELECT max(id) FROM win) AS last_id,
+       (SELECT coalesce(min(created_at) >= now() - make_interval(secs => least($1::float8, $2::float8)), true)
+        FROM win) AS young
+
+-- name: retention_oldest
+-- The oldest sent and dead rows retention kept (their age, as retention counts it), for
+-- /metrics; each walks the primary key to the first row of its state, which after a
+-- retention round is near its start.
+SELECT (SELECT extract(epoch FROM now() - sent_at)::float8 FROM {{schema}}.intent
+        WHERE status = 'sent' ORDER BY id LIMIT 1) AS sent,
+       (SELECT extract(epoch FROM now() - created_at)::float8 FROM {{schema}}.intent
+        WHERE status = 'dead' ORDER BY id LIMIT 1) AS dead
