@@ -132,8 +132,8 @@ class RelayCollector:
             )
         oldest = GaugeMetricFamily(
             "outbox_retention_oldest_kept_age_seconds",
-            "Age of the oldest sent (since sent) and dead (since created) intent kept, at "
-            "this worker's last retention round; absent for a status with no row.",
+            "Age of the oldest sent intent kept (since sent; the lowest id) and dead one (since "
+            "created), at this worker's last retention round; absent for a status with no row.",
             labels=["status"],
         )
         for status, age in sorted(stats.retention_oldest.items()):

@@ -87,10 +87,11 @@ SELECT (SELECT got FROM lock) AS got,
         FROM win) AS young
 
 -- name: retention_oldest
--- The oldest sent and dead rows retention kept (their age, as retention counts it), for
--- /metrics; each walks the primary key to the first row of its state, which after a
--- retention round is near its start.
+-- The oldest sent and dead intents kept, their age as retention counts it, for /metrics.
+-- Sent: the one with the lowest id (a walk of the primary key to the first sent row, near its
+-- start after a retention round; ids follow the order of sending closely). Dead: the
+-- exact minimum, over the dead rows' partial index (few, or there is a bigger problem).
 SELECT (SELECT extract(epoch FROM now() - sent_at)::float8 FROM {{schema}}.intent
         WHERE status = 'sent' ORDER BY id LIMIT 1) AS sent,
-       (SELECT extract(epoch FROM now() - created_at)::float8 FROM {{schema}}.intent
-        WHERE status = 'dead' ORDER BY id LIMIT 1) AS dead
+       (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {{schema}}.intent
+        WHERE status = 'dead') AS dead
