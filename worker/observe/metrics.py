@@ -130,16 +130,18 @@ class RelayCollector:
                 "When this worker's retention last completed a round (Unix time).",
                 value=stats.retention_last_run,
             )
-        oldest = GaugeMetricFamily(
-            "outbox_retention_oldest_kept_age_seconds",
-            "Age of the oldest sent intent kept (since sent; the lowest id) and dead one (since "
-            "created), at this worker's last retention round; absent for a status with no row.",
-            labels=["status"],
-        )
-        for status, age in sorted(stats.retention_oldest.items()):
-            if age is not None:
-                oldest.add_metric([status], age)
-        yield oldest
+        ages = {status: age for status, age in stats.retention_oldest.items() if age is not None}
+        if ages:
+            oldest = GaugeMetricFamily(
+                "outbox_retention_oldest_kept_age_seconds",
+                "Age of the oldest sent intent kept (since sent; the lowest id) and dead one "
+                "(since created), at this worker's last retention round; absent for a status "
+                "with no row.",
+                labels=["status"],
+            )
+            for status in sorted(ages):
+                oldest.add_metric([status], ages[status])
+            yield oldest
 
     def _outcomes(self) -> Iterator[Metric]:
         stats = self._relay.stats
