@@ -15,7 +15,7 @@ from tests.conftest import wait_until
 from worker.dashboard.lines import database_line
 from worker.observe.metrics import RelayCollector
 from worker.observe.stats import Stats
-from worker.relay.retention import Retention, round_interval
+from worker.relay.retention import FULL_EVERY, Retention, round_interval
 from worker.store.queries import DbHealth, Store
 from worker.store.sqlfiles import RETENTION_LOCK_CLASS, Names
 
@@ -183,3 +183,26 @@ async def test_the_relay_deletes_past_retention_and_shows_it(start_relay, db, na
 
 def _health() -> DbHealth:
     return DbHealth(0, 0, 0, 0, 1000, None, 0.0, 0, None, None, None, None, None, None, None)
+
+
+async def test_rounds_start_at_the_floor_and_every_tenth_from_the_beginning(db, names):
+    """Below the first row a round kept, everything was gone: the next rounds start there
+    (no walk over deleted rows' index entries); a row that appears below it (a producer's
+    transaction that committed late) goes at the next full round."""
+    for _ in range(30):
+        await _row(db, names, "sent", age=3 * HOUR)
+    kept = await _row(db, names, "pending", age=10)
+    retention, stats = _retention(db, names, batch=10, pause=0.0)
+    await retention.round()
+    assert await _ids(db, names) == {kept}
+    late = await db.fetchval(
+        f'INSERT INTO "{names.schema}".intent (id, kind, payload, status, created_at, sent_at)'
+        " OVERRIDING SYSTEM VALUE VALUES (5, 'email', '{}', 'sent', now() - interval '3 hours',"
+        " now() - interval '3 hours') RETURNING id"
+    )
+    for _ in range(FULL_EVERY - 1):
+        await retention.round()
+        assert late in await _ids(db, names)
+    await retention.round()  # the tenth: from the beginning
+    assert await _ids(db, names) == {kept}
+    assert stats.retention_deleted["sent"] == 31

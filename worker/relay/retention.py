@@ -41,6 +41,12 @@ PAUSE = 0.1
 # A row past its retention is gone within about this long (rounds are jittered around it);
 # shorter for short retentions (seconds, in tests), never under a second.
 MAX_INTERVAL = 30.0
+# A round starts where the last one found the first row it kept: below it everything is
+# gone, and walking the deleted rows' index entries again (until VACUUM removes them, never
+# while an old transaction holds the xmin horizon) would cost more than the round. Every
+# FULL_EVERY-th round starts from the beginning: a producer's row that was still
+# uncommitted below that floor when a round passed is not left behind for longer.
+FULL_EVERY = 10
 
 
 def round_interval(retain_sent: float, retain_dead: float) -> float:
@@ -69,6 +75,8 @@ class Retention:
         self._batch = batch
         self._pause = pause
         self.interval = round_interval(retain_sent, retain_dead)
+        self._rounds = 0
+        self._floor = 0  # every id up to here was gone at the last round
 
     @property
     def enabled(self) -> bool:
@@ -95,8 +103,10 @@ class Retention:
     async def round(self) -> bool:
         """One pass over what is due; False when another deleter held the lock."""
         started = time.monotonic()
-        after = sent = dead = 0
+        after = self._floor if self._rounds % FULL_EVERY else 0
+        sent = dead = 0
         first = True
+        floor: int | None = None
         while True:
             batch = await self._store.purge_batch(
                 self._conn,
@@ -112,12 +122,16 @@ class Retention:
                 log.debug("retention: another worker is deleting; skipped this round")
                 return False
             first = False
+            if floor is None and batch.got and (batch.first_kept is not None or batch.last):
+                floor = batch.last_id if batch.first_kept is None else batch.first_kept - 1
             sent, dead, after = sent + batch.sent, dead + batch.dead, batch.last_id
             if batch.last:  # the end, rows too young, or another worker took over
                 break
             if batch.deleted:
                 await anyio.sleep(self._pause)
-        oldest_sent, oldest_dead = await self._store.oldest_finished(self._conn)
+        self._rounds += 1
+        self._floor = self._floor if floor is None else floor
+        oldest_sent, oldest_dead = await self._store.oldest_finished(self._conn, self._floor)
         self._stats.on_retention(sent, dead, oldest_sent, oldest_dead)
         if sent or dead:
             log.info(

@@ -94,6 +94,7 @@ class PurgeBatch:
     dead: int
     examined: int  # rows of the window
     last_id: int  # where the next window starts
+    first_kept: int | None  # the lowest id of the window still there (None: all deleted)
     young: bool  # every row of the window is newer than the cutoffs
     limit: int
 
@@ -310,13 +311,17 @@ class Store:
             dead=row["dead"],
             examined=row["examined"],
             last_id=row["last_id"] if row["last_id"] is not None else after,
+            first_kept=row["first_kept"],
             young=row["young"],
             limit=limit,
         )
 
-    async def oldest_finished(self, conn: Conn) -> tuple[float | None, float | None]:
-        """Age in seconds of the oldest sent intent (since sent) and dead one (since created)."""
-        row = (await conn.fetch(self._q["retention_oldest"]))[0]
+    async def oldest_finished(
+        self, conn: Conn, after: int = 0
+    ) -> tuple[float | None, float | None]:
+        """Age in seconds of the oldest sent intent (since sent; the lowest id over ``after``)
+        and dead one (since created)."""
+        row = (await conn.fetch(self._q["retention_oldest"], after))[0]
         return row["sent"], row["dead"]
 
     # --- producers -----------------------------------------------------------------------------

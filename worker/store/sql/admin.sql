@@ -59,9 +59,9 @@ LEFT JOIN {{schema}}.intent AS h ON h.id = (SELECT min(id) FROM {{schema}}.halte
 -- time across processes and hosts, with nothing held between statements (a transaction
 -- pooler hands each statement another server connection; a failover loses nothing).
 -- The conditions are on the deleted row itself, so a row changed meanwhile (retry-dead) is
--- judged again as it is now. young: every row of the window is newer than the smaller age
--- (ids follow created_at, but for a producer transaction that spans the cutoff): the caller
--- may stop there.
+-- judged again as it is now. first_kept: the lowest id of the window still there. young:
+-- every row of the window is newer than the smaller age (ids follow created_at, but for a
+-- producer transaction that spans the cutoff): the caller may stop there.
 WITH lock AS MATERIALIZED (
     SELECT CASE WHEN $6::boolean THEN pg_try_advisory_xact_lock({{retention_lock}})
                 ELSE true END AS got
@@ -76,22 +76,23 @@ WITH lock AS MATERIALIZED (
       AND ((i.status = 'sent' AND i.sent_at < now() - make_interval(secs => $1::float8))
            OR (i.status = 'dead' AND i.created_at < now() - make_interval(secs => $2::float8)
                AND NOT ($5::boolean AND i.ordering_key IS NOT NULL AND NOT i.ordering_skipped)))
-    RETURNING i.status
+    RETURNING i.id, i.status
 )
 SELECT (SELECT got FROM lock) AS got,
        (SELECT count(*) FROM gone WHERE status = 'sent') AS sent,
        (SELECT count(*) FROM gone WHERE status = 'dead') AS dead,
        (SELECT count(*) FROM win) AS examined,
        (SELECT max(id) FROM win) AS last_id,
+       (SELECT min(id) FROM win WHERE id NOT IN (SELECT id FROM gone)) AS first_kept,
        (SELECT coalesce(min(created_at) >= now() - make_interval(secs => least($1::float8, $2::float8)), true)
         FROM win) AS young
 
 -- name: retention_oldest
 -- The oldest sent and dead intents kept, their age as retention counts it, for /metrics.
--- Sent: the one with the lowest id (a walk of the primary key to the first sent row, near its
--- start after a retention round; ids follow the order of sending closely). Dead: the
+-- Sent: the one with the lowest id over $1 (a walk of the primary key from retention's floor,
+-- below which everything is gone, to the first sent row; ids follow the order of sending). Dead: the
 -- exact minimum, over the dead rows' partial index (few, or there is a bigger problem).
 SELECT (SELECT extract(epoch FROM now() - sent_at)::float8 FROM {{schema}}.intent
-        WHERE status = 'sent' ORDER BY id LIMIT 1) AS sent,
+        WHERE status = 'sent' AND id > $1::bigint ORDER BY id LIMIT 1) AS sent,
        (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {{schema}}.intent
         WHERE status = 'dead') AS dead
