@@ -4,20 +4,35 @@ Proved by the database, not by timing: a statement-level trigger (the test's own
 for every DELETE of the intent table, the backend that ran it and which backends held the
 retention lock then. Every DELETE that removed rows ran while its own backend, and no other,
 held the lock. And while the test itself holds the lock, both workers skip their rounds
-(they say so) and delete nothing.
+(they say so) and delete nothing. Directly, and through PgBouncer in transaction mode.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncpg
+import pytest
 
 from tests.conftest import wait_until
+from tests.pgbouncer import pgbouncer
 from worker.store.sqlfiles import RETENTION_LOCK_CLASS
 
 ROWS = 5000  # three windows of 2,000
 
 
-async def test_two_workers_delete_one_at_a_time(db, pg_dsn, schema, spawn):
+@pytest.fixture(params=["direct", "pgbouncer"])
+def worker_dsn(request: pytest.FixtureRequest, pg_dsn: str) -> Iterator[str]:
+    """The workers' DSN: the database itself, or PgBouncer in transaction mode in front of it
+    (each statement on whichever server connection: a session lock would not work there)."""
+    if request.param == "direct":
+        yield pg_dsn
+        return
+    with pgbouncer(pg_dsn) as bouncer:
+        yield bouncer.dsn(pg_dsn)
+
+
+async def test_two_workers_delete_one_at_a_time(db, pg_dsn, worker_dsn, schema, spawn):
     table = f'"{schema}".intent'
     await db.execute(
         f"""
@@ -50,7 +65,7 @@ async def test_two_workers_delete_one_at_a_time(db, pg_dsn, schema, spawn):
             "SELECT pg_advisory_xact_lock($1, hashtext($2))", RETENTION_LOCK_CLASS, schema
         )
         extra = ["-v", "--retain-sent", "2s", "--retain-dead", "2s"]
-        workers = [await spawn(extra=extra) for _ in range(2)]
+        workers = [await spawn(dsn=worker_dsn, extra=extra) for _ in range(2)]
         for worker in workers:
             await worker.ready()
         for worker in workers:
