@@ -243,6 +243,18 @@ class Store:
             counts.setdefault(r["kind"], {})[r["status"]] = r["n"]
         return counts
 
+    async def table_rows_estimate(self, conn: Pooled) -> int:
+        """The planner's estimate of the intent table's rows (free; as of the last ANALYZE)."""
+        return int(await conn.fetchval(self._q["status_table_rows"]) or 0)
+
+    async def unfinished_counts(self, conn: Pooled) -> dict[str, dict[str, int]]:
+        """Exact pending, processing and dead intents by kind, then by status (no sent)."""
+        counts: dict[str, dict[str, int]] = {}
+        for r in await conn.fetch(self._q["status_counts_unfinished"]):
+            by_status = counts.setdefault(r["kind"], {})
+            by_status[r["status"]] = by_status.get(r["status"], 0) + r["n"]
+        return counts
+
     async def oldest_due_pending(self, conn: Pooled) -> float | None:
         """Age of the oldest intent that is due and still waiting (None: none)."""
         age: float | None = await conn.fetchval(self._q["status_oldest_pending"])

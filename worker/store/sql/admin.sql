@@ -7,6 +7,30 @@ FROM {{schema}}.intent
 GROUP BY kind, status
 ORDER BY kind, status
 
+-- name: status_table_rows
+-- The planner's estimate of the intent table's rows (pg_class.reltuples, kept by ANALYZE and
+-- VACUUM; -1: never analysed, then the statistics collector's live tuples). Free.
+SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint
+            ELSE coalesce(pg_stat_get_live_tuples(c.oid), 0) END
+FROM pg_class AS c
+WHERE c.oid = '{{schema}}.intent'::regclass
+
+-- name: status_counts_unfinished
+-- Exact counts by kind of what is not sent, each state over its own partial index (pending
+-- free, pending held behind its key, processing, dead): work in proportion to those rows,
+-- not to the table. For a big table, where counting sent rows would be a scan.
+SELECT kind, 'pending' AS status, count(*) AS n FROM {{schema}}.intent
+WHERE status = 'pending' AND NOT ordering_held GROUP BY kind
+UNION ALL
+SELECT kind, 'pending', count(*) FROM {{schema}}.intent
+WHERE ordering_key IS NOT NULL AND status = 'pending' AND ordering_held GROUP BY kind
+UNION ALL
+SELECT kind, 'processing', count(*) FROM {{schema}}.intent
+WHERE status = 'processing' GROUP BY kind
+UNION ALL
+SELECT kind, 'dead', count(*) FROM {{schema}}.intent
+WHERE status = 'dead' GROUP BY kind
+
 -- name: status_oldest_pending
 -- Age of the oldest intent that is due and still waiting: the number that says whether the
 -- relay keeps up.
