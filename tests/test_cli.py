@@ -73,6 +73,9 @@ def _only_error(result: subprocess.CompletedProcess[str]) -> str:
          "'status' is a command and comes first: outbox-worker status [options]"),
         (("purge", "--older-than", "soon"),
          "--older-than: expected a duration such as 30d, 12h, 90m or 600s, got 'soon'"),
+        (("--retain-sent", "a week"),
+         "--retain-sent: expected a duration such as 24h, 7d, 90m or 600s, or forever, "
+         "got 'a week'"),
         (("--ordering-on-dead", "skip"),
          "--ordering-on-dead: expected halt or continue, got 'skip'"),
         (("enqueue", "email"),
@@ -94,6 +97,9 @@ def test_a_bad_command_line_is_one_line_that_names_the_fix(args: tuple[str, ...]
         ("OUTBOX_NO_LISTEN", "maybe",
          "OUTBOX_NO_LISTEN: expected a boolean (1/0, true/false, yes/no, on/off), got 'maybe'"),
         ("OUTBOX_LOG_FORMAT", "xml", "OUTBOX_LOG_FORMAT: expected text or json, got 'xml'"),
+        ("OUTBOX_RETAIN_DEAD", "0",
+         "OUTBOX_RETAIN_DEAD: expected a duration such as 24h, 7d, 90m or 600s, or forever, "
+         "got '0'"),
     ],
 )  # fmt: skip
 def test_a_bad_environment_value_is_one_line(variable: str, value: str, error: str):

@@ -81,6 +81,10 @@ class Settings:
     # it, worker/observe/loopwatch.py); 0: no watchdog.
     loop_block_warning: float = 1.0
     migrate: bool = False
+    # Retention (worker/relay/retention.py): seconds a sent intent is kept after it was sent
+    # and a dead one after it was created; math.inf keeps them forever ("forever").
+    retain_sent: float = 86400.0  # 24 h: River's completed jobs, Solid Queue's 1 day
+    retain_dead: float = 7 * 86400.0  # 7 d: River's discarded jobs, pg-boss
     # HOST:PORT of /metrics, /healthz, /readyz (worker/observe/http_server.py)
     http: str | None = None
     heartbeat: bool = True  # off only in tests that prove the fence
@@ -94,6 +98,8 @@ class Settings:
             ("--lease", self.lease),
             ("--poll-interval", self.poll_interval),
             ("--delivery-timeout", self.delivery_timeout),
+            ("--retain-sent", self.retain_sent),
+            ("--retain-dead", self.retain_dead),
         ):
             if not value > 0:
                 raise ConfigError(f"{flag} must be positive, got {value:g}")

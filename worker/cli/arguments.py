@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from datetime import datetime
 from typing import Any, NoReturn
@@ -18,7 +18,9 @@ from worker.cli.options import (
     non_negative_float,
     positive_float,
     positive_int,
+    retention,
     run_options,
+    show_retention,
 )
 from worker.settings import Settings
 
@@ -90,7 +92,11 @@ def _add_run_options(parser: _Container) -> None:
     _add_common(parser)
     for opt in run_options():
         default = opt.default if opt.sink else _DEFAULTS[opt.field]
-        shown = "" if opt.switch or default in (None, "") else f"; default: {default}"
+        shown = (
+            ""
+            if opt.switch or default in (None, "")
+            else f"; default: {_SHOWN.get(opt.convert, str)(default)}"
+        )
         help = f"{opt.help} [env: {opt.env}{shown}]"
         if opt.switch:
             parser.add_argument(
@@ -104,7 +110,13 @@ def _add_run_options(parser: _Container) -> None:
     _add_dashboard_flag(parser)
 
 
-_METAVARS = {positive_int: "N", positive_float: "SECONDS", non_negative_float: "SECONDS"}
+_METAVARS = {
+    positive_int: "N",
+    positive_float: "SECONDS",
+    non_negative_float: "SECONDS",
+    retention: "DURATION",
+}
+_SHOWN: dict[Callable[[str], Any], Callable[[Any], str]] = {retention: show_retention}
 
 
 def _add_demo(sub: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -78,6 +79,23 @@ def duration(text: str) -> float:
     units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
     number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
     return positive_float(number) * units[unit]
+
+
+@expecting("a duration such as 24h, 7d, 90m or 600s, or forever")
+def retention(text: str) -> float:
+    """A ``duration``, or ``forever`` (math.inf): the rows are never deleted."""
+    return math.inf if text == "forever" else duration(text)
+
+
+def show_retention(seconds: float) -> str:
+    """``retention``'s inverse for the help text: 86400.0 -> 24h, 604800.0 -> 7d."""
+    if seconds == math.inf:
+        return "forever"
+    days = seconds >= 2 * 86400 and seconds % 86400 == 0
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and (days or unit != "d"):
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 @expecting("halt or continue")
@@ -243,6 +261,21 @@ WORKER_OPTIONS = [
         _on_dead,
         "when an intent with an ordering key ends dead: halt the key's later intents until "
         "an operator runs retry-dead or skip-dead, or continue with the next one",
+    ),
+    Option(
+        "--retain-sent",
+        "retain_sent",
+        "OUTBOX_RETAIN_SENT",
+        retention,
+        "delete sent intents this long after they were sent (forever: keep them)",
+    ),
+    Option(
+        "--retain-dead",
+        "retain_dead",
+        "OUTBOX_RETAIN_DEAD",
+        retention,
+        "delete dead intents this long after they were created, never one that halts its "
+        "ordering key unless --ordering-on-dead continue (forever: keep them)",
     ),
     Option(
         "--http",

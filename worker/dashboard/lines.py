@@ -212,6 +212,17 @@ def database_line(snap: Snapshot) -> Parts:
         parts.append(f"on {db.server}")
     if holder and xact == OK:
         parts.append(holder)
+    if snap.retention is not None:
+        ran = snap.retention.since_run
+        parts.append(
+            f"retention {snap.retention.deleted:,} deleted, "
+            + ("not run yet" if ran is None else f"ran {fmt_duration(ran)} ago")
+            + (
+                f", {snap.retention.skipped:,} rounds left to another worker"
+                if snap.retention.skipped
+                else ""
+            )
+        )
     if snap.db_age is not None:
         stale = level(snap.db_age, (DB_STALE, DB_STALE * 6))
         parts.append(_styled(f"read {fmt_duration(snap.db_age)} ago", stale))

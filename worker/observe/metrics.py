@@ -104,6 +104,44 @@ class RelayCollector:
             value=int(stats.claims_paused_since is not None),
         )
         yield from self._queue()
+        yield from self._retention()
+
+    def _retention(self) -> Iterator[Metric]:
+        """What this worker's retention deleted (worker/relay/retention.py); absent when off."""
+        stats = self._relay.stats
+        if not stats.retention_enabled:
+            return
+        deleted = CounterMetricFamily(
+            "outbox_retention_deleted_total",
+            "Finished intents this worker's retention deleted, by status (sent, dead).",
+            labels=["status"],
+        )
+        for status in ("sent", "dead"):
+            deleted.add_metric([status], stats.retention_deleted[status])
+        yield deleted
+        yield CounterMetricFamily(
+            "outbox_retention_skipped_total",
+            "Retention rounds skipped because another worker held the deleter's lock.",
+            value=stats.retention_skipped,
+        )
+        if stats.retention_last_run is not None:
+            yield GaugeMetricFamily(
+                "outbox_retention_last_run_timestamp_seconds",
+                "When this worker's retention last completed a round (Unix time).",
+                value=stats.retention_last_run,
+            )
+        ages = {status: age for status, age in stats.retention_oldest.items() if age is not None}
+        if ages:
+            oldest = GaugeMetricFamily(
+                "outbox_retention_oldest_kept_age_seconds",
+                "Age of the oldest sent intent kept (since sent; the lowest id) and dead one "
+                "(since created), at this worker's last retention round; absent for a status "
+                "with no row.",
+                labels=["status"],
+            )
+            for status in sorted(ages):
+                oldest.add_metric([status], ages[status])
+            yield oldest
 
     def _outcomes(self) -> Iterator[Metric]:
         stats = self._relay.stats
@@ -169,10 +207,10 @@ class RelayCollector:
         errors = CounterMetricFamily(
             "outbox_database_errors_total",
             "Queries that failed because the database was unavailable, by operation "
-            "(claim, record, heartbeat, health); each is retried.",
+            "(claim, record, heartbeat, health, retention); each is retried.",
             labels=["operation"],
         )
-        for operation in ("claim", "record", "heartbeat", "health"):
+        for operation in ("claim", "record", "heartbeat", "health", "retention"):
             errors.add_metric([operation], stats.db_errors[operation])
         yield errors
         if relay.settings.listen:  # absent in poll-only mode (--no-listen): nothing to alert on

@@ -63,6 +63,13 @@ class SlotView:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionView:
+    deleted: int  # since start, by this worker
+    since_run: float | None  # seconds since its last round ran (None: not yet)
+    skipped: int  # rounds left to another worker that held the lock
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything the dashboard and the summary log line show, frozen at one instant."""
 
@@ -101,6 +108,7 @@ class Snapshot:
     outcomes_unrecorded: int = 0  # delivered, waiting for the outcome writer
     claims_paused: float | None = None  # seconds the claim loop has waited for the writer
     claim_pauses: int = 0  # such stalls since start
+    retention: RetentionView | None = None  # None: retention is off (both kept forever)
 
     @property
     def busy_slots(self) -> int:
@@ -151,6 +159,14 @@ class Stats:
     outcomes_unrecorded: int = 0  # set by worker.relay.inflight, the owner of the rows
     claims_paused_since: float | None = None  # the claim loop waits for the outcome writer
     claim_pauses: int = 0
+    # Retention (worker/relay/retention.py): rows this worker deleted, by status; its rounds
+    # (wall clock of the last one; rounds another worker's lock made it skip); the age of the
+    # oldest sent and dead rows kept, as the last round saw them.
+    retention_enabled: bool = False
+    retention_deleted: Counter[str] = field(default_factory=Counter)
+    retention_last_run: float | None = None  # wall clock
+    retention_skipped: int = 0
+    retention_oldest: dict[str, float | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.started_at = self.clock()
@@ -222,6 +238,17 @@ class Stats:
         elif self.claims_paused_since is None:
             self.claim_pauses += 1
             self.claims_paused_since = self.clock() - waited
+
+    def on_retention(
+        self, sent: int, dead: int, oldest_sent: float | None, oldest_dead: float | None
+    ) -> None:
+        self.retention_deleted["sent"] += sent
+        self.retention_deleted["dead"] += dead
+        self.retention_last_run = self.wall()
+        self.retention_oldest = {"sent": oldest_sent, "dead": oldest_dead}
+
+    def on_retention_skipped(self) -> None:
+        self.retention_skipped += 1
 
     def on_db_error(self, operation: str) -> None:
         """A query that failed because the database was unavailable (then retried)."""
@@ -334,6 +361,15 @@ class Stats:
             outcomes_unrecorded=self.outcomes_unrecorded,
             claims_paused=_since(now, self.claims_paused_since),
             claim_pauses=self.claim_pauses,
+            retention=RetentionView(
+                sum(self.retention_deleted.values()),
+                None
+                if self.retention_last_run is None
+                else max(0.0, self.wall() - self.retention_last_run),
+                self.retention_skipped,
+            )
+            if self.retention_enabled
+            else None,
         )
 
 

@@ -24,6 +24,7 @@ from worker.relay.dispatch import Dispatcher
 from worker.relay.inflight import InFlight
 from worker.relay.leases import Leases
 from worker.relay.listener import Listener
+from worker.relay.retention import Retention
 from worker.relay.wakeup import Wakeup
 from worker.settings import Settings
 from worker.sinks.base import Sink
@@ -97,6 +98,14 @@ class Relay:
             max_attempts=settings.max_attempts,
             skip_dead=skip_dead,
             stats=self.stats,
+        )
+        self.retention = Retention(
+            pool,
+            self.store,
+            self.stats,
+            retain_sent=settings.retain_sent,
+            retain_dead=settings.retain_dead,
+            keep_halting=not skip_dead,
         )
         self._dispatcher = Dispatcher(
             concurrency=settings.concurrency,
@@ -195,6 +204,7 @@ class Relay:
                     services.start_soon(self.leases.heartbeat)
                 if self.loopwatch is not None:
                     services.start_soon(self.loopwatch.run)
+                services.start_soon(self.retention.run)
                 await self._pipeline(task_status)
                 await self.inflight.release_unfinished(_FLUSH_TIMEOUT)
                 services.cancel_scope.cancel()

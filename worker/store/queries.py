@@ -85,6 +85,29 @@ class HaltedKeys:
     oldest_age: float | None  # seconds since that dead intent was created
 
 
+@dataclass(frozen=True, slots=True)
+class PurgeBatch:
+    """One window of the purge query (worker/store/sql/admin.sql)."""
+
+    got: bool  # the statement ran (False: another deleter held the retention lock)
+    sent: int  # deleted, by state
+    dead: int
+    examined: int  # rows of the window
+    last_id: int  # where the next window starts
+    first_kept: int | None  # the lowest id of the window still there (None: all deleted)
+    young: bool  # every row of the window is newer than the cutoffs
+    limit: int
+
+    @property
+    def deleted(self) -> int:
+        return self.sent + self.dead
+
+    @property
+    def last(self) -> bool:
+        """Nothing further to look at: the end of the table, or rows too new to go."""
+        return not self.got or self.examined < self.limit or self.young
+
+
 def _outcome_row(intent: Intent, outcome: Outcome) -> tuple[int, str, float, str | None, int]:
     """(id, status, delay, error, refund): one row of record_outcomes' unnest."""
     match outcome:
@@ -220,6 +243,18 @@ class Store:
             counts.setdefault(r["kind"], {})[r["status"]] = r["n"]
         return counts
 
+    async def table_rows_estimate(self, conn: Pooled) -> int:
+        """The planner's estimate of the intent table's rows (free; as of the last ANALYZE)."""
+        return int(await conn.fetchval(self._q["status_table_rows"]) or 0)
+
+    async def unfinished_counts(self, conn: Pooled) -> dict[str, dict[str, int]]:
+        """Exact pending, processing and dead intents by kind, then by status (no sent)."""
+        counts: dict[str, dict[str, int]] = {}
+        for r in await conn.fetch(self._q["status_counts_unfinished"]):
+            by_status = counts.setdefault(r["kind"], {})
+            by_status[r["status"]] = by_status.get(r["status"], 0) + r["n"]
+        return counts
+
     async def oldest_due_pending(self, conn: Pooled) -> float | None:
         """Age of the oldest intent that is due and still waiting (None: none)."""
         age: float | None = await conn.fetchval(self._q["status_oldest_pending"])
@@ -264,10 +299,42 @@ class Store:
         return None if skipped is None else int(skipped)
 
     async def purge_batch(
-        self, conn: Conn, *, older_than: float, statuses: Sequence[str], limit: int
-    ) -> int:
-        """Delete up to ``limit`` finished intents older than ``older_than`` seconds."""
-        return int(await conn.fetchval(self._q["purge"], older_than, list(statuses), limit))
+        self,
+        conn: Conn,
+        *,
+        after: int,
+        limit: int,
+        sent_older: float | None,
+        dead_older: float | None,
+        keep_halting: bool = False,
+        exclusive: bool = False,
+    ) -> PurgeBatch:
+        """Delete the finished intents past their age (seconds; None: keep that state) among
+        the ``limit`` rows after id ``after``. ``keep_halting``: not a dead intent that holds
+        up its ordering key. ``exclusive``: only with the retention lock, taken in this
+        statement's transaction (``got`` False: another deleter had it, nothing was done)."""
+        rows = await conn.fetch(
+            self._q["purge"], sent_older, dead_older, limit, after, keep_halting, exclusive
+        )
+        row = rows[0]
+        return PurgeBatch(
+            got=row["got"],
+            sent=row["sent"],
+            dead=row["dead"],
+            examined=row["examined"],
+            last_id=row["last_id"] if row["last_id"] is not None else after,
+            first_kept=row["first_kept"],
+            young=row["young"],
+            limit=limit,
+        )
+
+    async def oldest_finished(
+        self, conn: Conn, after: int = 0
+    ) -> tuple[float | None, float | None]:
+        """Age in seconds of the oldest sent intent (since sent; the lowest id over ``after``)
+        and dead one (since created)."""
+        row = (await conn.fetch(self._q["retention_oldest"], after))[0]
+        return row["sent"], row["dead"]
 
     # --- producers -----------------------------------------------------------------------------
 

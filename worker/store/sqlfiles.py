@@ -9,6 +9,8 @@ Every file may use these placeholders, filled in once at start-up:
                  as its predicate, so every query that probes that index must say it alike
   {{idle_flag_lock}} -> the advisory-lock key that orders a worker declaring itself idle
                  against producers deciding not to notify (triggers/010_notify_on_commit.sql)
+  {{retention_lock}} -> the advisory-lock key of the one deleter at a time (retention, purge)
+                 on this schema's table
 Values never go through here: they are always bind parameters.
 """
 
@@ -26,6 +28,7 @@ _BLOCKS_KEY = (
 )
 IDLE_FLAG_LOCK_CLASS = 5236  # the first half of the key; the second is hashtext(channel)
 _IDLE_FLAG_LOCK = f"{IDLE_FLAG_LOCK_CLASS}, hashtext({{{{channel}}}})"
+RETENTION_LOCK_CLASS = 5237  # the second half is hashtext(schema name)
 
 
 def quote_ident(name: str) -> str:
@@ -47,6 +50,10 @@ class Names:
     def render(self, sql: str) -> str:
         sql = _BLOCKS_KEY_RE.sub(lambda m: _BLOCKS_KEY.format(p=f"{m[1]}." if m[1] else ""), sql)
         sql = sql.replace("{{idle_flag_lock}}", _IDLE_FLAG_LOCK)
+        sql = sql.replace(
+            "{{retention_lock}}",
+            f"{RETENTION_LOCK_CLASS}, hashtext({quote_literal(self.schema)})",
+        )
         return sql.replace("{{schema}}", quote_ident(self.schema)).replace(
             "{{channel}}", quote_literal(self.channel)
         )

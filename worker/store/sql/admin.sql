@@ -7,6 +7,30 @@ FROM {{schema}}.intent
 GROUP BY kind, status
 ORDER BY kind, status
 
+-- name: status_table_rows
+-- The planner's estimate of the intent table's rows (pg_class.reltuples, kept by ANALYZE and
+-- VACUUM; -1: never analysed, then the statistics collector's live tuples). Free.
+SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint
+            ELSE coalesce(pg_stat_get_live_tuples(c.oid), 0) END
+FROM pg_class AS c
+WHERE c.oid = '{{schema}}.intent'::regclass
+
+-- name: status_counts_unfinished
+-- Exact counts by kind of what is not sent, each state over its own partial index (pending
+-- free, pending held behind its key, processing, dead): work in proportion to those rows,
+-- not to the table. For a big table, where counting sent rows would be a scan.
+SELECT kind, 'pending' AS status, count(*) AS n FROM {{schema}}.intent
+WHERE status = 'pending' AND NOT ordering_held GROUP BY kind
+UNION ALL
+SELECT kind, 'pending', count(*) FROM {{schema}}.intent
+WHERE ordering_key IS NOT NULL AND status = 'pending' AND ordering_held GROUP BY kind
+UNION ALL
+SELECT kind, 'processing', count(*) FROM {{schema}}.intent
+WHERE status = 'processing' GROUP BY kind
+UNION ALL
+SELECT kind, 'dead', count(*) FROM {{schema}}.intent
+WHERE status = 'dead' GROUP BY kind
+
 -- name: status_oldest_pending
 -- Age of the oldest intent that is due and still waiting: the number that says whether the
 -- relay keeps up.
@@ -50,17 +74,49 @@ FROM (SELECT 1) AS one
 LEFT JOIN {{schema}}.intent AS h ON h.id = (SELECT min(id) FROM {{schema}}.halted_key)
 
 -- name: purge
--- One batch of finished intents older than $1 seconds (sent: since sent_at; dead: since
--- created_at), statuses $2, at most $3 rows. Walks the primary key from the oldest id, so a
--- batch stops early instead of scanning the table. Returns how many were deleted.
-WITH gone AS (
-    DELETE FROM {{schema}}.intent
-    WHERE id = ANY(ARRAY(
-        SELECT id FROM {{schema}}.intent
-        WHERE status = ANY($2::text[])
-          AND COALESCE(sent_at, created_at) < now() - make_interval(secs => $1)
-        ORDER BY id
-        LIMIT $3))
-    RETURNING 1
+-- One batch of finished intents: the next $3 rows of the table by id after id $4 (a window
+-- of the primary key, so a batch reads at most $3 rows whatever the table holds), of which
+-- sent rows whose sent_at is over $1 seconds ago and dead rows created over $2 seconds ago
+-- (NULL: keep that state) are deleted. $5: keep dead rows that hold up their ordering key
+-- (a halting head, or one that will be). $6: take the retention lock first, in this statement's
+-- own transaction, and do nothing without it (another deleter has it): one deleter at a
+-- time across processes and hosts, with nothing held between statements (a transaction
+-- pooler hands each statement another server connection; a failover loses nothing).
+-- The conditions are on the deleted row itself, so a row changed meanwhile (retry-dead) is
+-- judged again as it is now. first_kept: the lowest id of the window still there. young:
+-- every row of the window is newer than the smaller age (ids follow created_at, but for a
+-- producer transaction that spans the cutoff): the caller may stop there.
+WITH lock AS MATERIALIZED (
+    SELECT CASE WHEN $6::boolean THEN pg_try_advisory_xact_lock({{retention_lock}})
+                ELSE true END AS got
+), win AS MATERIALIZED (
+    SELECT id, created_at FROM {{schema}}.intent
+    WHERE id > $4::bigint AND (SELECT got FROM lock)
+    ORDER BY id
+    LIMIT $3
+), gone AS (
+    DELETE FROM {{schema}}.intent AS i
+    WHERE i.id = ANY(ARRAY(SELECT id FROM win))
+      AND ((i.status = 'sent' AND i.sent_at < now() - make_interval(secs => $1::float8))
+           OR (i.status = 'dead' AND i.created_at < now() - make_interval(secs => $2::float8)
+               AND NOT ($5::boolean AND i.ordering_key IS NOT NULL AND NOT i.ordering_skipped)))
+    RETURNING i.id, i.status
 )
-SELECT count(*) FROM gone
+SELECT (SELECT got FROM lock) AS got,
+       (SELECT count(*) FROM gone WHERE status = 'sent') AS sent,
+       (SELECT count(*) FROM gone WHERE status = 'dead') AS dead,
+       (SELECT count(*) FROM win) AS examined,
+       (SELECT max(id) FROM win) AS last_id,
+       (SELECT min(id) FROM win WHERE id NOT IN (SELECT id FROM gone)) AS first_kept,
+       (SELECT coalesce(min(created_at) >= now() - make_interval(secs => least($1::float8, $2::float8)), true)
+        FROM win) AS young
+
+-- name: retention_oldest
+-- The oldest sent and dead intents kept, their age as retention counts it, for /metrics.
+-- Sent: the one with the lowest id over $1 (a walk of the primary key from retention's floor,
+-- below which everything is gone, to the first sent row; ids follow the order of sending). Dead: the
+-- exact minimum, over the dead rows' partial index (few, or there is a bigger problem).
+SELECT (SELECT extract(epoch FROM now() - sent_at)::float8 FROM {{schema}}.intent
+        WHERE status = 'sent' AND id > $1::bigint ORDER BY id LIMIT 1) AS sent,
+       (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {{schema}}.intent
+        WHERE status = 'dead') AS dead
