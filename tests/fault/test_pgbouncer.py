@@ -23,7 +23,6 @@ from tests.fault.ledger import Fault, Outbox, check_ledger, delivered
 from tests.pgbouncer import PgBouncer, pgbouncer
 from worker.store.connection import DedicatedConnection
 
-
 # Through a pooler a loaded 2-core machine can queue a heartbeat for seconds; a lease that
 # lapses then is a duplicate no fault explains. The fault here is the pooler's, not the lease's.
 LEASE = 15.0
