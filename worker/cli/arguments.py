@@ -94,7 +94,7 @@ def _add_run_options(parser: _Container) -> None:
         default = opt.default if opt.sink else _DEFAULTS[opt.field]
         shown = (
             ""
-            if opt.switch or default in (None, "")
+            if opt.switch or default in (None, "", ())
             else f"; default: {_SHOWN.get(opt.convert, str)(default)}"
         )
         help = f"{opt.help} [env: {opt.env}{shown}]"
@@ -104,9 +104,11 @@ def _add_run_options(parser: _Container) -> None:
             )
         else:
             metavar = _METAVARS.get(opt.convert, opt.field.upper())
+            action = "append" if opt.repeat else "store"
             parser.add_argument(
-                opt.flag, dest=opt.field, type=opt.convert, default=None, metavar=metavar, help=help
-            )
+                opt.flag, dest=opt.field, type=opt.convert, default=None, metavar=metavar,
+                action=action, help=help,
+            )  # fmt: skip
     _add_dashboard_flag(parser)
 
 

@@ -48,6 +48,8 @@ def _from_env(opt: Option) -> Any:
     if raw is None:
         return None
     try:
+        if opt.repeat:  # one value a line
+            return tuple(opt.convert(line.strip()) for line in raw.splitlines() if line.strip())
         value = opt.convert(raw)
     except ValueError as exc:
         raise ConfigError(f"{opt.env}: {exc}") from None
@@ -71,6 +73,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, opt.field)
         if value is not None and opt.field == "listen":
             value = False
+        if isinstance(value, list):  # a repeated flag's values
+            value = tuple(value)
         if value is None:
             value = _from_env(opt)
         if value is not None:

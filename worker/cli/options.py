@@ -115,6 +115,7 @@ class Option:
     switch: bool = False  # a --flag with no value
     sink: bool = False  # a sink's own: its value goes to Settings.sink_options
     default: Any = None  # a sink's default (the others' are the Settings fields')
+    repeat: bool = False  # may be given several times (a sink's; see SinkOption)
 
 
 WORKER_OPTIONS = [
@@ -315,6 +316,7 @@ def _from_spec(option: SinkOption) -> Option:
         switch=option.switch,
         sink=True,
         default=option.default,
+        repeat=option.repeat,
     )
 
 

@@ -19,23 +19,23 @@ Writing your own sink (a "third-party" sink, from another distribution)
        from worker.sinks.spec import SinkOption, SinkSpec, Target, url_target
 
        def build(ctx):
-           from my_kafka_sink.sink import KafkaSink  # the client library, only here
-           return KafkaSink(ctx.options["kafka_url"], timeout=ctx.timeout,
-                            id_prefix=ctx.id_prefix, max_bytes=ctx.max_bytes)
+           from my_pulsar_sink.sink import PulsarSink  # the client library, only here
+           return PulsarSink(ctx.options["pulsar_url"], timeout=ctx.timeout,
+                             id_prefix=ctx.id_prefix, max_bytes=ctx.max_bytes)
 
        SPEC = SinkSpec(
-           kinds=("kafka",),
-           options=(SinkOption("--kafka-url", "OUTBOX_KAFKA_URL",
-                               "brokers for the kafka kind: kafka://host:port", secret="url"),),
+           kinds=("pulsar",),
+           options=(SinkOption("--pulsar-url", "OUTBOX_PULSAR_URL",
+                               "broker for the pulsar kind: pulsar://host:port", secret="url"),),
            build=build,
-           describe=lambda values: url_target("kafka", values["kafka_url"], default_port=9092),
+           describe=lambda values: url_target("pulsar", values["pulsar_url"], default_port=6650),
        )
 
 3. Name it in your ``pyproject.toml``; the worker finds it wherever your distribution is
    installed (any ``sys.path`` entry)::
 
        [project.entry-points."pg_outbox_relay.sinks"]
-       kafka = "my_kafka_sink.spec:SPEC"
+       pulsar = "my_pulsar_sink.spec:SPEC"
 
 The contract, field by field:
 
@@ -45,10 +45,12 @@ The contract, field by field:
 * ``options``: its flags. Each has an environment variable, help for ``--help``, a
   ``convert`` (``str`` -> value; a ``ValueError`` is a one-line error naming the flag or the
   variable: wrap it with ``worker.cli.options.expecting("a WHAT")``), a default and whether it
-  is a ``switch`` (no value; ``VAR=1`` in the environment). ``secret="url"`` (or ``"urls"``
-  for a comma-separated list, ``"text"`` for a token) says the value holds a secret: never
-  print it whole (the start-up line shows scheme, user, host and port). Logs mask passwords
-  where they stand (a URL's userinfo, ``password=``), never by searching for a value.
+  is a ``switch`` (no value; ``VAR=1`` in the environment) or may be given several times
+  (``repeat``: its value is a tuple of every one given, the variable holds them one a
+  line). ``secret="url"`` (or ``"urls"`` for a comma-separated list, ``"text"`` for a
+  token or for values that hold one) says the value holds a secret: never print it whole
+  (the start-up line shows scheme, user, host and port). Logs mask passwords where they
+  stand (a URL's userinfo, ``password=``), never by searching for a value.
   Flags and variables must not clash with any other's.
 * ``build(ctx)``: the sink for ``ctx.kind`` from ``ctx.options`` (every option's value,
   its default when not given) and the run settings in ``ctx``. Raise ``ConfigError`` for a
@@ -104,6 +106,7 @@ class SinkOption:
     default: Any = None
     switch: bool = False  # a flag with no value; the variable takes 1/0, true/false, ...
     secret: Secret | None = None
+    repeat: bool = False  # given several times: a tuple of them all (the variable: one a line)
 
     @property
     def name(self) -> str:
