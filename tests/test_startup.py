@@ -69,6 +69,13 @@ async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warn
             "webhook_allow_hosts": "api.example.com,*.hooks.example.net",
             "sidekiq_redis_url": f"redis://:{SECRET}@127.0.0.1:{closed}/3",
             "celery_broker_url": f"amqp://app:{SECRET}@127.0.0.1:{closed}/",
+            "kafka_url": f"kafka://127.0.0.1:{closed}",
+            "kafka_config": (
+                ("security.protocol", "SASL_PLAINTEXT"),
+                ("sasl.mechanism", "PLAIN"),
+                ("sasl.username", "app"),
+                ("sasl.password", SECRET),
+            ),
         }
         settings = Settings(sink_options=sink_options, handlers="tests.sample_handlers:handlers")
         targets = describe(settings, build_sinks(settings))
@@ -82,6 +89,7 @@ async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warn
         f"nats: nats://***@{nats}, nats://app@127.0.0.1:{closed} (JetStream)",
         f"sidekiq: redis://127.0.0.1:{closed}/3 (Sidekiq's Redis)",
         f"celery: amqp://app@127.0.0.1:{closed}/ (Celery's broker)",
+        f"kafka: kafka://127.0.0.1:{closed} (SASL_PLAINTEXT, acks=all, idempotent)",
         "block, boom, crash, noop, ordered, reject, sleepy, slow: your handlers "
         "(tests.sample_handlers:handlers)",
     ]
@@ -89,6 +97,8 @@ async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warn
     assert sorted(_messages(caplog, logging.WARNING)) == [
         f"celery: cannot reach amqp://app@127.0.0.1:{closed}/ (Connection refused); its "
         "intents are retried until it answers",
+        f"kafka: cannot reach kafka://127.0.0.1:{closed} (Connection refused); its intents "
+        "are retried until it answers",
         f"nats: cannot reach nats://app@127.0.0.1:{closed} (Connection refused); its intents "
         "are retried until it answers",
         f"rabbitmq: cannot reach amqp://app@127.0.0.1:{closed}/orders (Connection refused); "
@@ -107,7 +117,8 @@ async def test_without_smtp_url_the_default_is_said(caplog: pytest.LogCaptureFix
         "email: no --smtp-url: sending to smtp://localhost:25 (STARTTLS if offered), "
         "from outbox@localhost",
         "webhook: the URL in each payload, any host, private and loopback addresses refused",
-        "rabbitmq, nats, sidekiq, celery: not configured in this worker (such intents end dead)",
+        "rabbitmq, nats, sidekiq, celery, kafka: not configured in this worker (such intents "
+        "end dead)",
     ]
 
 

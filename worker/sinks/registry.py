@@ -48,6 +48,7 @@ _BUILTIN = (
     "worker.sinks.sidekiq.spec",
     "worker.sinks.celery.spec",
     "worker.sinks.sqs.spec",
+    "worker.sinks.kafka.spec",
 )
 
 _KIND_RE = re.compile(r"[A-Za-z0-9_.-]+")  # what --limits accepts as a kind

@@ -1,0 +1,172 @@
+"""librdkafka's producer driven from the event loop.
+
+``confluent_kafka.Producer`` is synchronous: ``produce`` only queues a record (librdkafka's
+own threads batch, send and retry it), and the delivery reports come back through callbacks
+run by ``poll``. One thread per producer calls ``poll`` in a loop (it blocks in C without the
+GIL); the event loop produces a whole batch of records at once and awaits one future, which
+the poll thread resolves, through ``call_soon_threadsafe``, once every record of the batch has
+its report: one wake-up of the loop per batch, not per record. This was the fastest way with
+headers and a de-duplicating (idempotent) producer on this machine (README, "kafka").
+
+A report says delivered or why not; its offset is never looked at (after librdkafka's
+idempotent producer dropped a duplicate, some reports carry wrong offsets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, cast
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from worker.errors import ConfigError
+from worker.sinks.kafka.record import Record
+
+__all__ = ["Batch", "Client", "ProduceError", "check_config"]
+
+# What a record got: None (delivered), the report's error, or what produce() raised.
+ProduceError = KafkaError | BufferError
+_Headers = list[tuple[str, str | bytes | None]]  # confluent-kafka's annotation
+_PENDING = KafkaError(KafkaError._TIMED_OUT_QUEUE, "no delivery report")
+
+
+class _DebugLogger:
+    """librdkafka's own log lines at debug level: it logs every failed connect, many a
+    second while a broker is down; the sink says "down" and "back" once each instead."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        self._log.debug(fmt, *args)
+
+
+class Batch:
+    """The delivery reports of one batch of records; ``done`` resolves when all are in."""
+
+    __slots__ = ("_expected", "_loop", "_reported", "done", "errors", "produced_at")
+
+    def __init__(self, size: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        self.errors: list[ProduceError | None] = [_PENDING] * size
+        self.produced_at = time.monotonic()
+        self._reported: list[int] = []
+        self._expected = -1  # known once every record was handed to librdkafka
+
+    def report(self, index: int, err: KafkaError | None, msg: Message) -> None:
+        """A delivery report (the poll thread)."""
+        self.errors[index] = err
+        self._reported.append(index)  # atomic; the loop thread may be reading it
+        if len(self._reported) == self._expected:
+            # RuntimeError: the loop is closed, nobody waits any more.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._resolve)
+
+    def failed(self, index: int, error: ProduceError) -> None:
+        """produce() refused the record (the loop thread): no report will come for it."""
+        self.errors[index] = error
+        self._reported.append(index)
+
+    def produced(self, count: int) -> None:
+        """Every record was handed over (the loop thread). Either this thread or the poll
+        thread sees the last report in: both may resolve, neither can miss it."""
+        self._expected = count
+        if len(self._reported) == count:
+            self._resolve()
+
+    def _resolve(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Client:
+    """One ``confluent_kafka.Producer`` and the thread that polls it.
+
+    ``fatal`` is set when librdkafka reports a fatal error (the producer can send nothing
+    more: it is replaced); ``errors`` holds the client-wide errors (brokers down, failed
+    authentication) for the loop to read; ``last_ok`` is when a record was last delivered.
+    """
+
+    def __init__(self, config: dict[str, str], log: logging.Logger) -> None:
+        self.fatal: KafkaError | None = None
+        self.errors: deque[KafkaError] = deque(maxlen=16)
+        self.last_ok = 0.0
+        self.created_at = time.monotonic()
+        self._log = log
+        self._producer = Producer(config, error_cb=self._on_error, logger=_DebugLogger(log))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="kafka-producer-poll", daemon=True)
+        self._thread.start()
+
+    def send(self, records: Sequence[Record]) -> Batch:
+        """Hand every record to librdkafka, in order (the loop thread)."""
+        batch = Batch(len(records))
+        produce = self._producer.produce
+        for index, record in enumerate(records):
+            try:
+                produce(
+                    record.topic,
+                    record.value,
+                    record.key,
+                    headers=cast(_Headers, record.headers),
+                    on_delivery=partial(self._report, batch, index),
+                )
+            except KafkaException as exc:
+                batch.failed(index, exc.args[0])
+            except BufferError as exc:  # queue.buffering.max.messages (or .kbytes) is full
+                batch.failed(index, exc)
+        batch.produced(len(records))
+        return batch
+
+    def _report(self, batch: Batch, index: int, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.last_ok = time.monotonic()
+        elif err.fatal():
+            self.fatal = err
+        batch.report(index, err, msg)
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's client-wide errors (the poll thread)."""
+        if err.fatal():
+            self.fatal = err
+        self.errors.append(err)
+        self._log.debug("librdkafka: %s", err.str())
+
+    def _poll(self) -> None:
+        poll = self._producer.poll
+        while not self._stop.is_set():
+            poll(0.1)
+
+    def close(self, timeout: float) -> None:
+        """Deliver what is queued within ``timeout`` seconds, fail the rest, stop. Blocks:
+        run it in a thread."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._producer.flush(timeout)
+            # Whatever is left gets a report (purged) rather than waiting in C for ever.
+            self._producer.purge()
+            self._producer.flush(0)
+            self._producer.close()
+        except (KafkaException, RuntimeError) as exc:
+            self._log.debug("closing the Kafka producer: %s", exc)
+
+
+def check_config(config: dict[str, str], log: logging.Logger, reason: Callable[[str], str]) -> None:
+    """Raise ``ConfigError`` (one line, through ``reason``, which masks the secrets) if
+    librdkafka refuses a property. The producer it builds to find out has no brokers, so
+    it connects nowhere."""
+    checked = {k: v for k, v in config.items() if k != "bootstrap.servers"}
+    try:
+        producer = Producer(checked, logger=_DebugLogger(log))
+    except KafkaException as exc:
+        raise ConfigError(f"--kafka-config: {reason(exc.args[0].str())}") from None
+    producer.close()
