@@ -103,9 +103,10 @@ def producer_config(
     partitioner, no topic auto-creation, every delivery report within ``timeout`` seconds
     (the relay's per-delivery timeout, which must not fire first); then the operator's
     properties, which may change any of these but the brokers and the report deadline."""
-    # The reports come by message.timeout.ms; a bit before the relay gives up on the batch,
-    # so that an outcome is always a report and never a cancellation.
-    deadline_ms = max(int(timeout * 1000) - 500, int(timeout * 900), 1)
+    # The reports come by message.timeout.ms (librdkafka scans for expired records about
+    # once a second): well before the relay gives up on the batch, so that an outcome is
+    # always a report, never a cancellation.
+    deadline_ms = max(int(timeout * 900) - 1000, int(timeout * 500), 1)
     config: dict[str, str] = {
         "bootstrap.servers": bootstrap_servers(brokers),
         "client.id": client_id,

@@ -220,7 +220,10 @@ class KafkaSink(DeliversBatchOfOne):
                 self._down(f"{err.name()}: {self._reason(err.str())}")
 
     def _replace(self, client: Client, why: str) -> Client:
-        log.warning("Kafka %s: %s; starting a new producer", self._where, why)
+        # During an outage its "down" line says enough; a replacement every timeout would
+        # otherwise be a line each.
+        level = logging.DEBUG if self._down_since is not None else logging.WARNING
+        log.log(level, "Kafka %s: %s; starting a new producer", self._where, why)
         new = self._client = Client(self._config, log)
         # Its undelivered records get their reports (purged: transient) in the background.
         closing = threading.Thread(target=client.close, args=(0.0,), daemon=True)
@@ -250,4 +253,4 @@ class KafkaSink(DeliversBatchOfOne):
                 self._client.close, _CLOSE_TIMEOUT, abandon_on_cancel=True
             )
         for closing in self._retired:
-            await anyio.to_thread.run_sync(closing.join, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(closing.join, _CLOSE_TIMEOUT, abandon_on_cancel=True)
