@@ -145,6 +145,7 @@ def targets(rows: Sequence[Row], skipped: Mapping[str, str] | None = None) -> li
     if "sinks" in scenarios or "sinks" in skipped:
         out.append(_sinks_target(rows, skipped.get("sinks", "no row at concurrency 64")))
         out.append(_limited_target(rows, skipped.get("sinks", "no nats row under --limits")))
+        out.append(_kafka_target(rows, skipped.get("sinks", "no kafka row at concurrency 64")))
     if "alternatives" in scenarios:
         out.append(_latency_target(rows))
     if "email" in scenarios:
@@ -248,6 +249,16 @@ def _limited_target(rows: Sequence[Row], why: str) -> Target:
         f"{row.median('intents_per_s'):,.0f}/s = {ratio:.2f}× without",
         abs(ratio - 1) <= 0.1,
     )
+
+
+def _kafka_target(rows: Sequence[Row], why: str) -> Target:
+    name, goal = "kafka through the relay at 64", "≥ 0.8× the no-op relay drain, same round"
+    row = _one(rows, "sinks", sink="kafka", mode="relay", concurrency=64)
+    ratio = math.nan if row is None else row.median("vs_noop_relay")
+    if row is None or math.isnan(ratio):
+        return _not_measured(name, goal, why)
+    text = f"{row.median('intents_per_s'):,.0f}/s = {ratio:.2f}× the no-op relay"
+    return Target(name, goal, text, ratio >= 0.8)
 
 
 def _latency_target(rows: Sequence[Row]) -> Target:

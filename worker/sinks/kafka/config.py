@@ -114,8 +114,9 @@ def producer_config(
         "acks": "all",
         "partitioner": "murmur2_random",  # Java's (and Debezium's) partition for a key
         "allow.auto.create.topics": "false",
-        # The sink sends whole batches at once: waiting for more only adds latency.
-        "linger.ms": "1",
+        # The sink flushes each batch once it is produced (producer.py): linger only lets a
+        # batch's records gather into one request meanwhile.
+        "linger.ms": "5",
         "message.timeout.ms": str(deadline_ms),
         # A topic missing from the metadata fails with UNKNOWN_TOPIC_OR_PART after this,
         # rather than with a timeout that says nothing about the topic.

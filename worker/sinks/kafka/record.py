@@ -13,8 +13,7 @@ header, the same on every retry, and the intent's W3C trace context, if any.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -46,8 +45,7 @@ _NO_KEY = object()  # "key" absent: the ordering key, if any
 _RECORD_OVERHEAD = 36
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):  # a tuple: built for every intent, at tens of thousands a second
     topic: str
     key: bytes | None
     value: bytes | None  # None: a tombstone
@@ -85,6 +83,8 @@ def _headers(
 ) -> list[tuple[str, bytes | None]]:
     """The payload's headers, with the intent's trace context (which replaces any
     traceparent/tracestate of the payload's)."""
+    if raw is None and not intent.trace_context:
+        return []
     if raw is not None and not isinstance(raw, dict):
         raise PermanentError("kafka 'headers' must be an object of name -> string")
     headers: list[tuple[str, bytes | None]] = []
@@ -99,11 +99,11 @@ def _headers(
     return headers
 
 
-def _topic(topic: object, what: str) -> str:
+def _topic(topic: object) -> str:
     if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic) or topic in (".", ".."):
         shown = repr(topic)[:80]
         raise PermanentError(
-            f"kafka {what} {shown} is not a valid topic name: 1 to 249 letters, digits, . _ -"
+            f"kafka topic {shown} is not a valid topic name: 1 to 249 letters, digits, . _ -"
         )
     return topic
 
@@ -133,6 +133,16 @@ class Router:
         self._id_prefix = id_prefix
         self._debezium_topic = debezium_topic
         self._key_encoding = key_encoding
+        self._topics: set[str] = set()  # names already found valid
+
+    def _topic(self, topic: object) -> str:
+        if isinstance(topic, str) and topic in self._topics:
+            return topic
+        checked = _topic(topic)
+        if len(self._topics) >= 10_000:  # a bound for payloads that name ever new topics
+            self._topics.clear()
+        self._topics.add(checked)
+        return checked
 
     def record(self, intent: Intent) -> Record:
         """Validate the payload -> the record. A payload that can never be sent is a
@@ -153,7 +163,7 @@ class Router:
 
     def _explicit(self, intent: Intent, payload: dict[str, Any], message_id: str) -> Record:
         _unknown(payload, _EXPLICIT, "a record (with 'topic')")
-        topic = _topic(payload["topic"], "topic")
+        topic = self._topic(payload["topic"])
         raw_key = payload.get("key", _NO_KEY)
         if raw_key is _NO_KEY:
             key = None if intent.ordering_key is None else intent.ordering_key.encode()
@@ -169,7 +179,7 @@ class Router:
         aggregate_type = payload["aggregatetype"]
         if not isinstance(aggregate_type, str) or not aggregate_type:
             raise PermanentError("kafka 'aggregatetype' must be a non-empty string")
-        topic = _topic(self._debezium_topic.replace(PLACEHOLDER, aggregate_type), "topic")
+        topic = self._topic(self._debezium_topic.replace(PLACEHOLDER, aggregate_type))
         aggregate_id = payload.get("aggregateid")
         if aggregate_id is not None and (
             isinstance(aggregate_id, bool) or not isinstance(aggregate_id, str | int)
@@ -191,6 +201,8 @@ class Router:
 
 
 def _unknown(payload: dict[str, Any], fields: frozenset[str], shape: str) -> None:
+    if payload.keys() <= fields:
+        return
     unknown = sorted(str(k) for k in payload if k not in fields)
     if unknown:
         fields_ = ", ".join(unknown)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import anyio
 from confluent_kafka import KafkaError
@@ -79,8 +79,8 @@ _CLOSE_TIMEOUT = 5.0  # seconds aclose lets queued records go out
 
 
 class KafkaSink(DeliversBatchOfOne):
-    """One producer per worker, started on first use (a bad property stops the worker's
-    start, though); replaced when it can no longer deliver."""
+    """One producer per worker, started with it (a bad property stops the start); replaced
+    when it can no longer deliver."""
 
     # A BatchSink: up to this many records per deliver_many (the relay's claims are never
     # bigger than its free slots anyway).
@@ -108,8 +108,10 @@ class KafkaSink(DeliversBatchOfOne):
         )
         self._max_message = int(self._config.get("message.max.bytes", _MESSAGE_MAX_BYTES))
         self._size = SizeLimit("kafka", max_bytes, self._max_message)
+        self._limit = self._size.limit(self._max_message)[0]
         check_config(self._config, log, self._reason)  # a bad property stops the start
-        self._client: Client | None = None  # connects on first use
+        # Started now: it connects and gets its producer id before the first intent comes.
+        self._client = Client(self._config, log)
         self._retired: list[threading.Thread] = []
         self._down_since: float | None = None  # time.monotonic() when the outage began
         self._closed = False
@@ -126,34 +128,20 @@ class KafkaSink(DeliversBatchOfOne):
     # --- delivering ---------------------------------------------------------------------
 
     async def deliver_many(self, intents: Sequence[Intent]) -> list[BaseException | None]:
-        """Produce every valid intent's record in order, then wait for all the reports."""
-        results: list[BaseException | None] = [None] * len(intents)
-        todo: list[tuple[int, Record]] = []
-        for i, intent in enumerate(intents):
-            try:
-                record = self._router.record(intent)
-                self._size.check(
-                    f"kafka record for topic {record.topic!r}",
-                    record.size,
-                    self._max_message,
-                    "the producer's message.max.bytes",
-                )
-            except PermanentError as exc:
-                results[i] = exc
-                continue
-            todo.append((i, record))
-        if not todo:
-            return results
+        """Produce each valid intent's record in order, then wait for all the reports."""
         if self._closed:
             raise TransientError("kafka sink is closed")
+        results: list[BaseException | None] = [None] * len(intents)
+        sent: list[tuple[int, Record]] = []
         client = self._healthy_client()
-        batch = client.send([record for _, record in todo])
+        batch = client.send(self._records(intents, results, sent), len(intents))
         await batch.done
         self._client_errors(client)
         stalled = False
-        for (i, record), err in zip(todo, batch.errors, strict=True):
+        for i, record in sent:
+            err = batch.errors[i]
             results[i] = self._outcome(record, err)
-            if err is not None and err.code() == E._MSG_TIMED_OUT:  # type: ignore[union-attr]
+            if isinstance(err, KafkaError) and err.code() == E._MSG_TIMED_OUT:
                 stalled = stalled or client.last_ok < batch.produced_at
         if stalled and client is self._client and client.fatal is None:
             # Nothing got through since this batch was handed over: after a broker lost
@@ -161,6 +149,30 @@ class KafkaSink(DeliversBatchOfOne):
             # id unknown there) where a new producer works at once.
             self._replace(client, "no record delivered since the last batch timed out")
         return results
+
+    def _records(
+        self,
+        intents: Sequence[Intent],
+        results: list[BaseException | None],
+        sent: list[tuple[int, Record]],
+    ) -> Iterator[tuple[int, Record]]:
+        """Each valid intent's record (into ``sent`` too); the others' errors into
+        ``results``. A generator: each record is produced before the next is built."""
+        for i, intent in enumerate(intents):
+            try:
+                record = self._router.record(intent)
+                if record.size > self._limit:
+                    self._size.check(
+                        f"kafka record for topic {record.topic!r}",
+                        record.size,
+                        self._max_message,
+                        "the producer's message.max.bytes",
+                    )
+            except PermanentError as exc:
+                results[i] = exc
+                continue
+            sent.append((i, record))
+            yield i, record
 
     def _outcome(self, record: Record, err: ProduceError | None) -> BaseException | None:
         if err is None:
@@ -204,9 +216,7 @@ class KafkaSink(DeliversBatchOfOne):
 
     def _healthy_client(self) -> Client:
         client = self._client
-        if client is None:
-            client = self._client = Client(self._config, log)
-        elif client.fatal is not None:
+        if client.fatal is not None:
             client = self._replace(client, f"fatal error: {self._reason(client.fatal.str())}")
         self._client_errors(client)
         return client
@@ -248,9 +258,6 @@ class KafkaSink(DeliversBatchOfOne):
         if self._closed:
             return
         self._closed = True
-        if self._client is not None:
-            await anyio.to_thread.run_sync(
-                self._client.close, _CLOSE_TIMEOUT, abandon_on_cancel=True
-            )
+        await anyio.to_thread.run_sync(self._client.close, _CLOSE_TIMEOUT, abandon_on_cancel=True)
         for closing in self._retired:
             await anyio.to_thread.run_sync(closing.join, _CLOSE_TIMEOUT, abandon_on_cancel=True)
