@@ -100,6 +100,10 @@ def test_the_sinks_scenario_runs_at_a_tiny_size(
     assert limited[0]["summary"]["vs_relay"]["median"] > 0
     targets = {t["name"] for t in document["targets"]}
     assert "nats under --limits nats:concurrency=64" in targets
+    # Kafka's drain next to the relay's no-op drain of the same round.
+    assert "kafka through the relay at 64" in targets
+    kafka = [r for r in relay_rows if r["params"]["sink"] == "kafka"]
+    assert kafka[0]["summary"]["vs_noop_relay"]["median"] > 0
     assert "guest:guest" not in document["meta"]["command"]  # the URLs' passwords
 
 
