@@ -55,7 +55,9 @@ class Batch:
     """The delivery reports of one batch of records; ``done`` resolves when all are in.
     ``errors`` is indexed like the batch of intents; only the produced ones are filled."""
 
-    __slots__ = ("_client", "_expected", "_loop", "_reported", "done", "errors", "produced_at")
+    __slots__ = (
+        "_client", "_expected", "_loop", "_reported", "done", "errors", "produced_at", "refused",
+    )  # fmt: skip
 
     def __init__(self, size: int, client: Client) -> None:
         self._client = client
@@ -65,13 +67,12 @@ class Batch:
         self.produced_at = time.monotonic()
         self._reported: list[int] = []
         self._expected = -1  # known once every record was handed to librdkafka
+        self.refused: list[int] = []  # produce() refused them at once (a cached topic error)
 
     def report(self, index: int, err: KafkaError | None, msg: Message) -> None:
         """A delivery report (the producer's thread)."""
         if err is None:
             self._client.last_ok = time.monotonic()
-        elif err.fatal():
-            self._client.fatal = err
         self.errors[index] = err
         self._reported.append(index)  # atomic; the loop thread may be reading it
         if len(self._reported) == self._expected:
@@ -82,6 +83,7 @@ class Batch:
     def failed(self, index: int, error: ProduceError) -> None:
         """produce() refused the record (the loop thread): no report will come for it."""
         self.errors[index] = error
+        self.refused.append(index)
         self._reported.append(index)
 
     def produced(self, count: int) -> None:
@@ -91,7 +93,15 @@ class Batch:
         if len(self._reported) == count:
             self._resolve()
 
+    def abandon(self, error: KafkaError) -> None:
+        """The producer failed fatally: the reports still missing will never come (the poll
+        thread)."""
+        self.errors = [error if e is _PENDING else e for e in self.errors]
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._resolve)
+
     def _resolve(self) -> None:
+        self._client.pending.discard(self)
         if not self.done.done():
             self.done.set_result(None)
 
@@ -107,6 +117,7 @@ class Client:
     def __init__(self, config: dict[str, str], log: logging.Logger) -> None:
         self.fatal: KafkaError | None = None
         self.errors: deque[KafkaError] = deque(maxlen=16)
+        self.pending: set[Batch] = set()  # batches still waiting for reports
         self.last_ok = 0.0
         self.created_at = time.monotonic()
         self._log = log
@@ -121,6 +132,7 @@ class Client:
         loop thread): the first ones are on their way while the rest are being built.
         ``size``: the batch's length, which the indexes are below."""
         batch = Batch(size, self)
+        self.pending.add(batch)
         produce = self._producer.produce
         count = 0
         for index, record in records:
@@ -142,23 +154,55 @@ class Client:
             self._kick.set()
         return batch
 
+    def refresh(self, topics: Iterable[str], timeout: float) -> None:
+        """Fetch the topics' metadata anew (blocks: run it in a thread). librdkafka keeps a
+        topic's authorization error until its next metadata refresh (5 minutes by default),
+        refusing every record to it at once meanwhile, even after the ACL was granted."""
+        for topic in topics:
+            try:
+                self._producer.list_topics(topic, timeout)
+            except KafkaException as exc:
+                self._log.debug("metadata of %r: %s", topic, exc)
+
     def _on_error(self, err: KafkaError) -> None:
         """librdkafka's client-wide errors (the producer's thread)."""
         if err.fatal():
-            self.fatal = err
+            self._failed(err)
         self.errors.append(err)
         self._log.debug("librdkafka: %s", err.str())
+
+    def _failed(self, err: KafkaError) -> None:
+        """A fatal error: no more reports will be served (every poll raises it)."""
+        self.fatal = err
+        for batch in list(self.pending):
+            batch.abandon(err)
 
     def _serve(self) -> None:
         producer = self._producer
         while not self._stop.is_set():
-            if self._kick.wait(0.1) or len(producer):
-                self._kick.clear()
-                # Returns once nothing is outstanding, or after a second (a broker down):
-                # then round again, so that a stop is seen.
-                producer.flush(1.0)
-            else:
-                producer.poll(0)
+            try:
+                if self._kick.wait(0.1) or len(producer):
+                    self._kick.clear()
+                    # Returns once nothing is outstanding, or after a second (a broker
+                    # down): then round again, so that a stop is seen.
+                    producer.flush(1.0)
+                else:
+                    producer.poll(0)
+            except Exception as exc:  # a fatal error is raised here too: this thread goes on
+                self._raised(exc)
+
+    def _raised(self, exc: Exception) -> None:
+        # confluent-kafka raises a fatal error from poll/flush, and runs the callbacks after
+        # it with the exception still set, so that it may surface as the cause of another.
+        seen: BaseException | None = exc
+        while seen is not None:
+            err = seen.args[0] if isinstance(seen, KafkaException) and seen.args else None
+            if isinstance(err, KafkaError) and err.fatal():
+                self._failed(err)
+                break
+            seen = seen.__cause__ or seen.__context__
+        self._log.debug("librdkafka: %s", exc)
+        self._stop.wait(0.1)  # not a busy loop if it keeps raising
 
     def close(self, timeout: float) -> None:
         """Deliver what is queued within ``timeout`` seconds, fail the rest, stop. Blocks:
@@ -180,7 +224,8 @@ def check_config(config: dict[str, str], log: logging.Logger, reason: Callable[[
     """Raise ``ConfigError`` (one line, through ``reason``, which masks the secrets) if
     librdkafka refuses a property. The producer it builds to find out has no brokers, so
     it connects nowhere."""
-    checked = {k: v for k, v in config.items() if k != "bootstrap.servers"}
+    # No brokers, no log lines (it would warn about having no brokers).
+    checked = {k: v for k, v in config.items() if k != "bootstrap.servers"} | {"log_level": "0"}
     try:
         producer = Producer(checked, logger=_DebugLogger(log))
     except KafkaException as exc:

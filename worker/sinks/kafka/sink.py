@@ -28,6 +28,7 @@ sink sets below the relay's delivery timeout.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,7 +45,7 @@ from worker.sinks.kafka.config import (
     parse_kafka_url,
     producer_config,
 )
-from worker.sinks.kafka.producer import Client, ProduceError, check_config
+from worker.sinks.kafka.producer import Batch, Client, ProduceError, check_config
 from worker.sinks.kafka.record import DEBEZIUM_TOPIC, KeyEncoding, Record, Router
 from worker.sinks.size import SizeLimit, format_bytes
 
@@ -71,9 +72,11 @@ _OUTAGE = frozenset(
         E._AUTHENTICATION, E.SASL_AUTHENTICATION_FAILED, E.REQUEST_TIMED_OUT,
         E.NETWORK_EXCEPTION, E.BROKER_NOT_AVAILABLE, E.LEADER_NOT_AVAILABLE,
         E.NOT_LEADER_FOR_PARTITION, E.NOT_ENOUGH_REPLICAS, E.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
-        E.KAFKA_STORAGE_ERROR, E._PURGE_INFLIGHT, E._PURGE_QUEUE, E._DESTROY,
+        E.KAFKA_STORAGE_ERROR,
     }
 )  # fmt: skip
+# The producer dropped the record unsent: it failed fatally, or it was replaced.
+_CUT_SHORT = frozenset({E._PURGE_INFLIGHT, E._PURGE_QUEUE, E._DESTROY, E._FATAL})
 _MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
 _CLOSE_TIMEOUT = 5.0  # seconds aclose lets queued records go out
 
@@ -109,11 +112,14 @@ class KafkaSink(DeliversBatchOfOne):
         self._max_message = int(self._config.get("message.max.bytes", _MESSAGE_MAX_BYTES))
         self._size = SizeLimit("kafka", max_bytes, self._max_message)
         self._limit = self._size.limit(self._max_message)[0]
+        within = self._config.get("delivery.timeout.ms", self._config["message.timeout.ms"])
+        self._report_within = int(within) / 1000  # seconds: every report comes by then
         check_config(self._config, log, self._reason)  # a bad property stops the start
         # Started now: it connects and gets its producer id before the first intent comes.
         self._client = Client(self._config, log)
         self._retired: list[threading.Thread] = []
         self._down_since: float | None = None  # time.monotonic() when the outage began
+        self._replaced_at = -math.inf  # time.monotonic() of the last new producer
         self._closed = False
 
     def __repr__(self) -> str:
@@ -136,10 +142,13 @@ class KafkaSink(DeliversBatchOfOne):
         client = self._healthy_client()
         batch = client.send(self._records(intents, results, sent), len(intents))
         await batch.done
+        await self._retry_refused(client, batch, dict(sent))
         self._client_errors(client)
         stalled = False
         for i, record in sent:
             err = batch.errors[i]
+            if isinstance(err, KafkaError) and err.code() in _CUT_SHORT and client.fatal:
+                err = client.fatal  # why: an ACL refusing idempotent writes, say
             results[i] = self._outcome(record, err)
             if isinstance(err, KafkaError) and err.code() == E._MSG_TIMED_OUT:
                 stalled = stalled or client.last_ok < batch.produced_at
@@ -174,6 +183,26 @@ class KafkaSink(DeliversBatchOfOne):
             sent.append((i, record))
             yield i, record
 
+    async def _retry_refused(
+        self, client: Client, batch: Batch, records: dict[int, Record]
+    ) -> None:
+        """Records that produce() refused at once for a topic's cached authorization error:
+        the ACL may have been granted since (``retry-dead`` after a fix), so the topics'
+        metadata is fetched anew and those records produced once more."""
+        again = [
+            (i, records[i])
+            for i in batch.refused
+            if isinstance(err := batch.errors[i], KafkaError) and err.code() in _REFUSED
+        ]
+        if not again:
+            return
+        topics = {record.topic for _, record in again}
+        await anyio.to_thread.run_sync(client.refresh, topics, self._timeout / 4)
+        retried = client.send(iter(again), len(batch.errors))
+        await retried.done
+        for i, _ in again:
+            batch.errors[i] = retried.errors[i]
+
     def _outcome(self, record: Record, err: ProduceError | None) -> BaseException | None:
         if err is None:
             self._up()
@@ -202,10 +231,13 @@ class KafkaSink(DeliversBatchOfOne):
             )
         if code in _INVALID:
             return PermanentError(f"Kafka refused the record for topic {topic!r}: {what}")
-        if err.fatal() or code == E._FATAL:
-            return TransientError(f"Kafka {self._where}: the producer failed ({what}); retried")
+        if err.fatal() or code in _CUT_SHORT:
+            return TransientError(
+                f"Kafka {self._where}: the producer failed or was replaced before the record "
+                f"was sent ({what}); retried"
+            )
         if code == E._MSG_TIMED_OUT:
-            reason = f"no acknowledgement within {self._timeout:g}s"
+            reason = f"no acknowledgement within {self._report_within:g}s (message.timeout.ms)"
             self._down(reason)
             return TransientError(f"Kafka {self._where}: {reason} (brokers down or hung)")
         if code in _OUTAGE:
@@ -230,10 +262,17 @@ class KafkaSink(DeliversBatchOfOne):
                 self._down(f"{err.name()}: {self._reason(err.str())}")
 
     def _replace(self, client: Client, why: str) -> Client:
-        # During an outage its "down" line says enough; a replacement every timeout would
-        # otherwise be a line each.
-        level = logging.DEBUG if self._down_since is not None else logging.WARNING
-        log.log(level, "Kafka %s: %s; starting a new producer", self._where, why)
+        # During an outage its "down" line says enough, and a cause that stays (an ACL that
+        # refuses every new producer) is one line a minute, not one per batch.
+        now = time.monotonic()
+        quiet = self._down_since is not None or now - self._replaced_at < 60
+        self._replaced_at = now
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "Kafka %s: %s; starting a new producer",
+            self._where,
+            why,
+        )
         new = self._client = Client(self._config, log)
         # Its undelivered records get their reports (purged: transient) in the background.
         closing = threading.Thread(target=client.close, args=(0.0,), daemon=True)
