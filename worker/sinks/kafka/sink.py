@@ -277,7 +277,7 @@ class KafkaSink(DeliversBatchOfOne):
         # Its undelivered records get their reports (purged: transient) in the background.
         closing = threading.Thread(target=client.close, args=(0.0,), daemon=True)
         closing.start()
-        self._retired.append(closing)
+        self._retired = [t for t in self._retired if t.is_alive()] + [closing]
         return new
 
     def _down(self, reason: str) -> None:
