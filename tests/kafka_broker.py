@@ -47,9 +47,18 @@ class Tansu:
     """One broker process; ``stop``/``start`` again on the same port, ``freeze``/``thaw``
     (SIGSTOP/SIGCONT) for a broker that hangs."""
 
-    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        port: int | None = None,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.binary = binary
         self.port = port or free_port()
+        self.storage = storage  # memory:// keeps nothing across a restart, s3:// does
+        self.env = env
         self.log_path = workdir / f"tansu-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -66,7 +75,8 @@ class Tansu:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "broker", "--listener-url", where, "--advertised-listener-url",
-                 where, "--storage-engine", "memory://tansu/"],
+                 where, "--storage-engine", self.storage],
+                env={**os.environ, **(self.env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,22 +1,42 @@
 """The kafka sink through broker outages, each test with a Tansu broker of its own (the
 session's one is shared): frozen with SIGSTOP (a hung broker: connections open, no answer)
-then thawed, and killed and restarted empty (the memory engine keeps nothing)."""
+then thawed; killed and restarted empty (the memory engine keeps nothing); killed and
+restarted on its s3 engine (on moto's S3), which keeps topics, records and producer ids."""
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from bench.sqs_targets import moto_sqs_server
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
-from tests.kafka_broker import Tansu, create_topic, read_all
+from tests.kafka_broker import Read, Tansu, create_topic, read_all
 from worker.producer import enqueue
 from worker.sinks.kafka.sink import KafkaSink
 from worker.store.sqlfiles import Names
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def s3_tansu(tansu: Tansu, tmp_path: Path) -> Iterator[Tansu]:
+    """Tansu storing in a bucket of moto's S3 server (both processes of this test's own)."""
+    with moto_sqs_server() as (endpoint, _):  # the same server has S3
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/outbox", method="PUT"))
+        env = {
+            "AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "us-east-1",
+        }  # fmt: skip
+        broker = Tansu(tansu.binary, tmp_path, storage="s3://outbox/", env=env).start()
+        try:
+            yield broker
+        finally:
+            broker.stop()
 
 
 @pytest.fixture
@@ -34,6 +54,15 @@ async def _enqueue(db, names: Names, topic: str, numbers: range) -> None:
         for n in numbers:
             payload = {"topic": topic, "value": {"n": n}}
             await enqueue(db, "kafka", payload, ordering_key=f"k{n % 5}", schema=names.schema)
+
+
+def _assert_keys_in_order(records: list[Read]) -> None:
+    """A key's intents in order: a copy of each is stored before the next is produced, so
+    the first copies are in intent order, whatever came twice."""
+    for key in {r.key for r in records}:
+        mine = sorted((r for r in records if r.key == key), key=lambda r: r.offset)
+        firsts = list(dict.fromkeys(int(r.message_id) for r in mine))
+        assert firsts == sorted(firsts)
 
 
 def _outages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -80,12 +109,7 @@ async def test_a_frozen_broker_loses_nothing_and_is_one_outage(
     # Nothing lost; a record the frozen broker took before it answered may be there twice,
     # with the same id header.
     assert {r.message_id for r in records} == ids
-    # A key's intents in order: a copy of each is stored before the next is produced, so
-    # the first copies are in intent order, whatever came twice.
-    for key in {r.key for r in records}:
-        mine = sorted((r for r in records if r.key == key), key=lambda r: r.offset)
-        firsts = list(dict.fromkeys(int(r.message_id) for r in mine))
-        assert firsts == sorted(firsts)
+    _assert_keys_in_order(records)
     assert _outages(caplog) in ONE_OUTAGE
 
 
@@ -115,4 +139,33 @@ async def test_a_broker_that_lost_everything_gets_a_new_producer(
     records = await read_all(own_tansu.bootstrap, {topic: 3}, at_least=20)
     rows = await db.fetch(f'SELECT id FROM "{names.schema}".intent ORDER BY id OFFSET 10')
     assert {r.message_id for r in records} == {str(r["id"]) for r in rows}
+    assert _outages(caplog) in ONE_OUTAGE
+
+
+async def test_a_broker_restarted_with_its_data_loses_nothing(
+    db, names: Names, start_relay, s3_tansu: Tansu, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 and a restart on the s3 engine: what was stored stays, what waited is sent,
+    nothing is dead, each key in order."""
+    caplog.set_level(logging.INFO)
+    topic = f"outbox_test_{secrets.token_hex(4)}"
+    await create_topic(s3_tansu.bootstrap, topic, 3)
+    kafka_sink = KafkaSink(s3_tansu.url, timeout=4)
+    try:
+        async with start_relay(
+            {"kafka": kafka_sink}, backoff_base=0.2, backoff_max=1.0, max_attempts=100
+        ):
+            await _enqueue(db, names, topic, range(20))
+            await wait_until(lambda: statuses_are(db, names, {"sent": 20}), timeout=60)
+            s3_tansu.kill()
+            await _enqueue(db, names, topic, range(20, 40))
+            await wait_until(lambda: failed_at_least_once(db, names, 5), timeout=60)
+            s3_tansu.start()
+            await wait_until(lambda: statuses_are(db, names, {"sent": 40}), timeout=90)
+    finally:
+        await kafka_sink.aclose()
+    records = await read_all(s3_tansu.bootstrap, {topic: 3}, at_least=40)
+    ids = {str(r["id"]) for r in await db.fetch(f'SELECT id FROM "{names.schema}".intent')}
+    assert {r.message_id for r in records} == ids
+    _assert_keys_in_order(records)
     assert _outages(caplog) in ONE_OUTAGE
