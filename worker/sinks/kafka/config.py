@@ -4,17 +4,17 @@ the producer configuration the sink runs with (ours, then the operator's on top)
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from worker.cli.options import BadValue
 from worker.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PORT",
+    "BadValue",
     "config_entry",
-    "config_secrets",
     "parse_kafka_url",
     "producer_config",
 ]
@@ -32,6 +32,12 @@ _OURS = {
 _CALLBACKS = frozenset(
     {"error_cb", "throttle_cb", "stats_cb", "oauth_cb", "on_delivery", "logger", "dr_cb"}
 )
+
+
+class BadValue(ValueError, argparse.ArgumentTypeError):
+    """A flag's value that does not convert, in words of our own: argparse prints an
+    ArgumentTypeError's message as it is (it would quote the text of any other error, and
+    this text may hold a password); from a variable, it is a ValueError like any other."""
 
 
 def parse_kafka_url(url: str) -> list[tuple[str, int]]:
@@ -73,18 +79,12 @@ def config_entry(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not _KEY_RE.fullmatch(key):
-        # The CLI's BadValue: argparse would otherwise print the text it could not convert.
         raise BadValue("expected KEY=VALUE, a librdkafka property such as security.protocol=SSL")
     return key, value
 
 
 def is_secret(key: str) -> bool:
     return bool(_SECRET_KEY_RE.search(key))
-
-
-def config_secrets(entries: Iterable[tuple[str, str]] | None) -> list[str]:
-    """The values of --kafka-config that are credentials (for the log's scrubber)."""
-    return [value for key, value in entries or () if is_secret(key) and value]
 
 
 def shown_config(entries: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, cast
 
@@ -220,14 +220,14 @@ class Client:
             self._log.debug("closing the Kafka producer: %s", exc)
 
 
-def check_config(config: dict[str, str], log: logging.Logger, reason: Callable[[str], str]) -> None:
-    """Raise ``ConfigError`` (one line, through ``reason``, which masks the secrets) if
-    librdkafka refuses a property. The producer it builds to find out has no brokers, so
-    it connects nowhere."""
+def check_config(config: dict[str, str], log: logging.Logger) -> None:
+    """Raise ``ConfigError`` (one line) if librdkafka refuses a property. The producer it
+    builds to find out has no brokers, so it connects nowhere. librdkafka's message names
+    the property, never its value."""
     # No brokers, no log lines (it would warn about having no brokers).
     checked = {k: v for k, v in config.items() if k != "bootstrap.servers"} | {"log_level": "0"}
     try:
         producer = Producer(checked, logger=_DebugLogger(log))
     except KafkaException as exc:
-        raise ConfigError(f"--kafka-config: {reason(exc.args[0].str())}") from None
+        raise ConfigError(f"--kafka-config: {exc.args[0].str()}") from None
     producer.close()

@@ -38,16 +38,15 @@ from confluent_kafka import KafkaError
 
 from worker.errors import PermanentError, TransientError
 from worker.intent import Intent
-from worker.observe.findings import fmt_duration
 from worker.sinks.base import DeliversBatchOfOne
 from worker.sinks.kafka.config import (
-    config_secrets,
     parse_kafka_url,
     producer_config,
 )
 from worker.sinks.kafka.producer import Batch, Client, ProduceError, check_config
 from worker.sinks.kafka.record import DEBEZIUM_TOPIC, KeyEncoding, Record, Router
 from worker.sinks.size import SizeLimit, format_bytes
+from worker.units import fmt_duration
 
 __all__ = ["KafkaSink"]
 
@@ -104,7 +103,6 @@ class KafkaSink(DeliversBatchOfOne):
         brokers = parse_kafka_url(url)
         self._where = ",".join(f"{h}:{p}" for h, p in brokers)
         self._config = producer_config(brokers, entries, timeout=timeout)
-        self._secrets = config_secrets(entries)
         self._timeout = timeout
         self._router = Router(
             id_prefix=id_prefix, debezium_topic=debezium_topic, key_encoding=key_encoding
@@ -114,7 +112,7 @@ class KafkaSink(DeliversBatchOfOne):
         self._limit = self._size.limit(self._max_message)[0]
         within = self._config.get("delivery.timeout.ms", self._config["message.timeout.ms"])
         self._report_within = int(within) / 1000  # seconds: every report comes by then
-        check_config(self._config, log, self._reason)  # a bad property stops the start
+        check_config(self._config, log)  # a bad property stops the start
         # Started now: it connects and gets its producer id before the first intent comes.
         self._client = Client(self._config, log)
         self._retired: list[threading.Thread] = []
@@ -124,12 +122,6 @@ class KafkaSink(DeliversBatchOfOne):
 
     def __repr__(self) -> str:
         return f"KafkaSink({self._where})"
-
-    def _reason(self, text: str) -> str:
-        """librdkafka's words, without any credential of --kafka-config."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
     # --- delivering ---------------------------------------------------------------------
 
@@ -211,7 +203,7 @@ class KafkaSink(DeliversBatchOfOne):
             return TransientError(f"Kafka {self._where}: the producer's queue is full")
         code = err.code()
         topic = record.topic
-        what = f"{err.name()}: {self._reason(err.str())}"
+        what = f"{err.name()}: {err.str()}"
         if code in _TOO_LARGE:
             limit, source = self._size.limit(self._max_message, "the producer's message.max.bytes")
             return PermanentError(
@@ -249,7 +241,7 @@ class KafkaSink(DeliversBatchOfOne):
     def _healthy_client(self) -> Client:
         client = self._client
         if client.fatal is not None:
-            client = self._replace(client, f"fatal error: {self._reason(client.fatal.str())}")
+            client = self._replace(client, f"fatal error: {client.fatal.str()}")
         self._client_errors(client)
         return client
 
@@ -259,7 +251,7 @@ class KafkaSink(DeliversBatchOfOne):
         while client.errors:
             err = client.errors.popleft()
             if err.code() in (E._ALL_BROKERS_DOWN, E._AUTHENTICATION):
-                self._down(f"{err.name()}: {self._reason(err.str())}")
+                self._down(f"{err.name()}: {err.str()}")
 
     def _replace(self, client: Client, why: str) -> Client:
         # During an outage its "down" line says enough, and a cause that stays (an ACL that

@@ -4,10 +4,10 @@ shown; how a Debezium outbox row is routed."""
 
 from __future__ import annotations
 
-from worker.cli.options import BadValue
 from worker.sinks.base import Sink
 from worker.sinks.kafka.config import (
     DEFAULT_PORT,
+    BadValue,
     config_entry,
     parse_kafka_url,
     shown_config,
@@ -65,8 +65,7 @@ SPEC = SinkSpec(
             "--kafka-config",
             "OUTBOX_KAFKA_CONFIG",
             "a librdkafka producer property KEY=VALUE, e.g. security.protocol=SASL_SSL, "
-            "sasl.password=... (repeatable; the variable: one a line); passwords, secrets and "
-            "keys are never shown",
+            "sasl.password=... (repeatable; the variable: one a line); credentials are never shown",
             convert=config_entry,
             default=(),
             repeat=True,
