@@ -53,7 +53,10 @@ class DbHealth:
     dead_tuples: int | None
     last_autovacuum_seconds: float | None  # age of the last (auto)vacuum of the intent table
     table_bytes: int | None
-    oldest_xact_seconds: float | None  # oldest open transaction holding back the xmin horizon
+    # What holds back the xmin horizon (vacuum cannot remove what it may still see): the
+    # holder furthest behind. Its age (None for a replication slot), its pid (a slot's active
+    # one, none for a prepared transaction), its name: application_name, slot name or gid.
+    oldest_xact_seconds: float | None
     oldest_xact_pid: int | None
     oldest_xact_application: str | None
     halted_keys: int = 0  # ordering keys held up by a dead intent (capped like the counts)
@@ -61,6 +64,10 @@ class DbHealth:
     oldest_halted_seconds: float | None = None  # since that dead head was created
     pending_held: int = 0
     server: str | None = None  # the server the pool is on: "host:port (primary)"
+    horizon_kind: str | None = None  # 'transaction', 'replication slot', 'prepared transaction'
+    horizon_state: str | None = None  # pg_stat_activity.state, or a slot's (in)active
+    horizon_xids: int | None = None  # how far behind it is, in transaction ids
+    index_bytes: int | None = None  # the intent table's indexes (pg_indexes_size)
 
     @property
     def pending(self) -> int:
@@ -206,6 +213,10 @@ class Store:
             oldest_halted_key=row["oldest_halted_key"],
             oldest_halted_seconds=row["oldest_halted_age"],
             server=server_label(row),
+            horizon_kind=row["horizon_kind"],
+            horizon_state=row["horizon_state"],
+            horizon_xids=row["horizon_xids"],
+            index_bytes=row["index_bytes"],
         )
 
     async def server(self, conn: Pooled) -> str:
