@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 
@@ -31,6 +31,19 @@ class Conn(Protocol):
     async def fetchval(self, query: str, *args: Any) -> Any: ...
     async def execute(self, query: str, *args: Any) -> object: ...
 
+
+class Floor(NamedTuple):
+    """Where a claim starts in the pending index (run_at, id): the worker's lower bound
+    below which nothing was pending at its last claim (see ``claim`` in sql/relay.sql)."""
+
+    run_at: datetime
+    id: int
+
+
+FULL_SCAN = Floor(datetime.min.replace(tzinfo=UTC), 0)
+# How far before its own start a claim puts the next floor at most: a producer transaction
+# open longer than this whose row commits after the claim waits for the next full scan.
+FLOOR_MARGIN = 1.0
 
 Pooled = asyncpg.Pool | asyncpg.Connection  # reads that want fetchrow and a timeout
 
@@ -131,18 +144,51 @@ class Store:
         default_max_attempts: int,
     ) -> list[Intent]:
         """Up to ``limit`` due rows, leased to ``worker_id`` for ``lease`` seconds, their
-        attempt counted; none of ``skip_kinds``."""
-        rows = await conn.fetch(self._q["claim"], worker_id, lease, limit, list(skip_kinds))
-        return [Intent.from_row(r, default_max_attempts) for r in rows]
+        attempt counted; none of ``skip_kinds``. A full scan (no floor)."""
+        intents, _ = await self.claim_from(
+            conn,
+            FULL_SCAN,
+            worker_id=worker_id,
+            lease=lease,
+            limit=limit,
+            skip_kinds=skip_kinds,
+            default_max_attempts=default_max_attempts,
+        )
+        return intents
 
-    async def hold_backlog(self, conn: Conn, limit: int) -> int:
+    async def claim_from(
+        self,
+        conn: Conn,
+        floor: Floor,
+        *,
+        worker_id: str,
+        lease: float,
+        limit: int,
+        skip_kinds: Sequence[str],
+        default_max_attempts: int,
+        margin: float = FLOOR_MARGIN,
+    ) -> tuple[list[Intent], Floor | None]:
+        """``claim``, looking only at rows at or past ``floor`` (run_at, id); also the floor
+        for the next claim (None when nothing was claimed: keep the old one)."""
+        rows = await conn.fetch(self._q["claim"], worker_id, lease, limit, list(skip_kinds), *floor)
+        if not rows:
+            return [], None
+        intents = [Intent.from_row(r, default_max_attempts) for r in rows]
+        first = rows[0]
+        cap = Floor(first["claimed_at"] - timedelta(seconds=margin), 0)
+        if first["floor_id"] is None:
+            return intents, cap
+        return intents, min(cap, Floor(first["floor_run_at"], first["floor_id"]))
+
+    async def hold_backlog(self, conn: Conn, limit: int, floor: Floor = FULL_SCAN) -> int:
         """Mark keyed rows that wait behind their key's head (among the first ``limit``
-        due): out of the claim's way. How many it marked."""
-        return int(await conn.fetchval(self._q["hold_backlog"], limit))
+        due at or past ``floor``): out of the claim's way. How many it marked."""
+        return int(await conn.fetchval(self._q["hold_backlog"], limit, *floor))
 
-    async def next_due(self, conn: Conn) -> float | None:
-        """Seconds until the next pending intent is due (<= 0: now); None: none pending."""
-        due: float | None = await conn.fetchval(self._q["next_due"])
+    async def next_due(self, conn: Conn, floor: Floor = FULL_SCAN) -> float | None:
+        """Seconds until the next pending intent at or past ``floor`` is due (<= 0: now);
+        None: none pending."""
+        due: float | None = await conn.fetchval(self._q["next_due"], *floor)
         return due
 
     async def declare_idle(self, conn: Conn, backend_pid: int, worker_id: str) -> None:
