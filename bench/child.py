@@ -207,17 +207,21 @@ def _time_claims(store: Any) -> list[tuple[float, float]]:
     """Time every claim statement the worker runs (the xmin scenario: pg_stat_statements is
     seldom preloaded): (monotonic end, seconds) of each, in a list the caller keeps."""
     times: list[tuple[float, float]] = []
-    claim = store.claim
 
-    async def timed(*args: Any, **kwargs: Any) -> Any:
-        begin = time.monotonic()
-        try:
-            return await claim(*args, **kwargs)
-        finally:
-            end = time.monotonic()
-            times.append((end, end - begin))
+    def timed(claim: Any) -> Any:
+        async def timed_claim(*args: Any, **kwargs: Any) -> Any:
+            begin = time.monotonic()
+            try:
+                return await claim(*args, **kwargs)
+            finally:
+                end = time.monotonic()
+                times.append((end, end - begin))
 
-    store.claim = timed
+        return timed_claim
+
+    # The claim loop's method: claim_from (a floor) where the checkout has it, else claim.
+    name = "claim_from" if hasattr(store, "claim_from") else "claim"
+    setattr(store, name, timed(getattr(store, name)))
     return times
 
 
