@@ -77,7 +77,9 @@ class Relay:
         # life of the worker (no ANALYZE came to invalidate it): a seq scan for the claim's
         # `id = ANY`, a hash join over every processing entry for the outcome write, their
         # cost growing with the table (issue 21's held xmin: 13 ms -> 50 s commit -> handler).
-        custom = {"plan_cache_mode": "force_custom_plan"}
+        # (Behind a pooler statements are unnamed, planned every time already: no SET LOCAL
+        # transaction around each outcome write for nothing.)
+        custom = {} if settings.pooled else {"plan_cache_mode": "force_custom_plan"}
         self._claim_conn = DedicatedConnection(
             dsn,
             f"{name} claims",
