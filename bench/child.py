@@ -144,6 +144,8 @@ class RelayWorker:
             worker_id=cfg["tag"],
             tracer=_tracer() if cfg.get("trace") else None,
         )
+        if cfg.get("time_claims"):
+            self.claim_times = _time_claims(self.relay.store)
         # Listening before "go", as `outbox-worker run` does before its relay starts: the
         # drain measures serving, not importing aiohttp.
         self._endpoint = contextlib.AsyncExitStack()
@@ -191,6 +193,7 @@ class RelayWorker:
             "listener_pid": listener.backend_pid if listener else None,
             "claimed": stats.claimed,
             "sent": sum(stats.sent.values()),
+            "claim_times": getattr(self, "claim_times", []),
         }
 
     async def close(self) -> None:
@@ -198,6 +201,28 @@ class RelayWorker:
         for sink in {id(s): s for s in self.sinks.values()}.values():
             await sink.aclose()
         await self.pool.close()
+
+
+def _time_claims(store: Any) -> list[tuple[float, float]]:
+    """Time every claim statement the worker runs (the xmin scenario: pg_stat_statements is
+    seldom preloaded): (monotonic end, seconds) of each, in a list the caller keeps."""
+    times: list[tuple[float, float]] = []
+
+    def timed(claim: Any) -> Any:
+        async def timed_claim(*args: Any, **kwargs: Any) -> Any:
+            begin = time.monotonic()
+            try:
+                return await claim(*args, **kwargs)
+            finally:
+                end = time.monotonic()
+                times.append((end, end - begin))
+
+        return timed_claim
+
+    # The claim loop's method: claim_from (a floor) where the checkout has it, else claim.
+    name = "claim_from" if hasattr(store, "claim_from") else "claim"
+    setattr(store, name, timed(getattr(store, name)))
+    return times
 
 
 def _tracer() -> Any:

@@ -62,6 +62,11 @@ class Size:
     backlog_producer_seconds: float = 5.0
     backlog_runs_at_most: int = 1  # a run takes minutes: once, unless --runs asks fewer
     http_intents: int = 100_000  # long enough for a few 1 s scrapes at full speed
+    # A held xmin horizon (issue 21): producers at this rate for this long, figures per window.
+    xmin_rate: int = 300
+    xmin_seconds: float = 300.0
+    xmin_window: float = 30.0
+    xmin_runs_at_most: int = 1  # five minutes a run
 
 
 FULL = Size()
@@ -101,6 +106,9 @@ TINY = Size(
     procrastinate_concurrency=(10,),
     alt_latency_rate=50,
     alt_latency_producers=2,
+    xmin_rate=100,
+    xmin_seconds=2.0,
+    xmin_window=1.0,
 )
 SIZES = {"full": FULL, "tiny": TINY}
 

@@ -90,3 +90,8 @@ INSERT INTO {{schema}}.intent (kind, payload, trace_context)
 SELECT $2, jsonb_build_object('k', g),
        '{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}'::jsonb
 FROM generate_series(0, $1 - 1) AS g
+
+-- name: dead_tuples
+-- The intent table's dead tuples (the statistics collector's count; the xmin scenario).
+SELECT n_dead_tup FROM pg_stat_user_tables
+WHERE relid = '{{schema}}.intent'::regclass

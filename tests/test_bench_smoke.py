@@ -27,6 +27,7 @@ MUST_MEASURE = {
     "backlog": "rss_peak_mb",
     "http": "vs_without",
     "tracing": "vs_off",
+    "xmin": "p99_ms",
 }
 
 

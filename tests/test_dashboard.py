@@ -31,7 +31,8 @@ from worker.observe.stats import Snapshot, Stats
 from worker.outcome import Dead, Retry, Sent
 from worker.producer import enqueue
 from worker.store.db import create_pool
-from worker.store.queries import DbHealth, Store
+from worker.store.queries import Store
+from worker.store.rows import DbHealth
 from worker.store.sqlfiles import Names
 from worker.units import fmt_duration
 

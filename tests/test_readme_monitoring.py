@@ -38,7 +38,7 @@ def _promtool(*args: str, cwd: Path) -> str:
 
 def test_readme_alert_rules_pass_promtool_check(tmp_path: Path) -> None:
     (tmp_path / "alerts.yml").write_text(readme_snippet(SECTION, "yaml", "# outbox-alerts").text)
-    assert "SUCCESS: 3 rules found" in _promtool("check", "rules", "alerts.yml", cwd=tmp_path)
+    assert "SUCCESS: 4 rules found" in _promtool("check", "rules", "alerts.yml", cwd=tmp_path)
 
 
 def _alert(name: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -63,6 +63,10 @@ def test_readme_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) ->
         # w1's LISTEN connection drops at minute 3 and stays down; w2's blips for 2 minutes.
         (f"outbox_listener_connected{{{w1}}}", "1 1 1 0x22"),
         (f"outbox_listener_connected{{{w2}}}", "1 1 1 0 0 1x20"),
+        # A session idle in transaction from minute 2 on; a slot keeps the horizon a little
+        # behind all along (well under the bound).
+        (f"outbox_oldest_transaction_age_seconds{{{w1}}}", "_ _ 0+60x50"),
+        (f"outbox_xmin_horizon_age_xids{{{w2}}}", "1000+1000x50"),
     ]
     tests = {
         "rule_files": ["alerts.yml"],
@@ -83,6 +87,12 @@ def test_readme_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) ->
                         "eval_time": "20m",
                         "alertname": "OutboxDeadRate",
                         "exp_alerts": [_alert("OutboxDeadRate", {"kind": "email"})],
+                    },
+                    {"eval_time": "30m", "alertname": "OutboxVacuumHeldBack", "exp_alerts": []},
+                    {
+                        "eval_time": "38m",
+                        "alertname": "OutboxVacuumHeldBack",
+                        "exp_alerts": [_alert("OutboxVacuumHeldBack", {})],
                     },
                     {"eval_time": "8m", "alertname": "OutboxListenerDown", "exp_alerts": []},
                     {
@@ -154,7 +164,9 @@ async def test_readme_kubernetes_probes_and_metrics_table(
     assert set(exposed) <= set(documented), set(exposed) - set(documented)
     # Only the gauges the table says may be absent are.
     optional = {"outbox_table_bytes", "outbox_table_dead_tuples"}
-    optional |= {"outbox_oldest_transaction_age_seconds"}
+    optional |= {"outbox_oldest_transaction_age_seconds", "outbox_table_index_bytes"}
+    optional |= {"outbox_table_last_vacuum_age_seconds", "outbox_xmin_horizon_age_xids"}
+    optional |= {"outbox_xmin_horizon_holder"}
     # Retention's: after its first round (a few seconds after start), with rows to age.
     optional |= {
         "outbox_retention_last_run_timestamp_seconds",

@@ -16,7 +16,8 @@ from worker.dashboard.lines import database_line
 from worker.observe.metrics import RelayCollector
 from worker.observe.stats import Stats
 from worker.relay.retention import FULL_EVERY, Retention, round_interval
-from worker.store.queries import DbHealth, Store
+from worker.store.queries import Store
+from worker.store.rows import DbHealth
 from worker.store.sqlfiles import RETENTION_LOCK_CLASS, Names
 
 HOUR, DAY = 3600.0, 86400.0

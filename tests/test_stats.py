@@ -12,7 +12,7 @@ from worker.intent import Intent
 from worker.observe.stats import Stats, redact
 from worker.observe.windows import WINDOW, bin_upper_edge, latency_bin, percentiles
 from worker.outcome import Dead, Released, Retry, Sent
-from worker.store.queries import DbHealth
+from worker.store.rows import DbHealth
 
 
 class Clock:

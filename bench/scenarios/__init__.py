@@ -20,6 +20,7 @@ from bench.scenarios import (
     producer_cost,
     sinks,
     tracing,
+    xmin,
 )
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
@@ -38,4 +39,5 @@ SCENARIOS: dict[str, ModuleType] = {
     "backlog": backlog,
     "http": monitoring,
     "tracing": tracing,
+    "xmin": xmin,
 }

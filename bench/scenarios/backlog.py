@@ -41,6 +41,7 @@ from bench.sql import query
 from bench.systems import Installed, RelaySystem
 from worker.cli.admin import status
 from worker.observe.health import COUNT_CAP
+from worker.store.queries import FULL_SCAN
 from worker.store.sqlfiles import load_queries
 
 DRAIN = ("intents_per_s", "seconds", "seed_s", "claim_ms", "claim_halfway_ms", "index_scan")
@@ -83,7 +84,7 @@ async def _claim_plan(conn: asyncpg.Connection, inst: Installed, limit: int) -> 
     await tr.start()
     try:
         explained = await conn.fetchval(
-            f"EXPLAIN (ANALYZE, FORMAT JSON) {claim}", "explain", 30.0, limit, []
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {claim}", "explain", 30.0, limit, [], *FULL_SCAN
         )
     finally:
         await tr.rollback()

@@ -14,6 +14,7 @@ from worker.observe.findings import (
     DB_STALE,
     DEAD_TUPLES,
     DEAD_TUPLES_MIN,
+    HORIZON_XIDS,
     NOTIFY_QUEUE,
     OK,
     OLD_XACT,
@@ -23,6 +24,7 @@ from worker.observe.findings import (
 )
 from worker.observe.stats import Snapshot
 from worker.store.grants import NO_PRIVILEGE
+from worker.store.rows import DbHealth
 from worker.units import fmt_bytes, fmt_count, fmt_duration, fmt_latency, fmt_rate
 
 # --- the verdict ---------------------------------------------------------------------------
@@ -180,17 +182,31 @@ def _sleep_state(snap: Snapshot) -> Text:
     return Text("(asleep)" if snap.idle_declared else "(busy)", style="dim")
 
 
+def horizon_holder(db: DbHealth) -> str:
+    """Who holds back vacuum, in words: "xact by pid 42 (psql, idle in transaction)",
+    "replication slot s1 (inactive)", "prepared xact gid" ("" when nothing does)."""
+    if db.horizon_kind == "replication slot":
+        return f"replication slot {db.oldest_xact_application} ({db.horizon_state})"
+    if db.horizon_kind == "prepared transaction":
+        return f"prepared xact {db.oldest_xact_application}"
+    if not db.oldest_xact_pid:
+        return ""
+    about = ", ".join(x for x in (db.oldest_xact_application, db.horizon_state) if x)
+    return f"xact by pid {db.oldest_xact_pid}" + (f" ({about})" if about else "")
+
+
 def database_line(snap: Snapshot) -> Parts:
     db = snap.db
     if db is None:
         return Parts([Text("-", style="dim")])
     parts: list[Text | str] = []
-    holder = ""
-    if db.oldest_xact_pid:
-        app = f" ({db.oldest_xact_application})" if db.oldest_xact_application else ""
-        holder = f"xact by pid {db.oldest_xact_pid}{app}"
+    holder = horizon_holder(db)
     xact = level(db.oldest_xact_seconds, OLD_XACT)
-    if db.oldest_xact_seconds is None:
+    if db.horizon_kind == "replication slot":
+        behind = level(db.horizon_xids, HORIZON_XIDS)
+        parts.append(_styled(f"{holder}, {db.horizon_xids or 0:,} xids behind", behind))
+        holder = ""
+    elif db.oldest_xact_seconds is None:
         parts.append("no open xact")
     else:
         age = f"oldest xact {fmt_duration(db.oldest_xact_seconds)}"
@@ -207,7 +223,8 @@ def database_line(snap: Snapshot) -> Parts:
         else f"vacuumed {fmt_duration(db.last_autovacuum_seconds)} ago"
     )
     if db.table_bytes is not None:
-        parts.append(f"table {fmt_bytes(db.table_bytes)}")
+        indexes = f" + indexes {fmt_bytes(db.index_bytes)}" if db.index_bytes is not None else ""
+        parts.append(f"table {fmt_bytes(db.table_bytes)}{indexes}")
     if db.server:
         parts.append(f"on {db.server}")
     if holder and xact == OK:

@@ -17,6 +17,8 @@ from worker.units import fmt_count, fmt_duration
 BEHIND = (5.0, 60.0)  # oldest due intent waiting, seconds
 SLOT_BUSY = (10.0, 60.0)  # one delivery running this long looks stuck
 OLD_XACT = (60.0, 600.0)  # an open transaction this old makes the queue table bloat
+# A replication slot holding the horizon has no age in seconds: transaction ids behind it.
+HORIZON_XIDS = (1_000_000, 100_000_000)
 NOTIFY_QUEUE = (0.1, 0.5)  # pg_notification_queue_usage(): at 1.0 NOTIFY fails
 # Dead share of the intent table's tuples. Autovacuum starts at ~20% by default, so only
 # well past that is it falling behind; below DEAD_TUPLES_MIN nothing matters yet.
@@ -87,6 +89,10 @@ def assess(snap: Snapshot) -> list[Finding]:
         xact = level(db.oldest_xact_seconds, OLD_XACT)
         if xact != OK:
             found.append(Finding(xact, f"old xact {fmt_duration(db.oldest_xact_seconds)}"))
+        elif db.horizon_kind == "replication slot":
+            behind = level(db.horizon_xids, HORIZON_XIDS)
+            if behind != OK:
+                found.append(Finding(behind, f"slot {db.oldest_xact_application} holds xmin"))
         usage = level(db.notify_queue_usage, NOTIFY_QUEUE)
         if usage != OK:
             found.append(Finding(usage, f"notify queue {db.notify_queue_usage:.0%}"))

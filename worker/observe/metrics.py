@@ -265,13 +265,36 @@ class RelayCollector:
             ("outbox_table_bytes", "Size of the intent table (pg_table_size).", db.table_bytes),
             ("outbox_table_dead_tuples", "Dead tuples in the intent table (to vacuum).",
              db.dead_tuples),
+            ("outbox_table_index_bytes", "Size of the intent table's indexes.", db.index_bytes),
+            ("outbox_table_last_vacuum_age_seconds",
+             "Since the intent table was last vacuumed (by autovacuum or by hand).",
+             db.last_autovacuum_seconds),
             ("outbox_oldest_transaction_age_seconds",
-             "Oldest open transaction in the database holding back vacuum.",
+             "Age of what holds back vacuum (outbox_xmin_horizon_holder), if it has one.",
              db.oldest_xact_seconds),
+            ("outbox_xmin_horizon_age_xids",
+             "How far back the xmin horizon is held, in transaction ids.",
+             db.horizon_xids),
         )  # fmt: skip
         for name, doc, maybe in optional:
             if maybe is not None:
                 yield GaugeMetricFamily(name, doc, value=maybe)
+        if db.horizon_kind is not None:
+            holder = GaugeMetricFamily(
+                "outbox_xmin_horizon_holder",
+                "What holds back vacuum of the intent table (always 1): a transaction, a "
+                "replication slot or a prepared transaction, its pid, name and state.",
+                labels=["kind", "pid", "name", "state"],
+            )
+            pid = "" if db.oldest_xact_pid is None else str(db.oldest_xact_pid)
+            labels = [
+                db.horizon_kind,
+                pid,
+                db.oldest_xact_application or "",
+                db.horizon_state or "",
+            ]
+            holder.add_metric(labels, 1)
+            yield holder
 
 
 def relay_registry(relay: Relay, kinds: Iterable[str]) -> CollectorRegistry:

@@ -19,7 +19,7 @@ from worker.observe.histogram import Histogram
 from worker.observe.loopwatch import LoopStall, StallView, stall_view
 from worker.observe.windows import WINDOW, Latency, SecondBuckets, latency_bin, percentiles
 from worker.outcome import Dead, Outcome, Released, Retry, Sent
-from worker.store.queries import DbHealth
+from worker.store.rows import DbHealth
 
 RATE_NOW_SPAN = 5  # "now" is the average of the last complete seconds, so it does not jump
 

@@ -30,7 +30,7 @@ from worker.relay.wakeup import Wakeup
 from worker.settings import Settings
 from worker.store.connection import DedicatedConnection
 from worker.store.db import DB_UNAVAILABLE
-from worker.store.queries import Store
+from worker.store.queries import FULL_SCAN, Floor, Store
 
 log = logging.getLogger("outbox.claimer")
 
@@ -64,6 +64,11 @@ class Claimer:
         self._saturated_kinds = saturated_kinds
         self._idle_flag_pid: int | None = None
         self._stopping = False
+        # Claims start at a floor below which nothing was pending (see ``claim`` in
+        # worker/store/sql/relay.sql), with a full scan at least once a poll interval.
+        self._floor = FULL_SCAN
+        self._next_full_scan = 0.0
+        self._keyed_in_flight = False
 
     def stop(self) -> None:
         self._stopping = True
@@ -140,18 +145,34 @@ class Claimer:
             self._dispatcher.dispatch(intents)
         return len(intents), len(intents) == want
 
+    def _claim_floor(self) -> Floor:
+        """Where this claim starts: the floor, or nothing (a full scan) once a poll interval
+        and while keyed intents are in flight here or were at the last claim: the outcome
+        that frees a key lets its next row, held with its old run_at, back in below the
+        floor."""
+        now = anyio.current_time()
+        keyed = any(i.ordering_key is not None for i in self._rows.held.values())
+        full = keyed or self._keyed_in_flight or now >= self._next_full_scan
+        self._keyed_in_flight = keyed
+        if now >= self._next_full_scan:
+            self._next_full_scan = now + self._settings.poll_interval
+        return FULL_SCAN if full else self._floor
+
     async def _claim(self, limit: int) -> list[Intent]:
         # Shielded: a claim cancelled after the server committed it would strand its rows
         # until their lease expired.
         with anyio.CancelScope(shield=True):
-            intents = await self._store.claim(
+            intents, floor = await self._store.claim_from(
                 self._conn,
+                self._claim_floor(),
                 worker_id=self._worker_id,
                 lease=self._settings.lease,
                 limit=limit,
                 skip_kinds=self._saturated_kinds(),
                 default_max_attempts=self._settings.max_attempts,
             )
+        if floor is not None:
+            self._floor = floor
         if not intents:
             return []
         self._rows.claimed(intents)
@@ -192,7 +213,7 @@ class Claimer:
     async def _wait_for_work(self) -> None:
         timeout = jittered(self._settings.poll_interval)
         try:
-            due_in = await self._store.next_due(self._conn)
+            due_in = await self._store.next_due(self._conn, self._floor)
         except DB_UNAVAILABLE:
             due_in = None
         if due_in is not None:
@@ -203,7 +224,8 @@ class Claimer:
             # Due rows we could not claim: other workers hold them, or they wait behind the
             # head of their ordering key. Mark the latter out of the claim's way; if any were,
             # claim again at once (a long backlog behind one key takes a pass per 1,000).
-            if due_in <= 0 and await self._store.hold_backlog(self._conn, 1000):
+            if due_in <= 0 and await self._store.hold_backlog(self._conn, 1000, self._floor):
                 return
         if not await self._wakeup.wait(timeout):
             self._stats.on_poll()
+            self._next_full_scan = 0.0  # a poll looks everywhere

@@ -10,14 +10,14 @@ pool, or the caller's own connection): which one is the caller's concern.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 
 from worker.intent import Intent
 from worker.outcome import Dead, Outcome, Released, Retry, Sent
+from worker.store.rows import DbHealth, HaltedKeys, PurgeBatch
 from worker.store.sqlfiles import Names, load_queries
 
 _MAX_ERROR_CHARS = 2000
@@ -32,80 +32,20 @@ class Conn(Protocol):
     async def execute(self, query: str, *args: Any) -> object: ...
 
 
+class Floor(NamedTuple):
+    """Where a claim starts in the pending index (run_at, id): the worker's lower bound
+    below which nothing was pending at its last claim (see ``claim`` in sql/relay.sql)."""
+
+    run_at: datetime
+    id: int
+
+
+FULL_SCAN = Floor(datetime.min.replace(tzinfo=UTC), 0)
+# How far before its own start a claim puts the next floor at most: a producer transaction
+# open longer than this whose row commits after the claim waits for the next full scan.
+FLOOR_MARGIN = 1.0
+
 Pooled = asyncpg.Pool | asyncpg.Connection  # reads that want fetchrow and a timeout
-
-
-@dataclass(frozen=True, slots=True)
-class DbHealth:
-    """The database side, from the one cheap health query (see worker/store/sql/health.sql)."""
-
-    # status = 'pending', in three parts: run_at reached, run_at later, held behind their
-    # ordering key's head (ordering_held); each capped at count_cap.
-    pending_due: int
-    pending_later: int
-    processing: int
-    dead: int
-    count_cap: int  # counts stop here: a count equal to it means "at least"
-    oldest_due_seconds: float | None  # how long the longest-waiting due intent has waited
-    notify_queue_usage: float  # pg_notification_queue_usage(), 0..1
-    idle_workers: int  # workers waiting for a notification (idle_worker rows)
-    live_tuples: int | None
-    dead_tuples: int | None
-    last_autovacuum_seconds: float | None  # age of the last (auto)vacuum of the intent table
-    table_bytes: int | None
-    oldest_xact_seconds: float | None  # oldest open transaction holding back the xmin horizon
-    oldest_xact_pid: int | None
-    oldest_xact_application: str | None
-    halted_keys: int = 0  # ordering keys held up by a dead intent (capped like the counts)
-    oldest_halted_key: str | None = None
-    oldest_halted_seconds: float | None = None  # since that dead head was created
-    pending_held: int = 0
-    server: str | None = None  # the server the pool is on: "host:port (primary)"
-
-    @property
-    def pending(self) -> int:
-        return self.pending_due + self.pending_later + self.pending_held
-
-    @property
-    def pending_capped(self) -> bool:
-        """A part of ``pending`` stopped at the cap: the total is "at least"."""
-        return max(self.pending_due, self.pending_later, self.pending_held) >= self.count_cap
-
-
-@dataclass(frozen=True, slots=True)
-class HaltedKeys:
-    """Ordering keys halted by a dead intent, and the oldest of them."""
-
-    keys: int
-    held_intents: int  # pending intents waiting behind them
-    oldest_id: int | None
-    oldest_key: str | None
-    oldest_kind: str | None
-    oldest_error: str | None
-    oldest_age: float | None  # seconds since that dead intent was created
-
-
-@dataclass(frozen=True, slots=True)
-class PurgeBatch:
-    """One window of the purge query (worker/store/sql/admin.sql)."""
-
-    got: bool  # the statement ran (False: another deleter held the retention lock)
-    sent: int  # deleted, by state
-    dead: int
-    examined: int  # rows of the window
-    last_id: int  # where the next window starts
-    first_kept: int | None  # the lowest id of the window still there (None: all deleted)
-    young: bool  # every row of the window is newer than the cutoffs
-    limit: int
-
-    @property
-    def deleted(self) -> int:
-        return self.sent + self.dead
-
-    @property
-    def last(self) -> bool:
-        """Nothing further to look at: the end of the table, or rows too new to go."""
-        return not self.got or self.examined < self.limit or self.young
 
 
 def _outcome_row(intent: Intent, outcome: Outcome) -> tuple[int, str, float, str | None, int]:
@@ -147,18 +87,51 @@ class Store:
         default_max_attempts: int,
     ) -> list[Intent]:
         """Up to ``limit`` due rows, leased to ``worker_id`` for ``lease`` seconds, their
-        attempt counted; none of ``skip_kinds``."""
-        rows = await conn.fetch(self._q["claim"], worker_id, lease, limit, list(skip_kinds))
-        return [Intent.from_row(r, default_max_attempts) for r in rows]
+        attempt counted; none of ``skip_kinds``. A full scan (no floor)."""
+        intents, _ = await self.claim_from(
+            conn,
+            FULL_SCAN,
+            worker_id=worker_id,
+            lease=lease,
+            limit=limit,
+            skip_kinds=skip_kinds,
+            default_max_attempts=default_max_attempts,
+        )
+        return intents
 
-    async def hold_backlog(self, conn: Conn, limit: int) -> int:
+    async def claim_from(
+        self,
+        conn: Conn,
+        floor: Floor,
+        *,
+        worker_id: str,
+        lease: float,
+        limit: int,
+        skip_kinds: Sequence[str],
+        default_max_attempts: int,
+        margin: float = FLOOR_MARGIN,
+    ) -> tuple[list[Intent], Floor | None]:
+        """``claim``, looking only at rows at or past ``floor`` (run_at, id); also the floor
+        for the next claim (None when nothing was claimed: keep the old one)."""
+        rows = await conn.fetch(self._q["claim"], worker_id, lease, limit, list(skip_kinds), *floor)
+        if not rows:
+            return [], None
+        intents = [Intent.from_row(r, default_max_attempts) for r in rows]
+        first = rows[0]
+        cap = Floor(first["claimed_at"] - timedelta(seconds=margin), 0)
+        if first["floor_id"] is None:
+            return intents, cap
+        return intents, min(cap, Floor(first["floor_run_at"], first["floor_id"]))
+
+    async def hold_backlog(self, conn: Conn, limit: int, floor: Floor = FULL_SCAN) -> int:
         """Mark keyed rows that wait behind their key's head (among the first ``limit``
-        due): out of the claim's way. How many it marked."""
-        return int(await conn.fetchval(self._q["hold_backlog"], limit))
+        due at or past ``floor``): out of the claim's way. How many it marked."""
+        return int(await conn.fetchval(self._q["hold_backlog"], limit, *floor))
 
-    async def next_due(self, conn: Conn) -> float | None:
-        """Seconds until the next pending intent is due (<= 0: now); None: none pending."""
-        due: float | None = await conn.fetchval(self._q["next_due"])
+    async def next_due(self, conn: Conn, floor: Floor = FULL_SCAN) -> float | None:
+        """Seconds until the next pending intent at or past ``floor`` is due (<= 0: now);
+        None: none pending."""
+        due: float | None = await conn.fetchval(self._q["next_due"], *floor)
         return due
 
     async def declare_idle(self, conn: Conn, backend_pid: int, worker_id: str) -> None:
@@ -229,6 +202,10 @@ class Store:
             oldest_halted_key=row["oldest_halted_key"],
             oldest_halted_seconds=row["oldest_halted_age"],
             server=server_label(row),
+            horizon_kind=row["horizon_kind"],
+            horizon_state=row["horizon_state"],
+            horizon_xids=row["horizon_xids"],
+            index_bytes=row["index_bytes"],
         )
 
     async def server(self, conn: Pooled) -> str:

@@ -45,7 +45,11 @@ SELECT
     pg_table_size(t.relid) AS table_bytes,
     x.age AS oldest_xact_age,
     x.pid AS oldest_xact_pid,
-    x.application_name AS oldest_xact_application,
+    x.name AS oldest_xact_application,
+    x.kind AS horizon_kind,
+    x.state AS horizon_state,
+    x.xids AS horizon_xids,
+    pg_indexes_size(t.relid) AS index_bytes,
     -- Which server this is (of a multi-host DSN's hosts); no address over a Unix socket.
     host(inet_server_addr()) AS server_addr,
     current_setting('port')::int AS server_port,
@@ -56,17 +60,30 @@ LEFT JOIN pg_stat_user_tables AS t ON t.schemaname = $2 AND t.relname = 'intent'
 -- id LIMIT 1, which the planner was seen to answer by walking the whole primary key.
 LEFT JOIN {{schema}}.intent AS oldest_halted
     ON oldest_halted.id = (SELECT min(id) FROM {{schema}}.halted_key)
--- The oldest transaction in this database that holds back the xmin horizon (by a snapshot or
--- a transaction id): VACUUM cannot remove rows it might still see. Vacuums themselves don't.
+-- What holds back the xmin horizon for this database, so that VACUUM cannot remove rows it
+-- might still see: the holder furthest behind (by transaction ids) of an open transaction
+-- or snapshot here (vacuums themselves don't count), a walsender (hot_standby_feedback), a
+-- replication slot, a prepared transaction.
 LEFT JOIN LATERAL (
-    SELECT greatest(0, extract(epoch FROM now() - a.xact_start))::float8 AS age, a.pid, a.application_name
-    FROM pg_stat_activity AS a
-    WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
-      AND a.pid <> pg_backend_pid()
-      AND a.datname = current_database()
-      AND a.backend_type <> 'autovacuum worker'
-      AND a.xact_start IS NOT NULL
-    ORDER BY a.xact_start
+    SELECT h.* FROM (
+        SELECT 'transaction' AS kind, a.pid, a.application_name AS name, a.state,
+               greatest(0, extract(epoch FROM now() - a.xact_start))::float8 AS age,
+               greatest(age(a.backend_xmin), age(a.backend_xid)) AS xids
+        FROM pg_stat_activity AS a
+        WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+          AND a.pid <> pg_backend_pid()
+          AND (a.datname = current_database() OR a.backend_type = 'walsender')
+          AND a.backend_type <> 'autovacuum worker'
+        UNION ALL
+        SELECT 'replication slot', s.active_pid, s.slot_name,
+               CASE WHEN s.active THEN 'active' ELSE 'inactive' END, NULL, age(s.xmin)
+        FROM pg_replication_slots AS s WHERE s.xmin IS NOT NULL
+        UNION ALL
+        SELECT 'prepared transaction', NULL, p.gid, 'prepared',
+               extract(epoch FROM now() - p.prepared)::float8, age(p.transaction)
+        FROM pg_prepared_xacts AS p WHERE p.database = current_database()
+    ) AS h
+    ORDER BY h.xids DESC, h.age DESC NULLS LAST
     LIMIT 1
 ) AS x ON true
 

@@ -17,25 +17,52 @@
 -- index intent_ordering_in_flight backs this up in the database itself (a lower id that
 -- commits late): then this statement fails, and the claim loop simply claims again.
 -- Rows marked ordering_held (known non-heads, see hold_backlog) are not even in the index.
-UPDATE {{schema}}.intent
-SET status = 'processing',
-    attempts = attempts + 1,
-    locked_by = $1,
-    locked_until = now() + make_interval(secs => $2)
-WHERE id = ANY(ARRAY(
-    SELECT r.id FROM {{schema}}.intent AS r
-    WHERE r.status = 'pending' AND NOT r.ordering_held
-      AND r.run_at <= now() AND r.kind <> ALL($4::text[])
-      AND (r.ordering_key IS NULL OR (
-          NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
-                      WHERE b.ordering_key = r.ordering_key AND b.id < r.id
-                        AND {{blocks_key(b)}})
-          AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS f
-                          WHERE f.ordering_key = r.ordering_key AND f.status = 'processing')))
-    ORDER BY r.run_at, r.id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED))
-RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at, ordering_key, trace_context
+WITH claimed AS (
+    UPDATE {{schema}}.intent
+    SET status = 'processing',
+        attempts = attempts + 1,
+        locked_by = $1,
+        locked_until = now() + make_interval(secs => $2)
+    WHERE id = ANY(ARRAY(
+        SELECT r.id FROM {{schema}}.intent AS r
+        WHERE r.status = 'pending' AND NOT r.ordering_held
+          -- the floor; run_at alone again, or planners without statistics (a new table)
+          -- take the row comparison for selective and sort the whole backlog instead
+          AND (r.run_at, r.id) >= ($5::timestamptz, $6::bigint) AND r.run_at >= $5
+          AND r.run_at <= now() AND r.kind <> ALL($4::text[])
+          AND (r.ordering_key IS NULL OR (
+              NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS b
+                          WHERE b.ordering_key = r.ordering_key AND b.id < r.id
+                            AND {{blocks_key(b)}})
+              AND NOT EXISTS (SELECT 1 FROM {{schema}}.intent AS f
+                              WHERE f.ordering_key = r.ordering_key
+                                AND f.status = 'processing')))
+        ORDER BY r.run_at, r.id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED))
+    RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at, ordering_key,
+              trace_context
+)
+-- The floor for the next claim: the first row still pending past this one's floor, in this
+-- statement's snapshot (so the rows just claimed are skipped by id), and the statement's
+-- now(). The worker keeps the lower of that row and now() less a margin: a producer's row
+-- carries run_at = its transaction's start, so one that commits a little after this
+-- statement still lands above the floor. A row that lands below it anyway (a transaction
+-- open longer than the margin, an explicit run_at in the past, a key released by another
+-- worker) waits for the worker's next full scan, one poll interval at most. Without the
+-- floor, each claim walks every index entry of the rows claimed since vacuum last ran:
+-- under a held xmin horizon, all of them. (No ORDER BY over a union here: the claim
+-- connection runs with enable_sort off, and a sort anywhere turned the plan upside down.)
+SELECT c.*, next.run_at AS floor_run_at, next.id AS floor_id, now() AS claimed_at
+FROM claimed AS c
+LEFT JOIN (
+    SELECT p.run_at, p.id FROM {{schema}}.intent AS p
+    WHERE p.status = 'pending' AND NOT p.ordering_held
+      AND (p.run_at, p.id) >= ($5::timestamptz, $6::bigint) AND p.run_at >= $5
+      AND p.id <> ALL(ARRAY(SELECT id FROM claimed))
+    ORDER BY p.run_at, p.id
+    LIMIT 1
+) AS next ON true
 
 -- name: hold_backlog
 -- Keep blocked rows out of the claim's way: among the first $1 due rows a claim would walk,
@@ -44,13 +71,15 @@ RETURNING id, kind, payload, attempts, max_attempts, created_at, run_at, orderin
 -- A mark is written only while this statement holds a share lock on the head itself (SKIP
 -- LOCKED: a head being claimed or written is left for the next pass), so the head's freeing
 -- write waits for the mark to commit and its trigger then clears it
--- (triggers/020_ordering_release.sql). Returns how many rows it marked.
+-- (triggers/020_ordering_release.sql). Returns how many rows it marked. From the claim's
+-- floor ($2, $3), like the claim: the rows below it were walked by the last full scan.
 WITH held AS (
     UPDATE {{schema}}.intent AS i SET ordering_held = true
     WHERE i.id = ANY(ARRAY(
         SELECT w.id
         FROM (SELECT id, ordering_key FROM {{schema}}.intent
               WHERE status = 'pending' AND NOT ordering_held AND run_at <= now()
+                AND (run_at, id) >= ($2::timestamptz, $3::bigint) AND run_at >= $2
               ORDER BY run_at, id LIMIT $1) AS w
         WHERE w.ordering_key IS NOT NULL
           AND EXISTS (SELECT 1 FROM {{schema}}.intent AS h
@@ -67,9 +96,11 @@ SELECT count(*) FROM held
 
 -- name: next_due
 -- Seconds until the next pending intent falls due, by the database's clock (a probe of
--- the pending index); NULL when nothing is pending.
+-- the pending index from the claim's floor, $1, $2); NULL when nothing is pending.
 SELECT extract(epoch FROM min(run_at) - now())::float8
-FROM {{schema}}.intent WHERE status = 'pending' AND NOT ordering_held
+FROM {{schema}}.intent
+WHERE status = 'pending' AND NOT ordering_held
+  AND (run_at, id) >= ($1::timestamptz, $2::bigint) AND run_at >= $1
 
 -- name: record_outcomes
 -- One fenced write for a batch of outcomes. A row whose lease this worker lost (expired and
