@@ -22,7 +22,6 @@ delivery.py    what a sink's exception means for the intent (pure)
 inflight.py    the one owner of a held row, claimed -> recorded; backpressure on the claims
 writer.py      the batched, fenced outcome write (the values are worker/outcome.py)
 leases.py      the heartbeat and the rescue of expired leases
-retention.py   deleting finished rows past their retention, one deleter at a time
 listener.py    the dedicated LISTEN connection: ping, reconnect, catch-up
 retention.py   finished rows deleted past their age, by one worker at a time
 wakeup.py      the coalescing "there may be work" signal
