@@ -73,28 +73,13 @@ class Relay:
         # rescue: ORDER BY ... LIMIT on a partial index). Without statistics (a new or
         # freshly filled table, before autovacuum's ANALYZE) the planner was seen to sort
         # every pending row instead, 3-20x slower per claim: tell it not to.
-        # And a plan per execution on both hot connections: a prepared statement's generic
-        # plan, cached after five runs while the table was small, was seen to stay for the
-        # life of the worker (no ANALYZE came to invalidate it): a seq scan for the claim's
-        # `id = ANY`, a hash join over every processing entry for the outcome write, their
-        # cost growing with the table (issue 21's held xmin: 13 ms -> 50 s commit -> handler).
-        # (Behind a pooler statements are unnamed, planned every time already: no SET LOCAL
-        # transaction around each outcome write for nothing.)
-        custom = {} if settings.pooled else {"plan_cache_mode": "force_custom_plan"}
         self._claim_conn = DedicatedConnection(
-            dsn,
-            f"{name} claims",
-            settings={"enable_sort": "off", **custom},
-            pooled=settings.pooled,
+            dsn, f"{name} claims", settings={"enable_sort": "off"}, pooled=settings.pooled
         )
         # The database is back (the writer retries outcomes through an outage): wake the
         # claim loop from its backoff rather than let it sleep on.
         self._write_conn = DedicatedConnection(
-            dsn,
-            f"{name} outcomes",
-            settings=custom,
-            pooled=settings.pooled,
-            on_reconnect=self.wakeup.set,
+            dsn, f"{name} outcomes", pooled=settings.pooled, on_reconnect=self.wakeup.set
         )
         self.inflight = InFlight(
             self._write_conn,
