@@ -24,6 +24,8 @@ from typing import Any
 
 import anyio
 
+from tests.services import stop_process
+
 _START_TIMEOUT = 30.0
 
 
@@ -112,12 +114,7 @@ class Tansu:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
 
 

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 
-from tests.services import missing
+from tests.services import missing, stop_process
 from tests.tcp_proxy import free_port
 
 _BINARY = "/usr/sbin/pgbouncer"
@@ -105,12 +105,7 @@ class PgBouncer:
         return self._log.read_text(errors="replace")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self._out.close()
 
 

@@ -35,6 +35,16 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 _START_TIMEOUT = 30.0  # a loaded 2-core machine; nats-server itself is ready in milliseconds
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def unreachable(url: str, default_port: int) -> str | None:
     """Why nothing accepts TCP connections at ``url``'s host and port; None if something does."""
     parts = urlsplit(url)
@@ -117,12 +127,7 @@ def _started_nats(binary: str, workdir: Path) -> Iterator[str]:
     try:
         yield _wait_for_ports_file(proc, workdir / f"nats-server_{proc.pid}.ports", log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _wait_for_ports_file(proc: subprocess.Popen[bytes], ports: Path, log_path: Path) -> str:

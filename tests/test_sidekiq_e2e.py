@@ -31,6 +31,7 @@ import pytest
 
 from tests import sidekiq_helpers
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.services import stop_process
 from tests.sidekiq_helpers import RedisDb, code_blocks, readme_section
 from tests.tcp_proxy import TcpProxy
 from worker.intent import Intent
@@ -149,12 +150,7 @@ def sidekiq(app: App, tmp_path: Path) -> Iterator[Path]:
         try:
             yield log
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server, timeout=20)
 
 
 async def _all_ran(app: App, user_ids: list[int], log: Path) -> bool:
