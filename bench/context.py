@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Size:
-    """Every knob that makes a scenario long or short. ``FULL`` is what the README reports;
+    """Every knob that makes a scenario long or short. ``FULL`` is what docs/performance.md reports;
     ``TINY`` is what the smoke test runs."""
 
     drain_intents: int = 20_000

@@ -46,5 +46,5 @@ def record(self: Task, *args: Any, **kwargs: Any) -> None:
 
 @app.task(bind=True, name="myapp.tasks.send_welcome")
 def send_welcome(self: Task, user_id: int) -> None:
-    """The README's task: it would email the user; here it records its call."""
+    """The task of docs/kinds/celery.md: it would email the user; here it records its call."""
     _record(self, (user_id,), {})

@@ -5,7 +5,7 @@ shares no code with the librdkafka the sink uses.
 Tansu is not Apache Kafka: it has no size limit of its own, creates any topic a client asks
 for (the sink asks for none), and loses everything on kill -9 (the memory engine). Count
 records by reading from offset 0 with ``assign()``: its "latest" offsets are wrong, and a
-first group join waits for half the session timeout. README "kafka" says what this covers.
+first group join waits for half the session timeout. docs/kinds/kafka.md says what this covers.
 """
 
 from __future__ import annotations

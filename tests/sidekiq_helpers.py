@@ -1,5 +1,5 @@
 """Redis for the sidekiq tests: the server (or a one-line skip), an empty database of a
-test's own, and the README's snippets they run."""
+test's own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -43,18 +42,3 @@ async def redis_db() -> AsyncIterator[RedisDb]:
             return
         await client.aclose()
     pytest.fail("no empty Redis database among 1-15 for this test")
-
-
-def readme_section(heading: str, after: str = "") -> str:
-    """The README's text from ``heading`` (the first one after ``after``) to the next heading
-    of the same level."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = readme.index(heading, readme.index(after) if after else 0)
-    level = heading.split(" ")[0] + " "
-    end = readme.find("\n" + level, start + len(heading))
-    return readme[start : end if end >= 0 else len(readme)]
-
-
-def code_blocks(section: str, language: str) -> list[str]:
-    parts = section.split(f"```{language}\n")[1:]
-    return [part[: part.index("```")] for part in parts]

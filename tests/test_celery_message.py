@@ -34,7 +34,7 @@ def _intent(payload: Any, n: int = 7) -> Intent:
 
 
 def test_the_task_id_is_the_documented_uuid5_of_prefix_and_intent_id() -> None:
-    # The namespace the README documents, spelled out: changing it breaks every consumer
+    # The namespace docs/kinds/celery.md documents, spelled out: changing it breaks every consumer
     # that recomputes task ids.
     assert uuid.UUID("f9cae757-3d31-418a-a090-f8b8b95f7e1b") == TASK_ID_NAMESPACE
     assert task_id(42, "shop-") == str(uuid.uuid5(TASK_ID_NAMESPACE, "shop-42"))

@@ -43,7 +43,7 @@ def test_plain_dict_and_async_callable_objects_are_accepted():
     assert list(load_handlers("tests.test_handlers:OBJ_HANDLERS")) == ["obj"]
 
 
-async def test_readme_example_handlers_deliver_and_reject(db, names: Names, start_relay):
+async def test_docs_example_handlers_deliver_and_reject(db, names: Names, start_relay):
     from examples.welcome_handlers import handlers
 
     async with start_relay(dict(handlers)):

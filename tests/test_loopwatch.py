@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from tests.conftest import Recorder, statuses_are, wait_until
-from tests.readme import readme_snippet
+from tests.docs_text import doc_snippet
 from tests.test_dashboard import screen
 from tests.test_sink_webhook import Receiver, webhook_receiver  # noqa: F401 (a fixture)
 from worker import Handlers, Intent, PermanentError
@@ -196,14 +196,14 @@ def test_a_plain_function_needs_threads_and_an_async_one_refuses_them() -> None:
         handlers.register("sms", threads=0)(lambda intent: None)
 
 
-async def test_readme_blocking_code_snippet_keeps_the_loop_turning(
+async def test_docs_blocking_code_snippet_keeps_the_loop_turning(
     db,
     names: Names,
     start_relay,
     receiver: Receiver,
 ) -> None:
-    """The README's two ways out, as written: the threaded handler's blocking HTTP call
-    reaches a server on this very event loop, so it is answered only if the loop turns."""
+    """The two ways out of docs/kinds/handlers.md, as written: the threaded handler's blocking
+    HTTP call reaches a server on this very event loop, so it is answered only if the loop turns."""
     stored: dict[str, bytes] = {}
 
     class Storage:
@@ -215,7 +215,9 @@ async def test_readme_blocking_code_snippet_keeps_the_loop_turning(
         return b"%PDF-1.7 order " + str(payload["order_id"]).encode()
 
     namespace = {"render_pdf": render_pdf, "storage": Storage(), "CRM_URL": f"{receiver.url}/c"}
-    exec(readme_snippet("Blocking code in handlers", "python").compile(), namespace)
+    exec(
+        doc_snippet("kinds/handlers.md", "Blocking code in handlers", "python").compile(), namespace
+    )
     async with start_relay(namespace["handlers"], loop_block_warning=THRESHOLD) as relay:
         (pdf,) = await _enqueue(db, names, "invoice_pdf", 1, {"order_id": 7})
         (crm,) = await _enqueue(db, names, "crm_contact", 1, {"email": "a@example.com"})

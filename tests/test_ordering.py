@@ -8,12 +8,12 @@ import itertools
 import random
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import anyio
 import asyncpg
 
 from tests.conftest import count_by_status, wait_until
+from tests.docs_text import doc_snippet
 from worker import PermanentError, TransientError
 from worker.cli import admin
 from worker.intent import Intent
@@ -234,7 +234,8 @@ async def test_a_lower_id_committed_late_is_never_in_flight_beside_a_later_one(
     pg_dsn, db, names, start_relay
 ):
     """Order is the id order of *committed* rows: an id that commits after a later id of its
-    key was delivered comes after it (README). But never both in flight at once."""
+    key was delivered comes after it (docs/concepts/ordering.md). But never both in flight at
+    once."""
     late = await asyncpg.connect(pg_dsn)
     try:
         tx = late.transaction()
@@ -273,19 +274,11 @@ async def _statuses(db: asyncpg.Connection, names: Names, ids: list[int], want: 
     return {r["status"] for r in rows} == want
 
 
-def _readme_sql(heading: str) -> str:
-    """The first ```sql block after ``heading`` in the README."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index(heading) :]
-    start = section.index("```sql") + len("```sql")
-    return section[start : section.index("```", start)]
+ORDERING_SQL = doc_snippet("concepts/ordering.md", "Ordering keys", "sql").text
 
 
-README_ORDERING_SQL = _readme_sql("### Ordering keys")
-
-
-async def test_the_readme_ordering_snippet_runs(db, names: Names):
-    intent_id = await db.fetchval(README_ORDERING_SQL.replace("outbox.", f'"{names.schema}".'))
+async def test_the_documented_ordering_snippet_runs(db, names: Names):
+    intent_id = await db.fetchval(ORDERING_SQL.replace("outbox.", f'"{names.schema}".'))
     row = await db.fetchrow(
         f'SELECT kind, ordering_key FROM "{names.schema}".intent WHERE id = $1', intent_id
     )

@@ -1,10 +1,10 @@
 """End to end with a real Sidekiq server (Debian's ruby-sidekiq) and a Ruby ActiveRecord app.
 
-The app is the README's "Keep your job system" snippets, read from README.md (tests/
-sidekiq_app/app.rb is the glue a Rails app would have around them): `User.sign_up!` creates
-the user and enqueues the intent in one transaction, `WelcomeEmailJob` records its jid and
-user id in PostgreSQL. The relay pushes into a Redis database of the test's own; `sidekiq`
-runs the jobs from there.
+The app is the snippets of docs/kinds/sidekiq.md, "Moving a Sidekiq app to the outbox", read
+from the page (tests/sidekiq_app/app.rb is the glue a Rails app would have around them):
+`User.sign_up!` creates the user and enqueues the intent in one transaction, `WelcomeEmailJob`
+records its jid and user id in PostgreSQL. The relay pushes into a Redis database of the
+test's own; `sidekiq` runs the jobs from there.
 
 Without ruby-sidekiq, ruby-activerecord and ruby-pg these tests skip in one line (in CI they
 fail: .ci/run installs the packages).
@@ -31,8 +31,9 @@ import pytest
 
 from tests import sidekiq_helpers
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
+from tests.docs_text import doc_section, doc_snippets
 from tests.services import stop_process
-from tests.sidekiq_helpers import RedisDb, code_blocks, readme_section
+from tests.sidekiq_helpers import RedisDb
 from tests.tcp_proxy import TcpProxy
 from worker.intent import Intent
 from worker.producer import enqueue
@@ -66,15 +67,17 @@ def _needs_ruby_sidekiq() -> None:
         pytest.skip(message)
 
 
-# --- the README's snippets -------------------------------------------------------------------
+# --- the page's snippets ---------------------------------------------------------------------
 
-SIDEKIQ_SECTION = readme_section("### Sidekiq", after="## Keep your job system")
-BEFORE, AFTER, JOB = code_blocks(SIDEKIQ_SECTION, "ruby")
+PAGE = "kinds/sidekiq.md"
+BEFORE, AFTER, JOB = (
+    s.text for s in doc_snippets(PAGE, "Moving a Sidekiq app to the outbox", "ruby")
+)
 
 
 @dataclass
 class App:
-    """The Ruby app, with the README's "before" or "after" User model."""
+    """The Ruby app, with the page's "before" or "after" User model."""
 
     env: dict[str, str]
     db: asyncpg.Connection
@@ -109,7 +112,7 @@ def _app(tmp_path: Path, pg_dsn: str, db: asyncpg.Connection, names: Names, redi
          model: str) -> App:  # fmt: skip
     snippets = tmp_path / "snippets"
     snippets.mkdir(exist_ok=True)
-    # The README's SQL names the default schema; this test's schema is its own.
+    # The page's SQL names the default schema; this test's schema is its own.
     (snippets / "user.rb").write_text(model.replace("outbox.", f"{names.schema}."))
     (snippets / "welcome_email_job.rb").write_text(JOB)
     env = {
@@ -279,7 +282,7 @@ async def test_the_before_snippet_pushes_the_same_job_the_worker_pushes(
     redis_db: RedisDb,
     tables,
 ) -> None:
-    """No server: Sidekiq's own client (the README's "before") and the sink each push one job;
+    """No server: Sidekiq's own client (the page's "before") and the sink each push one job;
     the two hashes have the same fields, of the same JSON types."""
     before = _app(tmp_path, pg_dsn, db, names, redis_db.url, BEFORE)
     [user_id] = (await before.sign_up("judy@example.com")).values()
@@ -308,7 +311,7 @@ async def test_the_before_snippet_pushes_the_same_job_the_worker_pushes(
 
 def test_the_documented_jid_derivation_in_ruby_matches() -> None:
     formula = 'Digest::SHA256.hexdigest("#{prefix}#{intent_id}")[0, 24]'
-    assert formula in readme_section("### `sidekiq`")
+    assert formula in doc_section(PAGE, "The `jid`")
     ruby = subprocess.run(
         ["ruby", "-rdigest", "-e", f'prefix, intent_id = ARGV; print {formula}', "eu-", "42"],
         capture_output=True, text=True, check=True,

@@ -33,7 +33,7 @@ from worker.producer import enqueue
 from worker.sinks.celery import celery_sink
 from worker.store.sqlfiles import Names
 
-NAMESPACE = uuid.UUID("f9cae757-3d31-418a-a090-f8b8b95f7e1b")  # as the README documents it
+NAMESPACE = uuid.UUID("f9cae757-3d31-418a-a090-f8b8b95f7e1b")  # docs/kinds/celery.md documents it
 UNICODE = "héllo wörld ✓ 😀 \u202e \t\"'\\"
 NESTED = {"list": [1, 2.5, None, True, "ç"], "empty": {}, "deep": {"a": [{"b": [[]]}]}}
 

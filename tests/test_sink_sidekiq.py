@@ -22,7 +22,8 @@ import redis.asyncio as redis
 
 from tests import sidekiq_helpers
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
-from tests.sidekiq_helpers import REDIS_URL, RedisDb, code_blocks, readme_section, redis_or_skip
+from tests.docs_text import doc_snippet
+from tests.sidekiq_helpers import REDIS_URL, RedisDb, redis_or_skip
 from tests.sink_helpers import (
     assert_outcomes,
     assert_unreachable_batch_fails_each_intent,
@@ -383,10 +384,10 @@ async def test_relay_redis_down_then_back_loses_nothing(
     assert sorted(j["args"][0] for j in jobs) == list(range(20))
 
 
-async def test_the_readme_sql_snippet_pushes_both_jobs(
+async def test_the_documented_sql_snippet_pushes_both_jobs(
     db, names: Names, start_relay, redis_db: RedisDb
 ) -> None:
-    [sql] = code_blocks(readme_section("### `sidekiq`"), "sql")
+    sql = doc_snippet("kinds/sidekiq.md", "Payload", "sql").text
     await db.execute(sql.replace("outbox.", f'"{names.schema}".'))
     sidekiq_sink = SidekiqSink(redis_db.url)
     try:

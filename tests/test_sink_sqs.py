@@ -15,7 +15,7 @@ from aiobotocore.session import get_session
 
 from bench.sqs_targets import REGION, moto_sqs_server
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
-from tests.sidekiq_helpers import code_blocks, readme_section
+from tests.docs_text import doc_snippet
 from tests.sink_helpers import assert_outcomes
 from tests.sqs_helpers import MotoServer, SqsQueues, attribute, sqs_queues
 from tests.sqs_helpers import sqs_server as sqs_server  # the fixture
@@ -370,11 +370,11 @@ async def _status(db: Any, names: Names, intent_id: int) -> str:
     )
 
 
-async def test_the_readme_sql_snippet_sends_both_messages(
+async def test_the_documented_sql_snippet_sends_both_messages(
     db, names: Names, start_relay, sink: SqsSink, queues: SqsQueues,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    [sql] = code_blocks(readme_section("### `sqs`"), "sql")
+    sql = doc_snippet("kinds/sqs.md", "Payload", "sql").text
     emails, orders = await queues.create("emails"), await queues.create("orders.fifo")
     aws = "https://sqs.eu-west-1.amazonaws.com/123456789012/"
     sql = sql.replace(aws + "emails", emails).replace(aws + "orders.fifo", orders)

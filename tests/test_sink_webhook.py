@@ -39,7 +39,7 @@ SECRET = "whsec-test-0123456789"
 
 
 def verify_signature(secret: str, header: str, body: bytes, tolerance: float = 300) -> bool:
-    """What a receiver does (the README shows the same code)."""
+    """What a receiver does (docs/kinds/webhook.md shows the same code)."""
     try:
         parts = dict(item.split("=", 1) for item in header.split(","))
         timestamp = int(parts["t"])

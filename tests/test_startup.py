@@ -20,6 +20,7 @@ import pytest
 
 import worker.cli.targets
 from tests.conftest import statuses_are, wait_until
+from tests.docs_text import doc_snippet
 from tests.smtp_server import SmtpTestServer
 from tests.tcp_proxy import free_port
 from tests.test_cli import REPO, _env, worker_argv
@@ -219,19 +220,18 @@ def test_root_is_told_what_the_embedded_database_creates(
     assert pwd.getpwnam(SERVER_USER).pw_uid == pgdata.stat().st_uid
 
 
-def _readme_commands(heading: str) -> list[list[str]]:
-    """The commands of the first ```sh block after ``heading`` in the README."""
-    readme = (REPO / "README.md").read_text()
-    block = readme.split(f"\n{heading}\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+def _documented_commands(page: str, heading: str) -> list[list[str]]:
+    """The commands of the ```sh block of ``heading`` on ``page``."""
+    block = doc_snippet(page, heading, "sh").text
     return [shlex.split(line) for line in block.splitlines() if line.strip()]
 
 
-async def test_readme_catch_all_smtp_prints_the_mail(
+async def test_docs_catch_all_smtp_prints_the_mail(
     pg_dsn: str, db, names: Names, tmp_path: Path
 ) -> None:
-    """The README's two commands, on a free port instead of 1025: the worker's mail appears
+    """The page's two commands, on a free port instead of 1025: the worker's mail appears
     in the catch-all server's output."""
-    server_cmd, worker_cmd = _readme_commands("### Where the mail goes")
+    server_cmd, worker_cmd = _documented_commands("kinds/email.md", "Where the mail goes")
     port = str(free_port())
     assert server_cmd[:3] == ["python", "-m", "aiosmtpd"] and worker_cmd[0] == "outbox-worker"
     server_argv = [sys.executable, *server_cmd[1:]]

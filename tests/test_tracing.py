@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tests.conftest import statuses_are, wait_until
-from tests.readme import readme_snippet
+from tests.docs_text import doc_snippet
 from tests.test_cli import REPO, _env, _sigterm_and_wait
 from tests.tracing_helpers import Traces, traceparent
 from worker.distribution import pip_install
@@ -327,12 +327,12 @@ async def otlp() -> AsyncIterator[OtlpReceiver]:
         yield receiver
 
 
-async def test_readme_worker_exports_its_delivery_spans_over_otlp(
+async def test_docs_worker_exports_its_delivery_spans_over_otlp(
     pg_dsn: str, db, names: Names, tmp_path: Path, otlp: OtlpReceiver
 ) -> None:
-    """The README's "The worker" lines as written, but for the collector's address: a
+    """docs/operating/tracing.md's "The worker" lines as written, but for the collector's address: a
     collector of the test's own gets the delivery span, a child of the enqueued context."""
-    pip, *exports, run = readme_snippet("Tracing", "sh").text.splitlines()
+    pip, *exports, run = doc_snippet("operating/tracing.md", "The worker", "sh").text.splitlines()
     assert pip == pip_install("otel") and run == "outbox-worker run"
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"

@@ -25,7 +25,7 @@ from bench.scenarios import (
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
 
-# In the order the README's table lists them.
+# In the order docs/performance.md's table lists them.
 SCENARIOS: dict[str, ModuleType] = {
     "drain": drain,
     "latency": latency,

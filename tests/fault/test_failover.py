@@ -30,10 +30,10 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import wait_until
+from tests.docs_text import doc_snippet
 from tests.fault.ledger import Fault, Outbox, check_ledger, delivered
 from tests.fault.pgcluster import SUPERUSER, SUPERUSER_PASSWORD, Cluster, streaming_pair
 from tests.fault.workers import REPO, WorkerProcess, worker_env
-from tests.readme import readme_snippet
 from worker.dashboard.view import render
 from worker.observe.health import COUNT_CAP, QUERY_TIMEOUT
 from worker.observe.stats import Stats
@@ -129,8 +129,10 @@ def _connection_attempts(clusters: tuple[Cluster, ...]) -> int:
 
 
 def readme_dsn(*clusters: Cluster) -> str:
-    """The README's multi-host DSN (section Failover), its hosts and login the pair's."""
-    argv = shlex.split(readme_snippet("Failover", "sh", "outbox-worker run").text)
+    """The multi-host DSN of docs/operating/failover.md, its hosts and login the pair's."""
+    argv = shlex.split(
+        doc_snippet("operating/failover.md", "Failover", "sh", "outbox-worker run").text
+    )
     dsn = urlsplit(argv[argv.index("--dsn") + 1])
     assert len(dsn.netloc.split(",")) == len(clusters)
     hosts = ",".join(f"127.0.0.1:{c.port}" for c in clusters)

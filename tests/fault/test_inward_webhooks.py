@@ -13,8 +13,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from tests.docs_text import doc_snippet
 from tests.fault.ledger import Outbox, check_ledger, delivered
-from tests.readme import readme_snippet
 from tests.smtp_server import SmtpTestServer
 from tests.test_sink_webhook import Receiver, Reply, webhook_receiver  # noqa: F401 (fixture)
 
@@ -62,8 +62,10 @@ async def test_inward_webhooks_are_refused_unless_allowed(
         "webhook destination localhost resolves to 127.0.0.1 (loopback)"
     )
     assert receiver.requests == []
-    # The README's example reason is the one the worker wrote.
-    example = readme_snippet("`webhook`", "", "webhook destination").text.strip()
+    # The page's example reason is the one the worker wrote.
+    example = doc_snippet(
+        "kinds/webhook.md", "Which hosts it may call", "", "webhook destination"
+    ).text.strip()
     assert reasons[metadata][1] == example
     worker.terminate()
     assert await worker.wait(timeout=30) == 0, worker.tail()

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from tests.conftest import statuses_are, wait_until
+from tests.docs_text import doc_snippet
 from tests.fault.conftest import Spawn
 from tests.monitoring import Prometheus, prometheus_server, wait_for_status
-from tests.readme import readme_snippet
 from tests.tcp_proxy import free_port
 
 # kind -> (intents, max_attempts): what each one's handler in tests/sample_handlers.py does
@@ -49,8 +49,10 @@ async def test_prometheus_scrapes_sent_retried_dead_by_kind(
     )
     await worker.ready()
     await wait_for_status(f"http://{address}/readyz", 200)
-    # The README's scrape config, every second and at this worker.
-    config = yaml.safe_load(readme_snippet("Monitoring", "yaml", "# prometheus.yml").text)
+    # The documented scrape config, every second and at this worker.
+    config = yaml.safe_load(
+        doc_snippet("operating/monitoring.md", "Prometheus", "yaml", "# prometheus.yml").text
+    )
     [job] = config["scrape_configs"]
     job.update(scrape_interval="1s", scrape_timeout="1s")
     job["static_configs"] = [{"targets": [address]}]

@@ -1,5 +1,5 @@
 """The `run` flags: each one's name, environment variable, converter and help, in one list
-(worker/cli/arguments.py builds the parser from it; the README's configuration table mirrors it).
+(worker/cli/arguments.py builds the parser from it; docs/reference/cli.md is generated from it).
 The sinks' own flags come from their specs (worker/sinks/registry.py), after --handlers."""
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ log = logging.getLogger("outbox.loopwatch")
 # position of its slot's frame (worker.relay.dispatch.Dispatcher.running).
 Locate = Callable[[Sequence[FrameType]], tuple[Intent | list[Intent], int] | None]
 
-HOW_TO_FIX = "run blocking code in a thread (README: Blocking code in handlers)"
+HOW_TO_FIX = "run blocking code in a thread (docs/kinds/handlers.md: Blocking code in handlers)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ _UNITS = {
 }  # fmt: skip
 _SIZE_RE = re.compile(r"(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[a-z]*)")
 
-# Our caps where the server announces nothing (README: "Message size limits").
+# Our caps where the server announces nothing (docs/kinds/index.md, "Message size limits").
 WEBHOOK_DEFAULT = 10 * MIB  # API gateways and load balancers commonly cap request bodies here
 EMAIL_DEFAULT = 25 * MIB  # what the big mail providers accept, for a server without SIZE
 REDIS_DEFAULT = 64 * MIB  # far below Redis's 512 MB per value; a job that size is a mistake

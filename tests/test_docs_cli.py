@@ -1,5 +1,5 @@
-"""The README's command-line snippets, run as written (only the addresses are the test's own),
-and its table of worker flags checked against the parser."""
+"""The getting-started page's command-line snippets, run as written (only the addresses are the
+test's own), and the pages' tables of flags checked against the parser."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import wait_until
+from tests.docs_text import DOCS, doc_snippet, page_path
 from tests.smtp_server import SmtpTestServer
 from worker.cli.options import run_options
 from worker.producer import enqueue
@@ -24,19 +25,15 @@ from worker.store.migrate import schema_exists
 from worker.store.sqlfiles import Names
 
 REPO = Path(__file__).resolve().parent.parent
-README = (REPO / "README.md").read_text()
-
-
-def readme_block(marker: str, lang: str = "sh") -> str:
-    """The first ```LANG block after the text ``marker`` in the README."""
-    section = README[README.index(marker) :]
-    start = section.index(f"```{lang}\n") + len(f"```{lang}\n")
-    return section[start : section.index("```", start)]
-
-
-RUN_THE_WORKER = readme_block("Run the worker (on a machine")
-OWN_DATABASE = readme_block("Against your own database:")
-OWN_DATABASE_SQL = readme_block("and in the application, inside its own transaction", "sql")
+RUN_THE_WORKER = doc_snippet("getting-started.md", "Run the worker", "sh").text
+# The same steps on two pages: the README's quick start and the getting-started page.
+OWN_DATABASE = {
+    page: (doc_snippet(page, heading, "sh", "export").text, doc_snippet(page, heading, "sql").text)
+    for page, heading in [
+        ("README.md", "Quick start"),
+        ("getting-started.md", "Against your own database"),
+    ]
+}
 
 
 @pytest.fixture
@@ -44,7 +41,7 @@ def quick_start_dir(tmp_path: Path) -> Iterator[Path]:
     """A directory whose .venv is the environment running the tests, as after the Quick
     start's `python3 -m venv .venv && .venv/bin/pip install ...`."""
     if sys.prefix == sys.base_prefix:
-        pytest.skip("the README's `source .venv/bin/activate` needs the tests in a virtualenv")
+        pytest.skip("the page's `source .venv/bin/activate` needs the tests in a virtualenv")
     (tmp_path / ".venv").symlink_to(sys.prefix)
     yield tmp_path
 
@@ -106,9 +103,13 @@ async def test_run_the_worker(quick_start_dir: Path, pg_dsn: str, names: Names, 
     assert "8 delivery slots" in output
 
 
-async def test_against_your_own_database(quick_start_dir: Path, pg_dsn: str, names: Names, conn):
+@pytest.mark.parametrize("page", sorted(OWN_DATABASE))
+async def test_against_your_own_database(
+    quick_start_dir: Path, pg_dsn: str, names: Names, conn, page: str
+):
     """The export, migrate and worker lines, then the application's transaction."""
-    lines = OWN_DATABASE.strip().splitlines()
+    shell, sql = OWN_DATABASE[page]
+    lines = shell.strip().splitlines()
     assert lines[0].startswith("export DATABASE_URL=")
     async with SmtpTestServer(starttls=True, auth=("mailer", "secret")) as smtp:
         url = smtp.url(user="mailer", password="secret", tls="starttls", cafile=smtp.cafile)
@@ -126,7 +127,7 @@ async def test_against_your_own_database(quick_start_dir: Path, pg_dsn: str, nam
             await wait_until(lambda: schema_exists(conn, names), timeout=60)
             await conn.execute(f'CREATE TABLE "{names.schema}".users (email text)')
             await conn.execute(f'SET search_path TO "{names.schema}"')
-            await conn.execute(OWN_DATABASE_SQL.replace("outbox.", f'"{names.schema}".'))
+            await conn.execute(sql.replace("outbox.", f'"{names.schema}".'))
             [message] = await smtp.wait_for_messages(1, accepted=True, timeout=60)
             await wait_until(lambda: _all_sent(conn, names), timeout=60)
         finally:
@@ -141,21 +142,31 @@ async def _all_sent(conn: asyncpg.Connection, names: Names) -> bool:
     return [r["status"] for r in rows] == ["sent"]
 
 
-def test_the_flag_table_lists_every_worker_flag_with_its_variable():
-    section = README[README.index("## Running it") : README.index("## Dashboard")]
-    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `--")]
-    table = {
-        flag: re.findall(r"`([A-Z_*]+)(?:=1)?`", variables)
-        for flags, variables in rows
-        for flag in re.findall(r"`(--[a-z-]+)`", flags)
-    }
-    for opt in run_options():
-        # `OUTBOX_PING_*` stands for a family; `_MAX` after `OUTBOX_BACKOFF_BASE` for its sibling.
-        assert any(
-            opt.env == name
-            or (name.endswith("*") and opt.env.startswith(name[:-1]))
-            or (name.startswith("_") and opt.env.endswith(name))
-            for name in table.get(opt.flag, [])
-        ), (opt.flag, opt.env)
-    known = {opt.flag for opt in run_options()} | {"--log-format", "--dashboard", "--no-dashboard"}
-    assert set(table) == known
+def _flag_rows() -> list[tuple[str, str, str]]:
+    """(page, flags cell, variables cell) of every table row, on every page and the README,
+    that starts with a flag."""
+    pages = ["README.md", *(p.relative_to(DOCS).as_posix() for p in sorted(DOCS.rglob("*.md")))]
+    return [
+        (page, *line.split("|")[1:3])
+        for page in pages
+        if not page.startswith("reference/")  # generated from the parser: checked apart
+        for line in page_path(page).read_text().splitlines()
+        if line.startswith("| `--")
+    ]
+
+
+def test_every_flag_table_names_real_flags_and_their_variables():
+    """A hand-written table of flags (the short one in operating/running.md) says what the
+    parser says: each flag exists, and its variable is the flag's own."""
+    env = {opt.flag: opt.env for opt in run_options()} | {"--dsn": "DATABASE_URL"}
+    rows = _flag_rows()
+    assert rows, "no flag table found"
+    for page, flags, variables in rows:
+        names = re.findall(r"`([A-Z_]+)(?:=1)?`", variables)
+        for flag in re.findall(r"`(--[a-z-]+)`", flags):
+            assert flag in env, f"{page}: {flag} is not a flag of run"
+            # `_DEAD` after `OUTBOX_RETAIN_SENT` stands for its sibling's variable.
+            assert any(
+                env[flag] == name or (name.startswith("_") and env[flag].endswith(name))
+                for name in names
+            ), f"{page}: {flag} is set by {env[flag]}, the table says {names}"

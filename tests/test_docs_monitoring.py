@@ -1,6 +1,6 @@
-"""The README's Monitoring section, run as written: the alert rules pass `promtool check
+"""docs/operating/monitoring.md, run as written: the alert rules pass `promtool check
 rules` and fire (and stay quiet) in `promtool test rules`; the Kubernetes snippet's worker
-answers its probes on the port the snippet names; the metrics table lists exactly what
+answers its probes on the port the snippet names; the metrics reference lists exactly what
 /metrics serves, with the right types."""
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import asyncpg
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.docs_text import DOCS, doc_snippet
 from tests.fault.workers import WorkerProcess
 from tests.monitoring import http_get, require_binary, wait_for_status
-from tests.readme import README, readme_snippet
 from tests.tcp_proxy import free_port
 from worker.observe.http_server import READY_TIMEOUT
 from worker.settings import Settings
 
-SECTION = "Monitoring"
+PAGE = "operating/monitoring.md"
 
 
 def _rules() -> dict[str, Any]:
-    return yaml.safe_load(readme_snippet(SECTION, "yaml", "# outbox-alerts.yml").text)
+    return yaml.safe_load(doc_snippet(PAGE, "Alerts", "yaml", "# outbox-alerts.yml").text)
 
 
 def _promtool(*args: str, cwd: Path) -> str:
@@ -36,8 +36,10 @@ def _promtool(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
-def test_readme_alert_rules_pass_promtool_check(tmp_path: Path) -> None:
-    (tmp_path / "alerts.yml").write_text(readme_snippet(SECTION, "yaml", "# outbox-alerts").text)
+def test_docs_alert_rules_pass_promtool_check(tmp_path: Path) -> None:
+    (tmp_path / "alerts.yml").write_text(
+        doc_snippet(PAGE, "Alerts", "yaml", "# outbox-alerts").text
+    )
     assert "SUCCESS: 4 rules found" in _promtool("check", "rules", "alerts.yml", cwd=tmp_path)
 
 
@@ -47,8 +49,10 @@ def _alert(name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {"exp_labels": {**labels, **rule["labels"]}, "exp_annotations": rule["annotations"]}
 
 
-def test_readme_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) -> None:
-    (tmp_path / "alerts.yml").write_text(readme_snippet(SECTION, "yaml", "# outbox-alerts").text)
+def test_docs_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) -> None:
+    (tmp_path / "alerts.yml").write_text(
+        doc_snippet(PAGE, "Alerts", "yaml", "# outbox-alerts").text
+    )
     w1 = 'instance="w1",job="outbox-worker"'
     w2 = 'instance="w2",job="outbox-worker"'
     series = [
@@ -111,11 +115,9 @@ def test_readme_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) ->
 
 
 def _metrics_table() -> dict[str, str]:
-    """metric name -> type, from the README table of the Monitoring section."""
-    text = README.read_text()
-    section = text[text.index(f"## {SECTION}\n") :]
-    section = section[: section.index("\n## ", 1)]
-    return dict(re.findall(r"^\| `(outbox_\w+)` \| (\w+) \|", section, re.MULTILINE))
+    """metric name -> type, from the table of docs/reference/metrics.md."""
+    text = (DOCS / "reference" / "metrics.md").read_text()
+    return dict(re.findall(r"^\| `(outbox_\w+)` \| (\w+) \|", text, re.MULTILINE))
 
 
 def _exposed_name(name: str, kind: str) -> str:
@@ -124,10 +126,10 @@ def _exposed_name(name: str, kind: str) -> str:
     return name.removesuffix(suffix)
 
 
-async def test_readme_kubernetes_probes_and_metrics_table(
+async def test_docs_kubernetes_probes_and_metrics_table(
     pg_dsn: str, db: asyncpg.Connection, schema: str
 ) -> None:
-    spec = yaml.safe_load(readme_snippet(SECTION, "yaml", "# pod spec").text)["spec"]
+    spec = yaml.safe_load(doc_snippet(PAGE, "Kubernetes", "yaml", "# pod spec").text)["spec"]
     assert spec["terminationGracePeriodSeconds"] > Settings().grace
     container = spec["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}

@@ -1,5 +1,6 @@
-"""Every producer snippet of the README's "Enqueueing from your stack" runs here as written
-(tests/readme.py reads it from README.md), against a real PostgreSQL.
+"""Every producer snippet of docs/producers.md runs here as written (tests/docs_text.py reads
+it from the page), and so do the SQL snippets of the README, the getting-started and kind
+pages and the tracing page, against a real PostgreSQL.
 
 The snippets name the schema ``outbox``, so each test gets a database of its own with
 ``outbox`` migrated into it, the tables the snippets write (users, orders), and nothing shared
@@ -19,8 +20,8 @@ import asyncpg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from tests.readme import readme_snippet, readme_snippets
-from tests.readme_stacks import SECTION, STACKS, AppDb, run_snippet
+from tests.docs_stacks import PAGE, SECTION, STACKS, AppDb, run_snippet
+from tests.docs_text import doc_snippet, doc_snippets
 from worker.intent import Intent
 from worker.settings import Settings, default_channel
 from worker.sinks.email.message import build_message
@@ -64,7 +65,7 @@ async def app_db(pg_dsn: str) -> AsyncIterator[AppDb]:
 
 def test_every_producer_snippet_has_a_runner() -> None:
     """A snippet added to the section without a runner here would never run."""
-    first_lines = [s.first_line for s in readme_snippets(SECTION)]
+    first_lines = [s.first_line for s in doc_snippets(PAGE, SECTION)]
     assert len(first_lines) == len(STACKS), first_lines
     for marker in STACKS:
         assert sum(line.startswith(marker) for line in first_lines) == 1, (marker, first_lines)
@@ -108,10 +109,14 @@ def _sqlstate(error: BaseException | None) -> str | None:
     return None
 
 
+@pytest.mark.parametrize(
+    ("page", "heading"),
+    [("README.md", "Quick start"), ("getting-started.md", "Against your own database")],
+)
 async def test_quick_start_sql_commits_the_user_and_an_email_the_sink_accepts(
-    app_db: AppDb,
+    app_db: AppDb, page: str, heading: str
 ) -> None:
-    await app_db.conn.execute(readme_snippet("Quick start", "sql").text)
+    await app_db.conn.execute(doc_snippet(page, heading, "sql").text)
 
     emails = await app_db.conn.fetch("SELECT email FROM users")
     (intent,) = await app_db.conn.fetch("SELECT * FROM outbox.intent")
@@ -120,14 +125,18 @@ async def test_quick_start_sql_commits_the_user_and_an_email_the_sink_accepts(
     assert recipients == [r["email"] for r in emails]
 
 
-async def test_kinds_sql_enqueues_payloads_their_sinks_accept(app_db: AppDb) -> None:
-    await app_db.conn.execute(readme_snippet("Kinds", "sql").text)
+BUILDERS = {"webhook": build_request, "rabbitmq": build_amqp_message, "nats": build_publish}
 
-    builders = {"webhook": build_request, "rabbitmq": build_amqp_message, "nats": build_publish}
-    intents = [intent_from_row(r) for r in await app_db.conn.fetch("SELECT * FROM outbox.intent")]
-    assert sorted(i.kind for i in intents) == sorted(builders)
-    for intent in intents:
-        builders[intent.kind](intent)  # raises PermanentError for a payload it cannot send
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+async def test_kind_payload_sql_enqueues_a_payload_its_sink_accepts(
+    app_db: AppDb, kind: str
+) -> None:
+    await app_db.conn.execute(doc_snippet(f"kinds/{kind}.md", "Payload", "sql").text)
+
+    (row,) = await app_db.conn.fetch("SELECT * FROM outbox.intent")
+    assert row["kind"] == kind
+    BUILDERS[kind](intent_from_row(row))  # raises PermanentError for a payload it cannot send
 
 
 def intent_from_row(row: asyncpg.Record) -> Intent:
@@ -155,7 +164,7 @@ async def test_tracing_asyncpg_snippet_stores_the_current_spans_context(
     user_id = await app_db.conn.fetchval(
         "INSERT INTO users (email) VALUES ('a@x.org') RETURNING id"
     )
-    snippet = readme_snippet("Tracing", "python", "# asyncpg")
+    snippet = doc_snippet("operating/tracing.md", "Producers", "python", "# asyncpg")
     conn = await asyncpg.connect(app_db.server_dsn, database=app_db.params["dbname"])
     try:
         await eval(snippet.compile(), {"conn": conn, "user_id": user_id, "tracer": traces.tracer})
@@ -168,7 +177,7 @@ async def test_tracing_asyncpg_snippet_stores_the_current_spans_context(
 
 
 async def test_tracing_sql_snippet_stores_what_it_says(app_db: AppDb) -> None:
-    snippet = readme_snippet("Tracing", "sql").text
+    snippet = doc_snippet("operating/tracing.md", "Producers", "sql").text
     await app_db.conn.execute(snippet)
     (intent,) = await app_db.conn.fetch("SELECT kind, trace_context FROM outbox.intent")
     literal = snippet.split("trace_context => '")[1].split("'")[0]

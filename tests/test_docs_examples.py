@@ -1,5 +1,5 @@
-"""The README's code outside the producer snippets that runs against the worker's own code:
-the webhook receiver's ``verify`` and the handlers example, read from README.md as written."""
+"""The pages' code outside the producer snippets that runs against the worker's own code:
+the webhook receiver's ``verify`` and the handlers example, read from the pages as written."""
 
 from __future__ import annotations
 
@@ -8,24 +8,26 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import statuses_are, wait_until
-from tests.readme import readme_snippet
+from tests.docs_text import REPO, doc_snippet, doc_snippets
 from worker import enqueue
 from worker.sinks.webhook.sink import SIGNATURE_HEADER, sign
 from worker.store.sqlfiles import Names
 
-WEBHOOK = "`webhook`"
+WEBHOOK = ("kinds/webhook.md", "Headers and the signature")
+PLUGIN = REPO / "tests" / "plugin_sink"
 
 
-def _run(heading: str, **given: Any) -> dict[str, Any]:
+def _run(section: tuple[str, str], **given: Any) -> dict[str, Any]:
     """Run the section's ```python block with ``given`` defined; return what it defined."""
     namespace = dict(given)
-    exec(readme_snippet(heading, "python").compile(), namespace)
+    exec(doc_snippet(*section, "python").compile(), namespace)
     return namespace
 
 
-def test_readme_verify_accepts_what_the_worker_signs_and_nothing_else() -> None:
+def test_docs_verify_accepts_what_the_worker_signs_and_nothing_else() -> None:
     verify: Callable[..., bool] = _run(WEBHOOK)["verify"]
     body = orjson.dumps({"order_id": 42})  # as the sink serialises a payload's body
     now = int(time.time())
@@ -38,9 +40,9 @@ def test_readme_verify_accepts_what_the_worker_signs_and_nothing_else() -> None:
     assert not verify("s3cret", "v1=abc", body)
 
 
-def test_readme_signature_example_is_what_the_worker_sends() -> None:
-    """The README's example header, for the secret, body and time its text names."""
-    example = readme_snippet(WEBHOOK, "", SIGNATURE_HEADER).text.strip()
+def test_docs_signature_example_is_what_the_worker_sends() -> None:
+    """The page's example header, for the secret, body and time its text names."""
+    example = doc_snippet(*WEBHOOK, "", SIGNATURE_HEADER).text.strip()
     body = orjson.dumps({"order_id": 42})
     assert example == f"{SIGNATURE_HEADER}: {sign('s3cret', 1718000000, body)}"
     verify = _run(WEBHOOK)["verify"]
@@ -49,7 +51,7 @@ def test_readme_signature_example_is_what_the_worker_sends() -> None:
 
 
 class Billing:
-    """The application's own API that the README's handler calls: keeps what it was given."""
+    """The application's own API that the page's handler calls: keeps what it was given."""
 
     def __init__(self) -> None:
         self.published: list[tuple[Any, str]] = []
@@ -58,11 +60,11 @@ class Billing:
         self.published.append((payload, idempotency_key))
 
 
-async def test_readme_handler_publishes_an_order_and_kills_a_payload_without_one(
+async def test_docs_handler_publishes_an_order_and_kills_a_payload_without_one(
     db, names: Names, start_relay
 ) -> None:
     billing = Billing()
-    handlers = _run("Your own handlers", billing=billing)["handlers"]
+    handlers = _run(("kinds/handlers.md", "Your own handlers"), billing=billing)["handlers"]
     order = {"order_id": 42, "total_cents": 1999}
     async with start_relay(handlers):
         good = await enqueue(db, "order_created", order, schema=names.schema)
@@ -72,3 +74,20 @@ async def test_readme_handler_publishes_an_order_and_kills_a_payload_without_one
     assert billing.published == [(order, str(good))]
     reason = await db.fetchval(f'SELECT last_error FROM "{names.schema}".intent WHERE id = $1', bad)
     assert "payload needs an order_id" in reason
+
+
+@pytest.mark.parametrize(
+    ("heading", "lang", "path"),
+    [
+        ("The sink", "python", "outbox_file_sink/sink.py"),
+        ("The spec", "python", "outbox_file_sink/__init__.py"),
+        ("The entry point", "toml", "pyproject.toml"),
+    ],
+)
+def test_the_sink_writing_page_shows_the_tested_plugin_as_it_is(
+    heading: str, lang: str, path: str
+) -> None:
+    """docs/kinds/writing-a-sink.md shows tests/plugin_sink's files, which
+    tests/test_sink_plugin.py installs and runs: the page cannot drift from working code."""
+    [snippet] = doc_snippets("kinds/writing-a-sink.md", heading, lang)
+    assert snippet.text == (PLUGIN / path).read_text()

@@ -1,4 +1,4 @@
-"""The README's Celery snippet ("Keep your job system"), run as written: the user and the
+"""The Celery snippet of docs/kinds/celery.md, run as written: the user and the
 intent commit together, a real Celery worker runs ``myapp.tasks.send_welcome(user_id)``; a
 rolled-back transaction leaves neither a user nor a task."""
 
@@ -15,19 +15,15 @@ import pytest
 
 from tests.celery_worker import CeleryWorker, broker_url, forget_queue, queue_name
 from tests.conftest import statuses_are, wait_until
+from tests.docs_text import doc_snippets
 from worker.sinks.celery import celery_sink
 from worker.store.sqlfiles import Names
 
-
-def _readme_after_snippet() -> str:
-    """The ```python block of "### Celery" that enqueues the intent."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("\n### Celery\n") :]
-    blocks = section.split("```python\n")[1:]
-    return next(b.split("```")[0] for b in blocks if "outbox.enqueue('celery'" in b)
-
-
-SNIPPET = _readme_after_snippet()
+SNIPPET = next(
+    s.text
+    for s in doc_snippets("kinds/celery.md", "Moving a Celery app to the outbox", "python")
+    if "outbox.enqueue('celery'" in s.text
+)
 
 
 class RolledBack(Exception):

@@ -1,6 +1,6 @@
-"""How to run each producer snippet of the README's "Enqueueing from your stack" as its
-stack would: the variables a snippet uses (a connection, a session, an unsaved ``order``, a
-``user_id``) are given, the rest is the README's text as written."""
+"""How to run each producer snippet of docs/producers.md as its stack would: the variables a
+snippet uses (a connection, a session, an unsaved ``order``, a ``user_id``) are given, the
+rest is the page's text as written."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
-from tests.readme import Snippet, readme_snippet
+from tests.docs_text import Snippet, doc_snippet
 
-SECTION = "Enqueueing from your stack"
-RAILS_HARNESS = Path(__file__).with_name("readme_rails.rb")
+PAGE, SECTION = "producers.md", "Enqueueing from your stack"
+RAILS_HARNESS = Path(__file__).with_name("docs_rails.rb")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,10 @@ class RubyError(Exception):
 async def run_rails(app: AppDb, snippet: Snippet, user_id: int) -> None:
     missing = _missing_ruby()
     if missing:
-        message = f"the README's Rails snippet needs Debian's {missing}: apt-get install {missing}"
+        message = (
+            f"the Rails snippet of docs/producers.md needs Debian's {missing}:"
+            f" apt-get install {missing}"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -182,7 +185,7 @@ STACKS: dict[str, Runner] = {
 
 async def run_snippet(stack: str, app: AppDb, user_id: int) -> None:
     runner = STACKS[stack]
-    snippet = readme_snippet(SECTION, "ruby" if runner is run_rails else "python", stack)
+    snippet = doc_snippet(PAGE, SECTION, "ruby" if runner is run_rails else "python", stack)
     if inspect.iscoroutinefunction(runner):
         await runner(app, snippet, user_id)
     else:
