@@ -10,18 +10,30 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Intent:
+    """One intent as a handler or a sink receives it: the row's columns that a delivery
+    needs, the payload already decoded."""
+
     id: int
+    """The row's id: the same on every attempt, so a receiver can recognise a repeat."""
     kind: str
-    payload: Any  # decoded JSON; sinks validate its shape
-    attempts: int  # including the current one
+    """Who delivers it: a built-in kind or the name a handler was registered under."""
+    payload: Any
+    """The decoded JSON payload. Its shape is the kind's business: check it, and raise
+    ``PermanentError`` for one that can never be delivered."""
+    attempts: int
+    """Deliveries started so far, this one included (1 on the first)."""
     max_attempts: int
+    """After this many failed attempts the intent is ``dead``."""
     created_at: datetime
+    """When its transaction wrote it."""
     run_at: datetime
-    ordering_key: str | None = None  # intents of one key are delivered one at a time, in order
-    # W3C trace context, {"traceparent": ..., "tracestate": ...}: what a sink puts on the
-    # message it sends (worker.observe.tracing.with_trace_context). The producer's as enqueued, or,
-    # while the worker traces, that of its delivery span (a child of the producer's).
+    """Not before this time: the producer's, or the retry's."""
+    ordering_key: str | None = None
+    """Intents of one key are delivered one at a time, in id order; ``None``: unordered."""
     trace_context: Mapping[str, str] | None = None
+    """W3C trace context, ``{"traceparent": ..., "tracestate": ...}``: the producer's as
+    enqueued or, while the worker traces, its delivery span's (a child of the producer's).
+    What a sink puts on the message it sends (worker.observe.tracing.with_trace_context)."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], default_max_attempts: int) -> Intent:

@@ -20,7 +20,7 @@ _PLAIN = (
 
 
 class Handlers(Mapping[str, Handler]):
-    """A registry to pass to ``--handlers``::
+    """A registry to pass to ``--handlers``:
 
     handlers = Handlers()
 
