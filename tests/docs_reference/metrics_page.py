@@ -32,10 +32,12 @@ def metrics_page() -> str:
         "this table.",
         table(("metric", "type", "labels", "what"), (_row(spec) for spec in METRICS.values())),
         "## Labels\n\n"
-        "`kind` is one of the kinds this worker has a sink or handler for; any other kind a "
-        "producer writes is counted as `(unknown)`, so a typo cannot create series without "
-        "bound. `state`, `status` and `operation` take only the values the table names. No "
-        "label carries a URL, an address, an error message or an intent id.",
+        "On the intent counters and the histograms, `kind` is one of the kinds this worker "
+        "has a sink or handler for; any other kind a producer writes is counted as "
+        "`(unknown)`, so a typo cannot create series without bound. `state`, `status` and "
+        "`operation` take only the values the table names. `outbox_xmin_horizon_holder` has "
+        "one series at a time; its `kind` is what holds the horizon. No label carries a URL, "
+        "an address, an error message or an intent id.",
         "## Histograms\n\n"
         f"Both histograms have the same bucket edges, in seconds: {edges}, and `+Inf`.",
         "## Also exposed\n\n"
