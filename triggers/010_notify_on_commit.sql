@@ -44,3 +44,7 @@ CREATE CONSTRAINT TRIGGER intent_notify
     AFTER INSERT ON {{schema}}.intent
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION {{schema}}.notify_intent_committed();
+
+COMMENT ON TRIGGER intent_notify ON {{schema}}.intent IS
+    'At commit, once per transaction: NOTIFY the channel when a worker is idle (or when that '
+    'cannot be checked without waiting).';

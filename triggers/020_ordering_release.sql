@@ -36,3 +36,10 @@ CREATE TRIGGER intent_release_next_del
     FOR EACH ROW
     WHEN (OLD.ordering_key IS NOT NULL AND {{blocks_key(OLD)}})
     EXECUTE FUNCTION {{schema}}.intent_release_next();
+
+COMMENT ON TRIGGER intent_release_next_upd ON {{schema}}.intent IS
+    'When an intent stops holding up its ordering key (sent, dead and skipped), clears '
+    'ordering_held on the key''s next intent.';
+COMMENT ON TRIGGER intent_release_next_del ON {{schema}}.intent IS
+    'When an intent that held up its ordering key is deleted, clears ordering_held on the '
+    'key''s next intent.';

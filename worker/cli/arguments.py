@@ -118,7 +118,12 @@ _METAVARS = {
     non_negative_float: "SECONDS",
     retention: "DURATION",
 }
-_SHOWN: dict[Callable[[str], Any], Callable[[Any], str]] = {retention: show_retention}
+# How a default reads in the help: 2 (seconds), not 2.0.
+_SHOWN: dict[Callable[[str], Any], Callable[[Any], str]] = {
+    retention: show_retention,
+    positive_float: "{:g}".format,
+    non_negative_float: "{:g}".format,
+}
 
 
 def _add_demo(sub: Any) -> None:
@@ -170,14 +175,21 @@ def build_parser() -> Parser:
         "--dry-run", action="store_true", help="print the SQL it would run; change nothing"
     )
     schema = sub.add_parser("schema", help="print the schema SQL for your own migration tool")
-    schema.add_argument("--schema")
-    schema.add_argument("--channel")
+    schema.add_argument(
+        "--schema", help="schema the SQL creates [env: OUTBOX_SCHEMA; default: outbox]"
+    )
+    schema.add_argument(
+        "--channel",
+        help="NOTIFY channel of its trigger [env: OUTBOX_CHANNEL; default: SCHEMA_intent]",
+    )
     grants = sub.add_parser(
         "grants", help="print the GRANT statements for a worker role and a producer role"
     )
     grants.add_argument("--worker-role", help="the role the worker logs in as")
     grants.add_argument("--producer-role", help="the role producers log in as")
-    grants.add_argument("--schema")
+    grants.add_argument(
+        "--schema", help="schema the grants are on [env: OUTBOX_SCHEMA; default: outbox]"
+    )
     grants.set_defaults(channel=None)
     status = sub.add_parser("status", help="counts by kind and status, oldest pending, dead")
     _add_common(status)
@@ -205,12 +217,15 @@ def build_parser() -> Parser:
     )  # fmt: skip
     enq = sub.add_parser("enqueue", help="insert an intent (for trying things out)")
     _add_common(enq)
-    enq.add_argument("kind")
+    enq.add_argument("kind", help="the sink or handler that delivers it")
     # Parsed here, so a bad payload is refused before any database is started.
     enq.add_argument("payload", type=json_value, help="the payload as JSON")
     enq.add_argument("--run-at", type=iso_time, help="ISO 8601 time, not before")
-    enq.add_argument("--dedupe-key")
-    enq.add_argument("--max-attempts", type=positive_int)
+    enq.add_argument("--dedupe-key", help="a second enqueue with this key inserts nothing")
+    enq.add_argument(
+        "--max-attempts", type=positive_int, help="attempts before it is dead [default: the "
+        "worker's --max-attempts]"
+    )  # fmt: skip
     enq.add_argument("--ordering-key", help="delivered after the key's earlier intents")
     parser.commands = dict(sub.choices)
     return parser

@@ -31,6 +31,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "UnavailableSink",
     "build_sinks",
+    "builtin_specs",
     "missing_extra",
     "option_values",
     "sink_options",
@@ -113,11 +114,15 @@ def _check(loaded: list[tuple[str, SinkSpec]]) -> None:
             owners[name] = where
 
 
+def builtin_specs() -> tuple[SinkSpec, ...]:
+    """The specs of the sinks this distribution ships, without any plugin's."""
+    return tuple(importlib.import_module(module).SPEC for module in _BUILTIN)
+
+
 @functools.cache
 def specs() -> tuple[SinkSpec, ...]:
     """The built-in specs, then the installed plugins' (once per process)."""
-    builtins = [importlib.import_module(module).SPEC for module in _BUILTIN]
-    loaded = [(f"built-in {', '.join(spec.kinds)} sink", spec) for spec in builtins]
+    loaded = [(f"built-in {', '.join(spec.kinds)} sink", spec) for spec in builtin_specs()]
     plugins = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
     loaded += [(f"sink plugin {e.name!r} ({e.value})", _plugin(e)) for e in plugins]
     _check(loaded)
