@@ -1,20 +1,18 @@
 """docs/operating/monitoring.md, run as written: the alert rules pass `promtool check
 rules` and fire (and stay quiet) in `promtool test rules`; the Kubernetes snippet's worker
-answers its probes on the port the snippet names; the metrics reference lists exactly what
-/metrics serves, with the right types."""
+answers its probes on the port the snippet names. (tests/test_docs_reference.py checks the
+metrics reference against a real scrape.)"""
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.docs_text import DOCS, doc_snippet
+from tests.docs_text import doc_snippet
 from tests.fault.workers import WorkerProcess
 from tests.monitoring import http_get, require_binary, wait_for_status
 from tests.tcp_proxy import free_port
@@ -114,19 +112,7 @@ def test_docs_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) -> N
     assert "SUCCESS" in _promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
 
 
-def _metrics_table() -> dict[str, str]:
-    """metric name -> type, from the table of docs/reference/metrics.md."""
-    text = (DOCS / "reference" / "metrics.md").read_text()
-    return dict(re.findall(r"^\| `(outbox_\w+)` \| (\w+) \|", text, re.MULTILINE))
-
-
-def _exposed_name(name: str, kind: str) -> str:
-    """The family name prometheus-client's parser reports for a table row."""
-    suffix = "_total" if kind == "counter" else ""
-    return name.removesuffix(suffix)
-
-
-async def test_docs_kubernetes_probes_and_metrics_table(
+async def test_docs_kubernetes_probes(
     pg_dsn: str, db: asyncpg.Connection, schema: str
 ) -> None:
     spec = yaml.safe_load(doc_snippet(PAGE, "Kubernetes", "yaml", "# pod spec").text)["spec"]
@@ -152,28 +138,6 @@ async def test_docs_kubernetes_probes_and_metrics_table(
         for probe in ("readinessProbe", "livenessProbe"):
             await wait_for_status(base + container[probe]["httpGet"]["path"], 200)
         status, text = await http_get(f"{base}/metrics")
-        assert status == 200
+        assert status == 200 and "outbox_build_info{" in text  # the metrics port is this one
     finally:
         await worker.aclose()
-
-    table = _metrics_table()
-    exposed = {
-        family.name: family.type
-        for family in text_string_to_metric_families(text)
-        if family.name.startswith("outbox_")
-    }
-    documented = {_exposed_name(name, kind): kind for name, kind in table.items()}
-    assert set(exposed) <= set(documented), set(exposed) - set(documented)
-    # Only the gauges the table says may be absent are.
-    optional = {"outbox_table_bytes", "outbox_table_dead_tuples"}
-    optional |= {"outbox_oldest_transaction_age_seconds", "outbox_table_index_bytes"}
-    optional |= {"outbox_table_last_vacuum_age_seconds", "outbox_xmin_horizon_age_xids"}
-    optional |= {"outbox_xmin_horizon_holder"}
-    # Retention's: after its first round (a few seconds after start), with rows to age.
-    optional |= {
-        "outbox_retention_last_run_timestamp_seconds",
-        "outbox_retention_oldest_kept_age_seconds",
-    }
-    assert set(documented) - set(exposed) <= optional
-    for name, kind in exposed.items():
-        assert documented[name] == kind, (name, kind)

@@ -35,9 +35,11 @@ async def test_the_committed_pages_are_what_the_code_generates(pg_dsn: str) -> N
     )
 
 
-def test_a_cell_escapes_pipes_outside_code_only() -> None:
-    # Python-Markdown's tables split on a bare | outside code, and show a \ inside code.
+def test_a_cell_escapes_markup_outside_code_only() -> None:
+    # Python-Markdown's tables split on a bare | outside code, and show a \ inside code;
+    # host[:port] would be a reference link, *.example.com emphasis.
     assert cell("a | b `c | d`\n e") == "a \\| b `c | d` e"
+    assert cell("host[:port] *.x `[y]`") == "host\\[:port\\] \\*.x `[y]`"
 
 
 def test_a_metric_must_be_declared_with_its_type() -> None:

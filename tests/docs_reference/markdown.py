@@ -41,15 +41,24 @@ def prose(text: str) -> str:
     return "".join(out)
 
 
+def _escaped(prose: str) -> str:
+    """Help text as literal Markdown: `|` would end the cell, `[...]` (URL syntax such as
+    host[:port]) read as a reference link, `*` as emphasis."""
+    for char in "\\|[]*":
+        prose = prose.replace(char, "\\" + char)
+    return prose
+
+
 def cell(text: str) -> str:
-    """One table cell on one line. A `|` outside code spans is escaped; inside one it must
-    stay as it is (Python-Markdown's tables do not split in code, and would show the `\\`)."""
+    """One table cell on one line. Markup characters outside code spans are escaped; inside
+    one they must stay as they are (Python-Markdown's tables do not split in code, and would
+    show the `\\`)."""
     text = " ".join(text.split())
     out, at = [], 0
     for span in _CODE_SPAN.finditer(text):
-        out += [text[at : span.start()].replace("|", "\\|"), span[0]]
+        out += [_escaped(text[at : span.start()]), span[0]]
         at = span.end()
-    out.append(text[at:].replace("|", "\\|"))
+    out.append(_escaped(text[at:]))
     return "".join(out)
 
 
