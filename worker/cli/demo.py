@@ -211,12 +211,15 @@ class DemoResult:
     refused: int  # replies it refused on purpose (greylisting, unknown mailbox)
 
 
-async def run_demo(dsn: str, options: DemoOptions) -> DemoResult:
-    """Run until ``q``/Ctrl-C/SIGTERM (or ``options.duration``)."""
+async def run_demo(
+    dsn: str, options: DemoOptions, relay_holder: list[Relay] | None = None
+) -> DemoResult:
+    """Run until ``q``/Ctrl-C/SIGTERM (or ``options.duration``). The relay, once started, is
+    appended to ``relay_holder`` if given (``bench.screenshots`` draws its dashboard)."""
     schema = check_schema(options.schema)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command
     await reset_schema(dsn, schema)
-    relay: list[Relay] = []
+    relay: list[Relay] = [] if relay_holder is None else relay_holder
     enqueued = [0]
     async with mail_catcher() as catcher:
         settings = Settings(

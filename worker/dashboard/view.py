@@ -154,6 +154,13 @@ def render(snap: Snapshot, title: str = "outbox-worker", notice: str | None = No
     return Dashboard(snap, title, notice)
 
 
+def frame(relay: Relay, title: str, notice: str | None = None) -> Dashboard:
+    """The dashboard for the relay as it is now: what the live loop draws at each refresh
+    (and what ``bench.screenshots`` prints into an SVG)."""
+    snap = relay.stats.snapshot(listen=relay.settings.listen, stopping=relay.stopping)
+    return render(snap, title, notice)
+
+
 # --- the live loop -----------------------------------------------------------------------------
 
 
@@ -285,7 +292,6 @@ async def run_dashboard(
             if keyboard_fd is not None:
                 tg.start_soon(_read_keys, keyboard_fd, relay)
             while True:
-                snap = relay.stats.snapshot(listen=relay.settings.listen, stopping=relay.stopping)
-                view = render(snap, title, logs.last_warning if logs else None)
+                view = frame(relay, title, logs.last_warning if logs else None)
                 live.update(view, refresh=True)
                 await anyio.sleep(refresh)
