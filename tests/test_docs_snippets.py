@@ -25,6 +25,7 @@ from tests.docs_text import doc_snippet, doc_snippets
 from worker.intent import Intent
 from worker.settings import Settings, default_channel
 from worker.sinks.email.message import build_message
+from worker.sinks.kafka.record import Router
 from worker.sinks.nats.sink import build_publish
 from worker.sinks.rabbitmq.sink import build_message as build_amqp_message
 from worker.sinks.webhook.sink import build_request
@@ -125,7 +126,12 @@ async def test_quick_start_sql_commits_the_user_and_an_email_the_sink_accepts(
     assert recipients == [r["email"] for r in emails]
 
 
-BUILDERS = {"webhook": build_request, "rabbitmq": build_amqp_message, "nats": build_publish}
+BUILDERS: dict[str, Any] = {
+    "email": lambda intent: build_message(intent, "app@example.com"),
+    "webhook": build_request,
+    "rabbitmq": build_amqp_message,
+    "nats": build_publish,
+}
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
@@ -137,6 +143,21 @@ async def test_kind_payload_sql_enqueues_a_payload_its_sink_accepts(
     (row,) = await app_db.conn.fetch("SELECT * FROM outbox.intent")
     assert row["kind"] == kind
     BUILDERS[kind](intent_from_row(row))  # raises PermanentError for a payload it cannot send
+
+
+@pytest.mark.parametrize(
+    ("heading", "topic"), [("Payload", "orders"), ("Debezium outbox rows", "outbox.event.Order")]
+)
+async def test_kafka_payload_sql_makes_the_record_the_page_describes(
+    app_db: AppDb, heading: str, topic: str
+) -> None:
+    """Both kafka snippets: a record keyed by the intent's ordering key, on the topic the page
+    names (a Debezium row's routed by its aggregatetype)."""
+    await app_db.conn.execute(doc_snippet("kinds/kafka.md", heading, "sql").text)
+
+    (row,) = await app_db.conn.fetch("SELECT * FROM outbox.intent")
+    record = Router().record(intent_from_row(row))
+    assert (record.topic, record.key) == (topic, row["ordering_key"].encode())
 
 
 def intent_from_row(row: asyncpg.Record) -> Intent:
