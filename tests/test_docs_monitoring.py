@@ -112,9 +112,7 @@ def test_docs_alert_rules_fire_on_their_fault_and_only_then(tmp_path: Path) -> N
     assert "SUCCESS" in _promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
 
 
-async def test_docs_kubernetes_probes(
-    pg_dsn: str, db: asyncpg.Connection, schema: str
-) -> None:
+async def test_docs_kubernetes_probes(pg_dsn: str, db: asyncpg.Connection, schema: str) -> None:
     spec = yaml.safe_load(doc_snippet(PAGE, "Kubernetes", "yaml", "# pod spec").text)["spec"]
     assert spec["terminationGracePeriodSeconds"] > Settings().grace
     container = spec["containers"][0]

@@ -25,13 +25,14 @@ async def test_migrate_twice_and_concurrently(pg_dsn: str, names: Names):
         created: list[bool] = []
 
         async def migrate_one(conn: asyncpg.Connection) -> None:
-            created.append(await migrate(conn, names))
+            created.append((await migrate(conn, names)).created)
 
         async with anyio.create_task_group() as tg:  # four workers starting at once
             for conn in conns:
                 tg.start_soon(migrate_one, conn)
         assert sorted(created) == [False, False, False, True]  # exactly one created it
-        assert await migrate(conns[0], names) is False  # and once more, on an up-to-date schema
+        # And once more, on an up-to-date schema:
+        assert str(await migrate(conns[0], names)) == "is up to date"
         assert await schema_exists(conns[0], names)
         triggers = await conns[0].fetchval(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal",

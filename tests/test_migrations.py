@@ -104,7 +104,7 @@ async def new_names(conn: asyncpg.Connection) -> AsyncIterator[Callable[[], Name
 async def test_the_readable_schema_is_the_migrations_applied_in_order(conn, new_names):
     fresh, migrated = new_names(), new_names()
     await conn.execute(readable_schema(fresh))
-    assert await migrate(conn, migrated) is True
+    assert (await migrate(conn, migrated)).created
     assert await catalog(conn, migrated.schema) == await catalog(conn, fresh.schema)
     versions = await conn.fetch(f'SELECT version, name FROM "{migrated.schema}".schema_version')
     assert [tuple(v) for v in sorted(versions)] == [(m.version, m.name) for m in migrations()]
@@ -133,7 +133,7 @@ async def test_each_earlier_shape_upgrades_to_the_fresh_schema_with_its_rows(
     filenode = await conn.fetchval("SELECT pg_relation_filenode($1::regclass)", table)
     plan = await dry_run(conn, old)
     assert "0002_enqueue_security_definer" in plan and "ALTER FUNCTION" in plan
-    assert await migrate(conn, old) is False
+    assert not (await migrate(conn, old)).created
     assert await catalog(conn, old.schema) == await catalog(conn, fresh.schema)
     after = await conn.fetch(f"SELECT id, kind, payload, status FROM {table} ORDER BY id")
     assert after == before

@@ -155,8 +155,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         elif args.command == "migrate" and args.dry_run:
             print(anyio.run(_with_conn, dsn, lambda conn: dry_run(conn, names)))
         elif args.command == "migrate":
-            created = anyio.run(_with_conn, dsn, lambda conn: migrate(conn, names))
-            print(f"schema {names.schema} {'created' if created else 'is up to date'}")
+            migrated = anyio.run(_with_conn, dsn, lambda conn: migrate(conn, names))
+            print(f"schema {names.schema} {migrated}")
         else:
             _operator_command(args, names, dsn, ours=not settings.dsn)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -22,22 +23,37 @@ from worker.store.sqlfiles import VERSION_TABLE, Migration, Names, migration_sql
 log = logging.getLogger("outbox.migrate")
 
 
-async def migrate(conn: asyncpg.Connection, names: Names) -> bool:
-    """Create or upgrade the schema; True when it had no intent table before. A schema
-    that is up to date takes no lock at all (``--migrate`` runs this at every start)."""
+@dataclass(frozen=True)
+class Migrated:
+    """What ``migrate`` did: created the schema, applied migrations to it, or nothing."""
+
+    created: bool
+    applied: tuple[str, ...]  # "0003_comments", in order
+
+    def __str__(self) -> str:
+        if self.created:
+            return "created"
+        if self.applied:
+            return f"upgraded: migration {', '.join(self.applied)} applied"
+        return "is up to date"
+
+
+async def migrate(conn: asyncpg.Connection, names: Names) -> Migrated:
+    """Create or upgrade the schema. A schema that is up to date takes no lock at all
+    (``--migrate`` runs this at every start)."""
     try:
-        created = await _migrate(conn, names)
+        result = await _migrate(conn, names)
     except asyncpg.InsufficientPrivilegeError as exc:
         raise ConfigError(
             f"migrate: {exc}: run it as the role that owns schema {names.schema} (for a new "
             "schema, one with CREATE on the database); workers and producers need only what "
             "`outbox-worker grants` prints"
         ) from None
-    log.info("schema %s %s", names.schema, "created" if created else "is up to date")
-    return created
+    log.info("schema %s %s", names.schema, result)
+    return result
 
 
-async def _migrate(conn: asyncpg.Connection, names: Names) -> bool:
+async def _migrate(conn: asyncpg.Connection, names: Names) -> Migrated:
     # Two workers starting at once would race on CREATE ... IF NOT EXISTS (it is not
     # atomic against a concurrent creator); the transaction-scoped advisory lock
     # serialises them and is released at commit, even if we crash.
@@ -56,7 +72,7 @@ async def _migrate(conn: asyncpg.Connection, names: Names) -> bool:
             await conn.execute(names.render(m.sql))
             await conn.execute(m.record(names))
             log.info("schema %s: migration %04d_%s applied", names.schema, *_id(m))
-    return created
+    return Migrated(created, tuple(f"{m.version:04d}_{m.name}" for m in run))
 
 
 async def dry_run(conn: asyncpg.Connection, names: Names) -> str:
