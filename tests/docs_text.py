@@ -89,6 +89,16 @@ def doc_snippet(page: str, heading: str, lang: str, first_line: str = "") -> Sni
     return found[0]
 
 
+def doc_fences(page: str, lang: str) -> list[tuple[str, Snippet]]:
+    """Every ```lang block of the page, with the heading of its section."""
+    return [
+        (heading, snippet)
+        for heading, section in _sections(page).items()
+        for info, snippet in section.fences
+        if info == lang
+    ]
+
+
 def doc_section(page: str, heading: str) -> str:
     """The text of section ``heading``, its subsections included (up to the next heading of
     its level or higher)."""

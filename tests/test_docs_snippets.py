@@ -21,7 +21,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.docs_stacks import PAGE, SECTION, STACKS, AppDb, run_snippet
-from tests.docs_text import doc_snippet, doc_snippets
+from tests.docs_text import Snippet, doc_fences, doc_snippet, doc_snippets
 from worker.intent import Intent
 from worker.settings import Settings, default_channel
 from worker.sinks.email.message import build_message
@@ -158,6 +158,23 @@ async def test_kafka_payload_sql_makes_the_record_the_page_describes(
     (row,) = await app_db.conn.fetch("SELECT * FROM outbox.intent")
     record = Router().record(intent_from_row(row))
     assert (record.topic, record.key) == (topic, row["ordering_key"].encode())
+
+
+OPERATOR_QUERIES: list[tuple[str, str, Snippet]] = [
+    (page, heading, snippet)
+    for page in ("operating/troubleshooting.md", "concepts/intents.md")
+    for heading, snippet in doc_fences(page, "sql")
+]
+
+
+@pytest.mark.parametrize(
+    "query", [q[2] for q in OPERATOR_QUERIES], ids=[f"{p}:{h}" for p, h, _ in OPERATOR_QUERIES]
+)
+async def test_every_operator_query_runs(app_db: AppDb, query: Snippet) -> None:
+    """The queries an operator copies from the troubleshooting and intent pages are valid
+    against the schema as it is (each statement of the block, as written)."""
+    await app_db.conn.execute("SELECT outbox.enqueue('email', '{}')")
+    await app_db.conn.execute(query.text)  # several statements: the simple query protocol
 
 
 def intent_from_row(row: asyncpg.Record) -> Intent:
