@@ -3,6 +3,7 @@ the webhook receiver's ``verify`` and the handlers example, read from the pages 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ import orjson
 import pytest
 
 from tests.conftest import statuses_are, wait_until
-from tests.docs_text import REPO, doc_snippet, doc_snippets
+from tests.docs_text import REPO, doc_section, doc_snippet, doc_snippets
 from worker import enqueue
 from worker.sinks.webhook.sink import SIGNATURE_HEADER, sign
 from worker.store.sqlfiles import Names
@@ -91,3 +92,10 @@ def test_the_sink_writing_page_shows_the_tested_plugin_as_it_is(
     tests/test_sink_plugin.py installs and runs: the page cannot drift from working code."""
     [snippet] = doc_snippets("kinds/writing-a-sink.md", heading, lang)
     assert snippet.text == (PLUGIN / path).read_text()
+
+
+def test_the_upgrades_page_lists_every_migration() -> None:
+    """A new migration without its row in docs/operating/upgrades.md fails here."""
+    shipped = sorted(p.stem for p in (REPO / "worker" / "store" / "migrations").glob("*.sql"))
+    table = doc_section("operating/upgrades.md", "The migrations")
+    assert re.findall(r"^\| `(\d{4}_\w+)` \|", table, re.MULTILINE) == shipped
