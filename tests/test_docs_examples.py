@@ -4,6 +4,7 @@ the webhook receiver's ``verify`` and the handlers example, read from the pages 
 from __future__ import annotations
 
 import re
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,3 +100,11 @@ def test_the_upgrades_page_lists_every_migration() -> None:
     shipped = sorted(p.stem for p in (REPO / "worker" / "store" / "migrations").glob("*.sql"))
     table = doc_section("operating/upgrades.md", "The migrations")
     assert re.findall(r"^\| `(\d{4}_\w+)` \|", table, re.MULTILINE) == shipped
+
+
+def test_how_it_works_draws_the_relay_as_its_package_docstring_does() -> None:
+    import worker.relay
+
+    [drawn] = doc_snippets("concepts/how-it-works.md", "The data flow", "text")
+    diagram = textwrap.dedent((worker.relay.__doc__ or "").split("\n\n")[1])
+    assert drawn.text == diagram.rstrip("\n") + "\n"
