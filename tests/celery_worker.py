@@ -13,8 +13,8 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +108,17 @@ async def forget_queue(transport: str, url: str, queue: str) -> None:
             )
         finally:
             await client.aclose()
+
+
+@asynccontextmanager
+async def running_worker(transport: str, tmp_path: Path) -> AsyncIterator[CeleryWorker]:
+    """A Celery worker on a queue of its own, ready to run tasks; its queue is removed from
+    the broker afterwards."""
+    url = broker_url(transport)
+    celery = CeleryWorker(url, queue_name(), tmp_path)
+    try:
+        with celery.running():
+            await celery.ready()
+            yield celery
+    finally:
+        await forget_queue(transport, url, celery.queue)

@@ -103,6 +103,16 @@ def names(schema: str) -> Names:
 
 
 @pytest.fixture
+async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database, nothing migrated."""
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
 async def db(pg_dsn: str, names: Names) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database with the schema migrated."""
     conn = await asyncpg.connect(pg_dsn)

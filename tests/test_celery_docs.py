@@ -13,7 +13,7 @@ import anyio
 import psycopg
 import pytest
 
-from tests.celery_worker import CeleryWorker, broker_url, forget_queue, queue_name
+from tests.celery_worker import CeleryWorker, running_worker
 from tests.conftest import statuses_are, wait_until
 from tests.docs_text import doc_snippets
 from worker.sinks.celery import celery_sink
@@ -32,14 +32,8 @@ class RolledBack(Exception):
 
 @pytest.fixture(params=["amqp", "redis"])
 async def worker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CeleryWorker]:
-    url = broker_url(request.param)
-    celery = CeleryWorker(url, queue_name(), tmp_path)
-    try:
-        with celery.running():
-            await celery.ready()
-            yield celery
-    finally:
-        await forget_queue(request.param, url, celery.queue)
+    async with running_worker(request.param, tmp_path) as celery:
+        yield celery
 
 
 def _run_snippet(dsn: str, schema: str, queue: str) -> int:

@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -44,15 +44,6 @@ def quick_start_dir(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("the page's `source .venv/bin/activate` needs the tests in a virtualenv")
     (tmp_path / ".venv").symlink_to(sys.prefix)
     yield tmp_path
-
-
-@pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 def start_snippet(script: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:

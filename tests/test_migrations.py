@@ -79,15 +79,6 @@ async def catalog(conn: asyncpg.Connection, schema: str) -> dict[str, list[tuple
 
 
 @pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
 async def new_names(conn: asyncpg.Connection) -> AsyncIterator[Callable[[], Names]]:
     """Names of fresh schemas, dropped at the end."""
     made: list[str] = []

@@ -20,7 +20,13 @@ import anyio
 import orjson
 import pytest
 
-from tests.celery_worker import CeleryWorker, broker_url, forget_queue, queue_name
+from tests.celery_worker import (
+    CeleryWorker,
+    broker_url,
+    forget_queue,
+    queue_name,
+    running_worker,
+)
 from tests.conftest import failed_at_least_once, statuses_are, wait_until
 from tests.sink_helpers import (
     assert_unreachable_batch_fails_each_intent,
@@ -45,14 +51,8 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def worker(transport: str, tmp_path: Path) -> AsyncIterator[CeleryWorker]:
-    url = broker_url(transport)
-    celery = CeleryWorker(url, queue_name(), tmp_path)
-    try:
-        with celery.running():
-            await celery.ready()
-            yield celery
-    finally:
-        await forget_queue(transport, url, celery.queue)
+    async with running_worker(transport, tmp_path) as celery:
+        yield celery
 
 
 def _record(worker: CeleryWorker, n: int, **extra: Any) -> dict[str, Any]:
